@@ -1,0 +1,220 @@
+"""Notebook parameters → one resolved, printable run configuration.
+
+The notebook's ``parameters`` cell holds plain values (``"auto"`` where the hardware should decide); papermill
+overrides them; ``resolve_run_config`` turns them into a :class:`RunConfig` with every ``auto`` replaced and the
+reason for each decision kept, so the notebook prints what it will do and why before it does anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import hardware as hwmod
+from .hardware import Decision, HardwareInfo, PreflightError
+
+PROJECT_ROOT = Path(os.environ.get("VLA_BRIDGE_ROOT", Path(__file__).resolve().parent.parent))
+
+# The parameter names the notebook's parameters cell defines, with their defaults. ``"auto"`` means "decide from
+# the hardware / policy" (see ``_auto_training``). Tests and the CLI use this table, so it is the single list.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "POLICY": "auto",            # auto | openvla | openvla-4bit | octo | tiny   (env FORCE_PATH wins)
+    "MODEL_ID": "auto",          # hub id or local directory
+    "DATASET": "auto",           # auto | embedded | hub id | local LeRobot v3.0 root
+    "UNNORM_KEY": "auto",        # key in norm_stats; auto → bridge_orig on Bridge, demo_world on the embedded world
+    "RUN_NAME": "auto",          # auto → <policy>-<dataset>
+    "SEED": 0,
+    "MAX_STEPS": "auto",         # optimizer steps; auto → 1000 on GPU, a demo budget that learns on CPU
+    "BATCH_SIZE": "auto",        # auto → 4 on GPU (OpenVLA), 16 on CPU (tiny)
+    "GRAD_ACCUM": "auto",        # auto → 2 on GPU, 1 on CPU
+    "LEARNING_RATE": 5e-4,
+    "WARMUP_STEPS": 50,
+    "LORA_RANK": 32,
+    "LORA_ALPHA": 16,
+    "LOG_EVERY": 10,
+    "SAVE_EVERY": 500,
+    "IMAGE_AUG": True,
+    "EVAL_EPISODES": "auto",     # per task; auto → 10 on GPU, 8 on CPU
+    "ABLATION_RANKS": "auto",    # auto → [8, 16, 32, 64] on the tiny path, [] (opt-in) for OpenVLA-7B
+    "USE_WANDB": False,
+    "RESUME": False,
+    "HUB_TIMEOUT_S": 3.0,
+    "OUTPUTS_DIR": "outputs",
+    "DATA_DIR": "data",
+}
+
+EMBEDDED_UNNORM_KEY = "demo_world"
+BRIDGE_UNNORM_KEY = "bridge_orig"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    policy: str
+    policy_reason: str
+    dataset: str
+    dataset_reason: str
+    model_id: str
+    unnorm_key: str
+    run_name: str
+    seed: int
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    warmup_steps: int
+    lora_rank: int
+    lora_alpha: int
+    log_every: int
+    save_every: int
+    image_aug: bool
+    eval_episodes: int
+    ablation_ranks: list[int]
+    use_wandb: bool
+    resume: bool
+    device: str
+    precision: str
+    hub: str
+    hub_reason: str
+    data_dir: str
+    outputs_dir: str
+
+    # ----- stable output locations (DESIGN.md "Outputs")
+    def path(self, kind: str) -> Path:
+        """outputs/<kind>/<run> for kind in checkpoints, logs, eval, figures, videos."""
+        return Path(self.outputs_dir) / kind / self.run_name
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def summary(self) -> str:
+        rows = [
+            ("policy", f"{self.policy}  ← {self.policy_reason}"),
+            ("model", self.model_id),
+            ("dataset", f"{self.dataset}  ← {self.dataset_reason}"),
+            ("unnorm_key", self.unnorm_key),
+            ("device / precision", f"{self.device} / {self.precision}"),
+            ("run", self.run_name),
+            ("steps", f"{self.max_steps} × batch {self.batch_size} × accum {self.grad_accum}, lr {self.learning_rate:g}"),
+            ("LoRA", f"r={self.lora_rank}, alpha={self.lora_alpha}"),
+            ("eval", f"{self.eval_episodes} episodes/task; ablation ranks {self.ablation_ranks or 'off'}"),
+        ]
+        return "\n".join(f"{k:>19}: {v}" for k, v in rows)
+
+
+def _as_int(name: str, value: Any, minimum: int = 0) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise PreflightError(f"{name}={value!r} must be an integer or 'auto'") from None
+    if out < minimum:
+        raise PreflightError(f"{name}={out} must be ≥ {minimum}")
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text.rstrip("/").split("/")[-1]) or "run"
+
+
+def _auto_training(policy: str) -> dict[str, Any]:
+    if policy == "tiny":
+        return {"MAX_STEPS": 300, "BATCH_SIZE": 16, "GRAD_ACCUM": 1, "EVAL_EPISODES": 8, "ABLATION_RANKS": [8, 16, 32, 64]}
+    if policy == "octo":
+        return {"MAX_STEPS": 1000, "BATCH_SIZE": 32, "GRAD_ACCUM": 1, "EVAL_EPISODES": 10, "ABLATION_RANKS": []}
+    return {"MAX_STEPS": 1000, "BATCH_SIZE": 4, "GRAD_ACCUM": 2, "EVAL_EPISODES": 10, "ABLATION_RANKS": []}
+
+
+def resolve_run_config(
+    params: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    hw: HardwareInfo | None = None,
+    hub: Decision | None = None,
+    bnb_available: bool | None = None,
+) -> RunConfig:
+    """Resolve every ``auto``; hardware / hub probes can be injected (tests pass fakes)."""
+    env = os.environ if env is None else env
+    p = dict(DEFAULT_PARAMS)
+    unknown = set(params or {}) - set(DEFAULT_PARAMS)
+    if unknown:
+        raise PreflightError(f"unknown parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_PARAMS)}")
+    p.update(params or {})
+
+    hw = hwmod.detect_hardware() if hw is None else hw
+    hub = hwmod.check_hub(float(p["HUB_TIMEOUT_S"]), env=dict(env)) if hub is None else hub
+    hub_ok = hub.value == "yes"
+    model_req = str(p["MODEL_ID"])
+    pol = hwmod.choose_policy(hw, hub_ok, str(p["POLICY"]), env.get("FORCE_PATH"), bnb_available, model_req)
+    ds = hwmod.choose_dataset(str(p["DATASET"]), pol.value, hub_ok)
+
+    model_id = hwmod.DEFAULT_MODEL_IDS[pol.value] if model_req == "auto" else model_req
+    if pol.value == "tiny" and model_req == "auto":
+        model_id = str(Path(p["DATA_DIR"]) / "tiny_vla_base")
+    unnorm = str(p["UNNORM_KEY"])
+    if unnorm == "auto":
+        unnorm = EMBEDDED_UNNORM_KEY if ds.value == hwmod.EMBEDDED_DATASET else BRIDGE_UNNORM_KEY
+
+    auto = _auto_training(pol.value)
+    resolved = {k: (auto[k] if p[k] == "auto" else p[k]) for k in auto}
+    ranks = resolved["ABLATION_RANKS"]
+    if isinstance(ranks, str):
+        ranks = [int(r) for r in ranks.replace(",", " ").split()]
+    ranks = [_as_int("ABLATION_RANKS entry", r, 1) for r in ranks]
+
+    run_name = str(p["RUN_NAME"])
+    if run_name == "auto":
+        run_name = f"{pol.value}-{_slug(ds.value)}"
+
+    device = "cuda" if hw.cuda_available else "cpu"
+    if device == "cpu":
+        precision = "fp32"
+    elif pol.value == "openvla-4bit":
+        precision = "nf4 weights, bf16 compute"
+    else:
+        precision = "bf16" if hw.bf16_supported else "fp16"
+
+    return RunConfig(
+        policy=pol.value,
+        policy_reason=pol.reason,
+        dataset=ds.value,
+        dataset_reason=ds.reason,
+        model_id=model_id,
+        unnorm_key=unnorm,
+        run_name=_slug(run_name),
+        seed=_as_int("SEED", p["SEED"]),
+        max_steps=_as_int("MAX_STEPS", resolved["MAX_STEPS"], 1),
+        batch_size=_as_int("BATCH_SIZE", resolved["BATCH_SIZE"], 1),
+        grad_accum=_as_int("GRAD_ACCUM", resolved["GRAD_ACCUM"], 1),
+        learning_rate=float(p["LEARNING_RATE"]),
+        warmup_steps=_as_int("WARMUP_STEPS", p["WARMUP_STEPS"]),
+        lora_rank=_as_int("LORA_RANK", p["LORA_RANK"], 1),
+        lora_alpha=_as_int("LORA_ALPHA", p["LORA_ALPHA"], 1),
+        log_every=_as_int("LOG_EVERY", p["LOG_EVERY"], 1),
+        save_every=_as_int("SAVE_EVERY", p["SAVE_EVERY"], 1),
+        image_aug=bool(p["IMAGE_AUG"]),
+        eval_episodes=_as_int("EVAL_EPISODES", resolved["EVAL_EPISODES"], 1),
+        ablation_ranks=ranks,
+        use_wandb=bool(p["USE_WANDB"]),
+        resume=bool(p["RESUME"]),
+        device=device,
+        precision=precision,
+        hub=hub.value,
+        hub_reason=hub.reason,
+        data_dir=str(p["DATA_DIR"]),
+        outputs_dir=str(p["OUTPUTS_DIR"]),
+    )
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,384 @@
+"""Hardware detection, the policy decision and the pre-flight checks.
+
+Everything here is cheap and side-effect free so the notebook's first cells can call it before any heavy import
+fails in a confusing way. Each failed check carries a one-line fix; ``PreflightError`` is what the notebook raises.
+
+The decision table (``choose_policy``), highest priority first:
+
+1. ``FORCE_PATH`` (environment) — ``openvla`` | ``openvla-4bit`` | ``octo`` | ``tiny``;
+2. the ``POLICY`` parameter when it is not ``auto``;
+3. ``auto``: no CUDA → tiny; no hub and no local MODEL_ID directory → tiny; ≥ 22 GB VRAM → OpenVLA-7B bf16;
+   12–22 GB → OpenVLA-7B 4-bit (needs bitsandbytes, else Octo-Small); < 12 GB → Octo-Small.
+A forced ``openvla`` picks bf16 or 4-bit by the VRAM it finds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata as md
+import os
+import platform
+import shutil
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("openvla", "openvla-4bit", "octo", "tiny")
+POLICY_CHOICES = ("auto",) + POLICIES
+
+# VRAM thresholds (GiB) of the decision table. OpenVLA-7B in bf16 needs ~15 GB for the weights alone plus
+# activations/LoRA optimizer state at batch 4; 4-bit NF4 brings the weights to ~4.5 GB.
+OPENVLA_BF16_MIN_GB = 22.0
+OPENVLA_4BIT_MIN_GB = 12.0
+
+# OpenVLA's remote code (modeling_prismatic.py) raises NotImplementedError for any other timm version.
+OPENVLA_TIMM_VERSIONS = frozenset({"0.9.10", "0.9.11", "0.9.12", "0.9.16"})
+
+HUB_BRIDGE_V3 = "nvidia/bridge_lerobot_v3"
+EMBEDDED_DATASET = "embedded"
+DEFAULT_MODEL_IDS = {
+    "openvla": "openvla/openvla-7b",
+    "openvla-4bit": "openvla/openvla-7b",
+    "octo": "hf://rail-berkeley/octo-small-1.5",
+    "tiny": "data/tiny_vla_base",
+}
+
+# Free disk (GiB) each path needs: weights + HF cache of the streamed shards + checkpoints/outputs.
+DISK_NEEDS_GB = {"openvla": 40.0, "openvla-4bit": 40.0, "octo": 10.0, "tiny": 2.0}
+
+# Packages whose versions the install-verification cell prints.
+REPORTED_PACKAGES = (
+    "torch", "transformers", "tokenizers", "timm", "peft", "accelerate", "lerobot", "datasets",
+    "torchcodec", "bitsandbytes", "papermill", "jupytext",
+)
+
+
+class PreflightError(RuntimeError):
+    """A pre-flight check failed; the message is one line and says how to fix it."""
+
+
+@dataclasses.dataclass
+class HardwareInfo:
+    cuda_available: bool
+    device_name: str
+    gpu_count: int
+    total_vram_gb: float
+    free_vram_gb: float
+    bf16_supported: bool
+    cpu_count: int
+    ram_gb: float
+    python: str
+    platform: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Decision:
+    """A choice with the reason printed next to it."""
+
+    value: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def detect_hardware() -> HardwareInfo:
+    """Read CUDA, VRAM, bf16 support, CPU count and RAM. Never raises when torch has no CUDA."""
+    cuda, name, count, total, free, bf16 = False, "cpu", 0, 0.0, 0.0, False
+    try:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+        if cuda:
+            count = torch.cuda.device_count()
+            name = torch.cuda.get_device_name(0)
+            free_b, total_b = torch.cuda.mem_get_info(0)
+            total, free = total_b / 1024**3, free_b / 1024**3
+            bf16 = bool(torch.cuda.is_bf16_supported())
+    except Exception as exc:  # a broken CUDA driver must not kill the hardware cell
+        name = f"cpu (CUDA probe failed: {type(exc).__name__}: {exc})"
+        cuda = False
+    return HardwareInfo(
+        cuda_available=cuda,
+        device_name=name,
+        gpu_count=count,
+        total_vram_gb=round(total, 2),
+        free_vram_gb=round(free, 2),
+        bf16_supported=bf16,
+        cpu_count=os.cpu_count() or 1,
+        ram_gb=round(_ram_gb(), 2),
+        python=platform.python_version(),
+        platform=f"{platform.system()} {platform.machine()}",
+    )
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def check_hub(timeout: float = 3.0, env: dict[str, str] | None = None) -> Decision:
+    """Is the Hugging Face hub reachable? value is "yes"/"no"; the reason never contains a token."""
+    env = os.environ if env is None else env
+    if env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return Decision("no", "HF_HUB_OFFLINE is set")
+    url = f"{hub_endpoint()}/api/models/openvla/openvla-7b"
+    try:
+        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "vla_bridge-preflight"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (fixed https endpoint)
+            return Decision("yes", f"{hub_endpoint()} answered HTTP {resp.status}")
+    except urllib.error.HTTPError as exc:  # the hub answered: reachable (401/429 still mean reachable)
+        return Decision("yes", f"{hub_endpoint()} answered HTTP {exc.code}")
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Decision("no", f"{hub_endpoint()} unreachable within {timeout:.0f} s ({type(reason).__name__})")
+
+
+def package_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _is_local_dir(model_id: str | None) -> bool:
+    return bool(model_id) and model_id != "auto" and Path(model_id).expanduser().is_dir()
+
+
+def choose_policy(
+    hw: HardwareInfo,
+    hub_ok: bool,
+    requested: str = "auto",
+    force_path: str | None = None,
+    bnb_available: bool | None = None,
+    model_id: str | None = None,
+) -> Decision:
+    """Apply the decision table in the module docstring. Raises PreflightError for an unknown name."""
+    if bnb_available is None:
+        bnb_available = package_available("bitsandbytes")
+    force = (force_path or "").strip().lower()
+    req = (requested or "auto").strip().lower()
+    for label, val in (("FORCE_PATH", force), ("POLICY", req)):
+        if val and val not in POLICY_CHOICES:
+            raise PreflightError(f"{label}={val!r} is not one of {', '.join(POLICY_CHOICES)}")
+    vram = hw.total_vram_gb if hw.cuda_available else 0.0
+    gpu = f"{hw.device_name} with {vram:.1f} GB" if hw.cuda_available else "no CUDA GPU"
+
+    if force and force != "auto":
+        return _forced(force, "FORCE_PATH (environment)", hw, vram, gpu, bnb_available)
+    if req != "auto":
+        return _forced(req, "POLICY parameter", hw, vram, gpu, bnb_available)
+
+    if not hw.cuda_available:
+        return Decision("tiny", f"{gpu}: the tiny VLA on the embedded demo world (same cells as the 7B path)")
+    if not hub_ok and not _is_local_dir(model_id):
+        return Decision("tiny", f"{gpu}, but the hub is unreachable and MODEL_ID is not a local directory")
+    if vram >= OPENVLA_BF16_MIN_GB:
+        return Decision("openvla", f"{gpu} ≥ {OPENVLA_BF16_MIN_GB:.0f} GB: OpenVLA-7B in bf16 with LoRA")
+    if vram >= OPENVLA_4BIT_MIN_GB:
+        if bnb_available:
+            return Decision(
+                "openvla-4bit",
+                f"{gpu} is {OPENVLA_4BIT_MIN_GB:.0f}–{OPENVLA_BF16_MIN_GB:.0f} GB: OpenVLA-7B in 4-bit NF4 with LoRA",
+            )
+        return Decision("octo", f"{gpu} needs 4-bit for OpenVLA-7B but bitsandbytes is not installed: Octo-Small")
+    return Decision("octo", f"{gpu} < {OPENVLA_4BIT_MIN_GB:.0f} GB: too small for OpenVLA-7B even in 4-bit → Octo-Small")
+
+
+def _forced(name: str, source: str, hw: HardwareInfo, vram: float, gpu: str, bnb: bool) -> Decision:
+    if name == "openvla" and hw.cuda_available and vram < OPENVLA_BF16_MIN_GB:
+        if vram >= OPENVLA_4BIT_MIN_GB and bnb:
+            return Decision("openvla-4bit", f"{source} asks for OpenVLA; {gpu} < {OPENVLA_BF16_MIN_GB:.0f} GB → 4-bit")
+        return Decision("openvla", f"{source} asks for OpenVLA on {gpu}: bf16 may run out of memory")
+    if name.startswith("openvla") and not hw.cuda_available:
+        return Decision(name, f"{source} asks for {name} with {gpu}: fp32 on CPU, only practical for a small local checkpoint")
+    if name == "openvla-4bit" and not bnb:
+        raise PreflightError(
+            f"{source} asks for openvla-4bit but bitsandbytes is not importable: "
+            "`pip install bitsandbytes` (Linux x86-64 + CUDA only) or use POLICY=octo"
+        )
+    return Decision(name, f"{source} asks for {name} ({gpu})")
+
+
+def choose_dataset(requested: str, policy: str, hub_ok: bool) -> Decision:
+    """``auto`` → the hub's v3.0 Bridge when reachable (and the policy is a real one), else the embedded world."""
+    req = (requested or "auto").strip()
+    if req.lower() == "auto":
+        if policy == "tiny":
+            return Decision(EMBEDDED_DATASET, "the tiny VLA was pretrained on the embedded demo world")
+        if hub_ok:
+            return Decision(HUB_BRIDGE_V3, "hub reachable: BridgeData V2 in LeRobot v3.0 format, streamed")
+        return Decision(EMBEDDED_DATASET, "hub unreachable: the embedded demo dataset (Bridge schema, built locally)")
+    if req.lower() == EMBEDDED_DATASET:
+        return Decision(EMBEDDED_DATASET, "DATASET parameter asks for the embedded demo dataset")
+    if Path(req).expanduser().exists():
+        return Decision(str(Path(req).expanduser()), "DATASET parameter is a local LeRobot root")
+    if "/" in req and not req.startswith((".", "/")):
+        if not hub_ok:
+            raise PreflightError(
+                f"DATASET={req!r} is a hub id but the hub is unreachable: set DATASET to a local root or 'embedded'"
+            )
+        return Decision(req, "DATASET parameter is a hub id")
+    raise PreflightError(f"DATASET={req!r} is neither 'auto', 'embedded', a hub id (owner/name) nor an existing directory")
+
+
+# --------------------------------------------------------------------------------------------- pre-flight
+
+
+def package_versions(names: tuple[str, ...] = REPORTED_PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def ffmpeg_install_hint() -> str:
+    """The exact command that installs system FFmpeg on this OS."""
+    if sys.platform == "darwin":
+        return "brew install ffmpeg"
+    os_release = ""
+    try:
+        os_release = Path("/etc/os-release").read_text().lower()
+    except OSError:
+        pass
+    if any(k in os_release for k in ("debian", "ubuntu")):
+        return "sudo apt-get update && sudo apt-get install -y ffmpeg"
+    if any(k in os_release for k in ("fedora", "rhel", "centos", "rocky", "alma")):
+        return "sudo dnf install -y ffmpeg-free (or ffmpeg from RPM Fusion)"
+    if "arch" in os_release:
+        return "sudo pacman -S ffmpeg"
+    return "install FFmpeg 4-7 with your package manager (or `conda install -c conda-forge 'ffmpeg<8'`)"
+
+
+def check_lerobot() -> CheckResult:
+    v = package_versions(("lerobot",))["lerobot"]
+    if v is None:
+        return CheckResult("lerobot", False, "lerobot is not installed", "run `bash setup.sh` (pins lerobot==0.4.4)")
+    if _vtuple(v) < (0, 4):
+        return CheckResult("lerobot", False, f"lerobot {v} predates the v3.0 dataset format", "pip install lerobot==0.4.4")
+    try:
+        importlib.import_module("lerobot.datasets.lerobot_dataset")
+        importlib.import_module("lerobot.datasets.streaming_dataset")
+    except Exception as exc:
+        return CheckResult("lerobot", False, f"lerobot {v}: v3 dataset classes do not import ({type(exc).__name__}: {exc})",
+                           "reinstall with `bash setup.sh`")
+    return CheckResult("lerobot", True, f"lerobot {v}: LeRobotDataset and StreamingLeRobotDataset import")
+
+
+def check_torchcodec() -> CheckResult:
+    """torchcodec is lerobot's video decoder; without FFmpeg's shared libraries the stream yields zero frames."""
+    try:
+        importlib.import_module("torchcodec.decoders")
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return CheckResult(
+            "torchcodec", False, f"torchcodec cannot load ({msg}); video streams would silently yield ZERO frames",
+            f"install system FFmpeg: {ffmpeg_install_hint()}",
+        )
+    return CheckResult("torchcodec", True, f"torchcodec {package_versions(('torchcodec',))['torchcodec']} loads FFmpeg")
+
+
+def check_timm(policy: str) -> CheckResult:
+    v = package_versions(("timm",))["timm"]
+    if not policy.startswith("openvla"):
+        return CheckResult("timm", True, f"timm {v} (version only matters for OpenVLA)", required=False)
+    if v not in OPENVLA_TIMM_VERSIONS:
+        return CheckResult("timm", False, f"timm {v} is not in OpenVLA's accepted set {sorted(OPENVLA_TIMM_VERSIONS)}",
+                           "pip install timm==0.9.10")
+    return CheckResult("timm", True, f"timm {v} is one OpenVLA's remote code accepts")
+
+
+def check_bitsandbytes(policy: str) -> CheckResult:
+    if policy != "openvla-4bit":
+        return CheckResult("bitsandbytes", True, "not needed for this policy", required=False)
+    if not package_available("bitsandbytes"):
+        return CheckResult("bitsandbytes", False, "the 4-bit path needs bitsandbytes",
+                           "pip install bitsandbytes (Linux x86-64 + CUDA), or POLICY=octo")
+    return CheckResult("bitsandbytes", True, f"bitsandbytes {package_versions(('bitsandbytes',))['bitsandbytes']}")
+
+
+def check_disk(path: str | os.PathLike, policy: str) -> CheckResult:
+    need = DISK_NEEDS_GB.get(policy, 2.0)
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free / 1024**3
+    ok = free >= need
+    return CheckResult("disk", ok, f"{free:.1f} GB free at {p} (the {policy} path needs ~{need:.0f} GB)",
+                       "" if ok else f"free {need - free:.1f} GB or point HF_HOME / the outputs dir to a bigger disk")
+
+
+def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
+    needs_hub = (dataset != EMBEDDED_DATASET and not Path(dataset).exists()) or (
+        policy != "tiny" and not _is_local_dir(model_id)
+    )
+    detail = f"hub {'reachable' if hub.value == 'yes' else 'unreachable'}: {hub.reason}"
+    if needs_hub and hub.value != "yes":
+        return CheckResult("hub", False, detail, "connect, or set HF_HUB_OFFLINE=1 with MODEL_ID/DATASET local paths")
+    return CheckResult("hub", True, detail, required=needs_hub)
+
+
+def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outputs_dir: str | os.PathLike) -> list[CheckResult]:
+    """All checks for the chosen path; the notebook prints them and raises on the first required failure."""
+    return [
+        check_lerobot(),
+        check_torchcodec(),
+        check_hub_for(dataset, policy, model_id, hub),
+        check_disk(outputs_dir, policy),
+        check_timm(policy),
+        check_bitsandbytes(policy),
+    ]
+
+
+def raise_on_failure(results: list[CheckResult]) -> None:
+    failed = [r for r in results if r.required and not r.ok]
+    if failed:
+        r = failed[0]
+        more = f" (+{len(failed) - 1} more failed check(s) above)" if len(failed) > 1 else ""
+        raise PreflightError(f"pre-flight '{r.name}' failed: {r.detail}. Fix: {r.fix}{more}")
+
+
+def format_checks(results: list[CheckResult]) -> str:
+    lines = []
+    for r in results:
+        mark = "ok  " if r.ok else ("FAIL" if r.required else "warn")
+        lines.append(f"[{mark}] {r.name:<13} {r.detail}" + (f"\n       fix: {r.fix}" if not r.ok and r.fix else ""))
+    return "\n".join(lines)

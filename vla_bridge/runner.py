@@ -1,0 +1,88 @@
+"""Execute ``notebook.py`` headless with papermill (what ``bash setup.sh --run`` / ``--test`` call).
+
+The percent-format source is converted in memory with jupytext, so the headless run never depends on a stale
+``notebook.ipynb``. A cell that raises makes the run exit non-zero with one line naming the cell; the partially
+executed notebook is still written so the traceback can be read there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import DEFAULT_PARAMS, PROJECT_ROOT
+
+
+def load_params_file(path: str | os.PathLike | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: parameters file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: parameters file {p} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: parameters file {p} must hold a JSON object of NAME: value")
+    return data
+
+
+def parse_kv(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it can be (numbers, true/false, lists), else a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"error: parameter {pair!r} must look like NAME=VALUE")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def execute_notebook(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    parameters: Mapping[str, Any] | None = None,
+    kernel_name: str = "python3",
+    cwd: str | os.PathLike | None = None,
+    check_names: bool = True,
+) -> Path:
+    """Run ``source`` (percent .py or .ipynb) with papermill; raise ``SystemExit(1)`` with one line on a failing cell."""
+    import jupytext
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    parameters = dict(parameters or {})
+    if check_names:
+        unknown = sorted(set(parameters) - set(DEFAULT_PARAMS))
+        if unknown:
+            raise SystemExit(f"error: unknown notebook parameter(s) {unknown}; known: {', '.join(DEFAULT_PARAMS)}")
+    src = Path(source)
+    if not src.is_file():
+        raise SystemExit(f"error: notebook {src} does not exist")
+    nb = jupytext.read(src) if src.suffix == ".py" else jupytext.read(src, fmt="ipynb")
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"papermill: {src} → {out} (kernel {kernel_name}, parameters {json.dumps(parameters)})", flush=True)
+    try:
+        pm.execute_notebook(
+            nb, str(out), parameters=parameters, kernel_name=kernel_name, language="python",
+            cwd=str(cwd or PROJECT_ROOT), progress_bar=False, log_output=True,
+        )
+    except PapermillExecutionError as exc:
+        print(
+            f"error: notebook cell {exc.exec_count} raised {exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''}"
+            f" — executed notebook with the traceback: {out}",
+            file=sys.stderr, flush=True,
+        )
+        raise SystemExit(1) from None
+    print(f"papermill: finished in {time.time() - t0:.1f} s → {out}", flush=True)
+    return out
