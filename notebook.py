@@ -57,6 +57,9 @@ OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
 
 # %%
+if __name__ == "notebook":  # imported as a module by a library probing for Jupyter's `notebook` package: not us
+    raise ImportError("notebook.py is this project's walkthrough, not Jupyter's `notebook` package")
+
 import os
 import sys
 from pathlib import Path

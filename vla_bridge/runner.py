@@ -55,6 +55,12 @@ def execute_notebook(
     check_names: bool = True,
 ) -> Path:
     """Run ``source`` (percent .py or .ipynb) with papermill; raise ``SystemExit(1)`` with one line on a failing cell."""
+    # The project's `notebook.py` would shadow Jupyter's `notebook` package, which papermill's imports probe for:
+    # keep the repository root off sys.path while importing them (vla_bridge is already imported).
+    root = str(PROJECT_ROOT)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", root) and Path(p or ".").resolve() != PROJECT_ROOT]
+    import logging
+
     import jupytext
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -70,6 +76,14 @@ def execute_notebook(
     nb = jupytext.read(src) if src.suffix == ".py" else jupytext.read(src, fmt="ipynb")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Stream each cell's output into the terminal / CI log as it runs.
+    pm_log = logging.getLogger("papermill")
+    if not pm_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        pm_log.addHandler(handler)
+        pm_log.setLevel(logging.INFO)
+        pm_log.propagate = False
     t0 = time.time()
     print(f"papermill: {src} → {out} (kernel {kernel_name}, parameters {json.dumps(parameters)})", flush=True)
     try:
