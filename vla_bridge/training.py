@@ -1,0 +1,363 @@
+"""The LoRA fine-tuning loop, the same for OpenVLA-7B and the tiny VLA.
+
+What it does, in upstream's terms (openvla/vla-scripts/finetune.py):
+
+- AdamW on the trainable (LoRA) parameters, linear warmup then cosine decay to ``max_steps``, grad-norm clip 1.0;
+- gradient accumulation: ``batch_size`` examples per micro-batch, ``grad_accum`` micro-batches per optimizer step;
+- bf16 autocast on a GPU (through accelerate), fp32 on a CPU;
+- every ``log_every`` optimizer steps one JSON line in ``outputs/logs/<run>/train_log.jsonl``: step, loss,
+  action_accuracy, l1 (de-normalized action units; ``l1_normalized`` is upstream's [-1, 1] figure), lr;
+- checkpoints every ``save_every`` steps and at the end in ``outputs/checkpoints/<run>/step_XXXXXX/`` and
+  ``latest/`` (adapter weights + config, ``training_state.pt``, ``dataset_statistics.json``), each written to a
+  temporary directory and renamed, so a kill never leaves half a checkpoint;
+- ``resume=True`` continues from ``latest/``: optimizer, scheduler, step, RNG states and the data position, so the
+  resumed run matches an uninterrupted one;
+- a NaN/inf loss stops training with a message; the last good checkpoint stays.
+
+Data arrive through a :class:`FrameSource`: ``iterate(start)`` yields raw frames (dicts with ``image``,
+``instruction``, ``action``) in a deterministic order, starting after the first ``start`` frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from .images import train_transform
+from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
+
+STATE_FILE = "training_state.pt"
+STATS_FILE = "dataset_statistics.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or had to stop; the message says why and what to do."""
+
+
+class FrameSource(Protocol):
+    def iterate(self, start: int = 0) -> Iterator[Mapping[str, Any]]:
+        """Raw frames {image, instruction, action} in a fixed order, skipping the first ``start``; may repeat."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_name: str
+    outputs_dir: str = "outputs"
+    max_steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 2
+    learning_rate: float = 5e-4
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    log_every: int = 10
+    save_every: int = 500
+    seed: int = 0
+    image_aug: bool = True
+    use_wandb: bool = False
+    resume: bool = False
+    unnorm_key: str = "bridge_orig"
+    mixed_precision: str | None = None  # None → "bf16" on CUDA with bf16 support, else "no"
+    progress: bool = True
+    save_full_model: bool = False       # True for the tiny base's pretraining (no LoRA)
+    stop_after: int | None = None       # stop (as if killed) after this many steps; tests use it to simulate a crash
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.outputs_dir) / "checkpoints" / self.run_name
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.outputs_dir) / "logs" / self.run_name / "train_log.jsonl"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    frames_seen: int
+    log_path: Path
+    last_checkpoint: Path | None
+    stopped_reason: str
+    seconds: float
+    history: list[dict]
+
+
+def lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0 to 1 over ``warmup_steps``, then cosine from 1 to 0 at ``max_steps``."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(np_rng: np.random.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "aug": np_rng.bit_generator.state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    np_rng.bit_generator.state = state["aug"]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write a directory through ``write(tmp)`` and rename it into place; replace ``final`` if it exists."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np_rng: np.random.Generator,
+                    norm_stats: Mapping[str, Any], cfg: TrainConfig) -> Path:
+    """``step_XXXXXX/`` then ``latest/``: weights (adapter or full), training_state.pt, dataset_statistics.json."""
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp))
+        torch.save({"step": step, "frames_seen": frames_seen, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(np_rng),
+                    "config": dataclasses.asdict(cfg)}, tmp / STATE_FILE)
+        (tmp / STATS_FILE).write_text(json.dumps(norm_stats, indent=2))
+
+    step_dir = _atomic_dir_write(cfg.checkpoint_dir / f"step_{step:06d}", write)
+    _atomic_dir_write(cfg.checkpoint_dir / "latest", lambda tmp: shutil.copytree(step_dir, tmp))
+    return step_dir
+
+
+def _load_weights_into(model, ckpt: Path, full_model: bool) -> None:
+    from safetensors.torch import load_file
+
+    if full_model:
+        state = load_file(str(ckpt / "model.safetensors"))
+        model.load_state_dict(state, strict=False)
+        return
+    from peft import set_peft_model_state_dict
+
+    adapter = ckpt / "adapter_model.safetensors"
+    if not adapter.exists():
+        raise TrainingError(f"RESUME: {ckpt} has no adapter_model.safetensors; delete it or set RESUME=False")
+    set_peft_model_state_dict(model, load_file(str(adapter)))
+
+
+def _wandb_run(cfg: TrainConfig):
+    """A W&B run when asked for and logged in; otherwise None, and never an interactive prompt."""
+    if not cfg.use_wandb:
+        os.environ.setdefault("WANDB_MODE", "disabled")
+        return None
+    try:
+        import wandb
+
+        if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+            print("USE_WANDB=True but W&B is not logged in (`wandb login`): logging to train_log.jsonl only")
+            return None
+        return wandb.init(project="openvla-bridge-finetune", name=cfg.run_name, config=dataclasses.asdict(cfg))
+    except Exception as exc:  # W&B trouble must not stop training
+        print(f"W&B disabled ({type(exc).__name__}: {exc})")
+        return None
+
+
+def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], cfg: TrainConfig,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Fine-tune ``model`` (a PEFT-wrapped VLA, or a full model with ``save_full_model``) on ``frames``.
+
+    ``norm_stats`` is the OpenVLA-layout dict ``{unnorm_key: {"action": {q01, q99, mask, ...}}}`` whose entry
+    normalizes the actions here; it is saved with each checkpoint so inference de-normalizes identically.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if cfg.unnorm_key not in norm_stats:
+        raise TrainingError(f"unnorm_key {cfg.unnorm_key!r} not in the dataset statistics {sorted(norm_stats)}")
+    stats_entry = norm_stats[cfg.unnorm_key]
+    set_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+
+    mp = cfg.mixed_precision
+    if mp is None:
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters: wrap it with LoRA (get_peft_model) first")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model = model.to(device)
+    model.train()
+
+    action_tok = ActionTokenizer(processor.tokenizer)
+    collator = ActionCollator(pad_token_id=int(processor.tokenizer.pad_token_id))
+    n_patches = num_image_patches(model)
+
+    step, frames_seen = 0, 0
+    if cfg.resume:
+        latest = cfg.checkpoint_dir / "latest"
+        if not (latest / STATE_FILE).exists():
+            raise TrainingError(f"RESUME=True but {latest} has no {STATE_FILE}: train once without RESUME first")
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+        _load_weights_into(model, latest, cfg.save_full_model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, frames_seen = int(state["step"]), int(state["frames_seen"])
+        _set_rng_state(state["rng"], np_rng)
+        print(f"resumed from {latest} at step {step} ({frames_seen} frames seen)")
+        if step >= cfg.max_steps:
+            print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
+
+    cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and cfg.log_path.exists():
+        cfg.log_path.unlink()
+    elif cfg.resume and cfg.log_path.exists():  # drop lines logged after the checkpoint we resume from
+        kept = [l for l in cfg.log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        cfg.log_path.write_text("".join(k + "\n" for k in kept))
+
+    wb = _wandb_run(cfg)
+    stream = frames.iterate(frames_seen)
+    history: list[dict] = []
+    window: dict[str, list[float]] = {"loss": [], "action_accuracy": [], "l1": [], "l1_normalized": []}
+    last_ckpt: Path | None = None
+    stopped = "max_steps"
+    t0 = time.time()
+
+    def next_batch() -> dict:
+        nonlocal frames_seen
+        examples = []
+        for _ in range(cfg.batch_size):
+            try:
+                fr = next(stream)
+            except StopIteration:
+                raise TrainingError("the training frame source ran dry: it yielded no (more) frames — "
+                                    "is the training split empty?") from None
+            frames_seen += 1
+            image = train_transform(fr["image"], np_rng, cfg.image_aug)
+            examples.append(make_training_example(image, fr["instruction"], fr["action"], processor, action_tok,
+                                                  stats_entry))
+        return collator(examples)
+
+    # pixel_values go in the vision backbone's dtype (bf16 for OpenVLA loaded in bf16), as upstream does.
+    pix_dtype = torch.bfloat16 if mp == "bf16" else next(
+        (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    while step < cfg.max_steps:
+        micro_losses = []
+        for _ in range(cfg.grad_accum):
+            batch = next_batch()
+            with accelerator.autocast():
+                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            pixel_values=batch["pixel_values"].to(device, dtype=pix_dtype), labels=batch["labels"].to(device))
+            loss = out.loss
+            if not torch.isfinite(loss):
+                stopped = (f"non-finite loss ({loss.item()}) at step {step + 1}: stopped; the last good checkpoint is "
+                           f"{last_ckpt or 'none (none was written yet)'} — lower LEARNING_RATE or check the data")
+                break
+            accelerator.backward(loss / cfg.grad_accum)
+            micro_losses.append(float(loss.detach()))
+            m = action_metrics(out.logits.detach().float(), batch["labels"], n_patches, action_tok, stats_entry)
+            window["action_accuracy"].append(m["action_accuracy"])
+            window["l1_normalized"].append(m["l1"])
+            window["l1"].append(m.get("l1_denorm", float("nan")))
+        if stopped != "max_steps":
+            optimizer.zero_grad(set_to_none=True)
+            print(stopped)
+            break
+        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window["loss"].append(float(np.mean(micro_losses)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", acc=f"{window['action_accuracy'][-1]:.2f}")
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            row = {"step": step, **{k: float(np.nanmean(v)) if v else float("nan") for k, v in window.items()},
+                   "lr": float(scheduler.get_last_lr()[0]), "frames_seen": frames_seen,
+                   "elapsed_s": round(time.time() - t0, 2)}
+            with cfg.log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            history.append(row)
+            if wb is not None:
+                wb.log(row, step=step)
+            if on_log is not None:
+                on_log(row)
+            window = {k: [] for k in window}
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            last_ckpt = save_checkpoint(model, optimizer, scheduler, step, frames_seen, np_rng, norm_stats, cfg)
+        if cfg.stop_after is not None and step >= cfg.stop_after:
+            stopped = f"stop_after={cfg.stop_after}"
+            break
+    bar.close()
+    if wb is not None:
+        wb.finish()
+    return TrainResult(steps=step, frames_seen=frames_seen, log_path=cfg.log_path, last_checkpoint=last_ckpt,
+                       stopped_reason=stopped, seconds=time.time() - t0, history=history)
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+
+
+def smoothed(values: list[float], alpha: float = 0.2) -> list[float]:
+    """Exponential moving average (the loss curve's smoothed line and the descent check use it)."""
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def loss_descent_check(log: list[dict], within_steps: int = 500) -> dict:
+    """Did the smoothed loss descend over the first ``within_steps`` steps (or the whole run if shorter)?
+
+    Compares the mean raw loss of the first and last tenth of those logged steps; passes when the last tenth is below
+    0.7× the first (the bar this project's issue sets).
+    """
+    rows = [r for r in log if r["step"] <= within_steps] or log
+    losses = [r["loss"] for r in rows]
+    if len(losses) < 2:
+        return {"ok": False, "reason": "fewer than 2 logged points", "n": len(losses)}
+    k = max(1, len(losses) // 10)
+    first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+    sm = smoothed(losses)
+    return {"ok": last < 0.7 * first, "first_tenth": first, "last_tenth": last, "ratio": last / first,
+            "smoothed_start": sm[0], "smoothed_end": sm[-1], "steps": rows[-1]["step"], "n": len(losses)}
