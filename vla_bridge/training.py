@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .images import train_transform
+from .models.openvla import save_dataset_statistics_beside
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 
 STATE_FILE = "training_state.pt"
@@ -154,7 +155,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np
         torch.save({"step": step, "frames_seen": frames_seen, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(np_rng),
                     "config": dataclasses.asdict(cfg)}, tmp / STATE_FILE)
-        (tmp / STATS_FILE).write_text(json.dumps(norm_stats, indent=2))
+        save_dataset_statistics_beside(tmp, norm_stats)
 
     step_dir = _atomic_dir_write(cfg.checkpoint_dir / f"step_{step:06d}", write)
     _atomic_dir_write(cfg.checkpoint_dir / "latest", lambda tmp: shutil.copytree(step_dir, tmp))
