@@ -55,6 +55,8 @@ RESUME = False
 HUB_TIMEOUT_S = 3.0
 OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
+DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N, or "split=n,..."
+STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
 
 # %%
 if __name__ == "notebook":  # imported as a module by a library probing for Jupyter's `notebook` package: not us
@@ -134,3 +136,138 @@ preflight_json = write_json(cfg.path("logs") / "preflight.json", {
 })
 print(f"\nsaved {preflight_json}")
 hardware.raise_on_failure(checks)
+
+# %% [markdown]
+# ## 3. Data: BridgeData V2 in LeRobot v3.0, streamed
+#
+# A VLA learns from (image, instruction, action) triples. Bridge has 1.8 M of them in ~50 k episodes, so we never
+# download it: LeRobot's v3.0 format keeps frames in a few large Parquet files and one MP4 stream per camera, and
+# `StreamingLeRobotDataset` reads rows and decodes only the video frames it needs.
+#
+# Offline (or on the tiny path) the same cells run on the **embedded demo world**: a tabletop pick-and-place world
+# with Bridge's schema — two cameras (`image_0`, `image_1`), an 8-dim state, a 7-dim action (xyz deltas in metres,
+# rotation deltas in radians, gripper 1 = open), 5 Hz, one task string per episode, some blank — written with
+# lerobot's own writer. It is built once (about a minute on two cores), cached under `data/demo_world/<key>/`, and
+# rebuilt only when the world's code or the parameters change.
+
+# %%
+import time
+
+from vla_bridge import plots
+from vla_bridge.data import build, splits, stream
+from vla_bridge.data import stats as dstats
+
+if cfg.dataset == hardware.EMBEDDED_DATASET:
+    demo = build.ensure_demo_dataset(cfg.data_dir, episodes=DEMO_EPISODES, progress=True)
+    print(demo.describe())
+    print("episodes per split:", demo.info["episodes_per_split"])
+    DATA_SOURCE = str(demo.root)
+else:
+    DATA_SOURCE = cfg.dataset
+source = stream.resolve_source(DATA_SOURCE)  # reads meta/info.json only (one small download for a hub id)
+stream.check_version(source.info, DATA_SOURCE)  # v2.x / v1.x stop here with the way out
+print(f"{DATA_SOURCE}: LeRobot {source.codebase_version}, {source.info['total_episodes']:,} episodes, "
+      f"{source.info['total_frames']:,} frames at {source.info['fps']} fps")
+
+# %% [markdown]
+# ### 3a. Open the stream and look at the schema
+#
+# Before any frame is decoded the loader checks the three things that otherwise fail silently or deep inside
+# lerobot: the dataset's `codebase_version` (lerobot 0.4 streams only v3.0 — a v2.0 dataset such as
+# `IPEC-COMMUNITY/bridge_orig_lerobot` gets a one-line error with the conversion path), that torchcodec can load
+# FFmpeg, and that the first frames really arrive (without FFmpeg the stream yields **zero** frames and no error).
+#
+# `vla_bridge.data.stream` also works around two bugs of lerobot 0.4.4's `StreamingLeRobotDataset`: its `episodes=`
+# filter is ignored, and it looks video frames up at the dataset-global time, which breaks as soon as a camera's
+# video spans more than one MP4 file (Bridge has thousands). The task of each frame is resolved through
+# `meta/tasks` from its `task_index`.
+
+# %%
+ds = stream.open_dataset(DATA_SOURCE, seed=cfg.seed)
+print(stream.format_schema(stream.schema(ds)))
+
+# %% [markdown]
+# ### 3b. Splits, from metadata alone
+#
+# Evaluation is only meaningful on episodes the policy never trained on, and "never" has to hold for the
+# **instruction**: a held-out task string that also appears in training (even as "Put the red block on the plate."
+# vs "put the red block on the plate") measures memorization. The split is decided from `meta/episodes`,
+# `meta/tasks` and, for the embedded world, its per-episode sidecar — before a single frame is read — and the
+# leakage assertion compares normalized strings (case, whitespace, punctuation).
+#
+# - **Embedded world**: train = the fine-tuning episodes; the tiny VLA's base was pretrained on a disjoint
+#   "pretrain" set; evaluation groups are held-out task strings (unseen object–target pairs), a held-out object
+#   family, an unseen colour and paraphrased instructions.
+# - **Hub Bridge**: the non-blank normalized task strings ranked 2nd, 4th and 6th by episode count are held out, and
+#   every episode whose task mentions "eggplant" (object-level holdout); the rest with a task string is train.
+#
+# Episodes with a blank task string are dropped from training (OpenVLA trains on language-labelled episodes only);
+# the count is printed.
+
+# %%
+split = splits.make_split(ds)  # raises LeakageError if a held-out string is in training
+print(split.describe())
+print(f"\nleakage check passed: none of the {split.details['leakage_checked']} held-out task strings "
+      f"(normalized) is among the {len(split.train_tasks)} training task strings")
+print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
+
+# %% [markdown]
+# ### 3c. Action statistics: OpenVLA's normalization
+#
+# OpenVLA does not regress continuous actions: each dimension is mapped to [-1, 1] by its 1st and 99th percentiles
+# (q01 → -1, q99 → +1, clipped), then cut into 256 bins that become tokens. The gripper is excluded by a **mask**:
+# it is already 0/1 and passes through untouched. The model de-normalizes its predictions with the same numbers,
+# looked up under an `unnorm_key` (`demo_world` for the embedded world, `bridge_orig` for Bridge), so these
+# statistics are saved as `dataset_statistics.json` in OpenVLA's `norm_stats` layout; the checkpoints later carry a
+# copy.
+#
+# They come from `meta/stats.json` when it has the percentiles, else from one pass over the training episodes'
+# Parquet columns (no video decoded).
+
+# %%
+action_stats = dstats.compute_action_stats(ds, episodes=split.train)
+stats_path = dstats.save_dataset_statistics(cfg.path("logs"), cfg.unnorm_key, action_stats)
+print(dstats.format_stats_table(action_stats, ds.meta.features["action"].get("names")))
+print(f"\nsaved {stats_path} under unnorm_key {cfg.unnorm_key!r}")
+
+# %% [markdown]
+# ### 3d. Look at the data
+#
+# Three random episodes (seeded): per camera, the first, middle and last frame with the instruction the policy will
+# be given, then the 7 action dimensions over time. Things to notice: the main camera (`image_0`) sees the whole
+# table; the actions are small per-step deltas (centimetres and hundredths of a radian at 5 Hz); the gripper
+# command is a step function — closed while carrying.
+
+# %%
+from IPython import display as ipd
+
+figures = plots.plot_data_figures(ds, split.train, cfg.path("figures"), n=3, seed=cfg.seed)
+print(f"episodes {figures['episodes']}: saved {figures['episode_frames']} and {figures['action_stream']}")
+ipd.display(ipd.Image(filename=str(figures["episode_frames"])))
+ipd.display(ipd.Image(filename=str(figures["action_stream"])))
+
+# %% [markdown]
+# ### 3e. Stream training batches
+#
+# The training loop consumes this stream: the training episodes, shuffled through lerobot's buffer, each frame
+# decoded, converted to uint8 and resized to the model's input size. We pull `STREAM_BATCHES` batches of
+# `BATCH_SIZE` frames through it and count every `(episode_index, frame_index)`: a finite split repeats after each
+# pass (an *epoch*), which is expected and shown per epoch; the same frame twice within one epoch would be a
+# sampling bug and raises. The loader runs with one torch thread: on small machines the per-frame tensor ops
+# otherwise wait on FFmpeg's threads (4× to 100× slower in our measurements on 2 cores, worst on a busy machine).
+
+# %%
+from tqdm import tqdm
+
+n_batches = 1000 if STREAM_BATCHES == "auto" else int(STREAM_BATCHES)
+train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.model_image_size(cfg.policy),
+                                     seed=cfg.seed)
+t0 = time.perf_counter()
+for batch in tqdm(train_stream.batches(cfg.batch_size, n_batches), total=n_batches, desc="training batches",
+                  mininterval=2.0):
+    pass
+seconds = time.perf_counter() - t0
+print(f"{n_batches:,} batches of {cfg.batch_size} ({train_stream.counter.frames:,} frames) in {seconds:.1f} s "
+      f"= {train_stream.counter.frames / seconds:,.0f} frames/s; image {batch[0]['image'].shape}")
+print(train_stream.summary())
+print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.counter.as_dict())}")

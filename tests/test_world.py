@@ -163,13 +163,16 @@ def test_shapes_dtypes_and_conventions():
     assert np.all(s[:, 6] == 0.0)  # pad
     assert s[0, 7] == 1.0  # starts open
     assert set(np.unique(a[:, 6]).tolist()) == {0.0, 1.0}  # absolute gripper command
-    assert np.all(np.linalg.norm(a[:, :3], axis=1) <= W.EXPERT_MAX_STEP + 0.01)
+    assert np.all(np.abs(a[:, :3]) <= W.EXPERT_MAX_STEP + 1e-6)  # per-axis speed limit, commands carry no noise
     assert np.abs(a[:, :3]).max() > 0.02  # Bridge-like magnitudes, not tiny
     assert np.all(np.abs(a[:, 3:6]) < 0.2)
     assert all(a[:, d].std() > 1e-4 for d in range(6))  # rotations not constant
     assert np.all(s[:, :3] >= W.WORKSPACE_LOW - 1e-6) and np.all(s[:, :3] <= W.WORKSPACE_HIGH + 1e-6)
     # state[t+1] = state[t] + action[t] for xyz (no clipping happens for the expert)
-    np.testing.assert_allclose(s[1:, :3], s[:-1, :3] + a[:-1, :3], atol=1e-5)
+    # the arm lands near (not exactly on) the commanded step: seeded actuation noise of ACTUATION_NOISE std
+    err = s[1:, :3] - (s[:-1, :3] + a[:-1, :3])
+    inside = np.all((s[1:, :3] > W.WORKSPACE_LOW + 1e-3) & (s[1:, :3] < W.WORKSPACE_HIGH - 1e-3), axis=1)
+    assert np.abs(err[inside]).max() < 5 * W.ACTUATION_NOISE and 0.3 * W.ACTUATION_NOISE < err[inside].std() < 2 * W.ACTUATION_NOISE
     # gripper state follows the absolute command
     np.testing.assert_array_equal(s[1:, 7], a[:-1, 6])
     # the episode grasps (close) then releases (open)
@@ -179,7 +182,7 @@ def test_shapes_dtypes_and_conventions():
 
 
 def test_step_clips_and_reports():
-    env = W.TabletopEnv(render=False, max_steps=5)
+    env = W.TabletopEnv(render=False, max_steps=5, actuation_noise=0.0)
     obs = env.reset("put the red block on the plate", 0)
     assert set(obs) == {W.STATE_KEY, W.TASK_KEY}
     z0 = obs[W.STATE_KEY][2]

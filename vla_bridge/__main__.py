@@ -29,6 +29,31 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
     return 0 if all(r.ok or not r.required for r in results) else 1
 
 
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from .data.build import ensure_demo_dataset
+
+    build = ensure_demo_dataset(args.out, episodes=args.episodes, seed=args.seed, image_size=args.image_size,
+                                force=args.force, progress=not args.quiet)
+    print(build.describe())
+    print("episodes per split: " + ", ".join(f"{k}={v}" for k, v in build.info["episodes_per_split"].items()))
+    print(build.root)
+    return 0
+
+
+def _cmd_bench_loader(args: argparse.Namespace) -> int:
+    from .bench import bench_loader, format_bench
+
+    res = bench_loader(args.dataset, root=args.root, frames=args.frames, image_size=args.image_size,
+                       workers=args.workers, data_dir=args.data_dir, seed=args.seed, buffer_size=args.buffer_size,
+                       default_threads=args.default_threads, batch_size=args.batch_size, split=args.split)
+    print(format_bench(res))
+    if args.json:
+        from .config import write_json
+
+        print(f"saved {write_json(args.json, res)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vla_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="auto")
     p.add_argument("--dataset", default="auto")
     p.set_defaults(func=_cmd_preflight)
+
+    p = sub.add_parser("demo-data", help="build (or reuse) the embedded demo world's LeRobot v3.0 dataset")
+    p.add_argument("--out", default="data", help="data directory; the dataset lands in OUT/demo_world/<key>/")
+    p.add_argument("--episodes", default=None,
+                   help="total episodes (split proportionally) or split=n,... (default: the tiny VLA's size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--force", action="store_true", help="rebuild even when a complete build with the key exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("bench-loader", help="frames/s: bare streaming vs the training input pipeline")
+    p.add_argument("dataset", nargs="?", default="embedded", help="embedded | hub id | local LeRobot v3.0 root")
+    p.add_argument("--frames", type=int, default=2000)
+    p.add_argument("--image-size", type=int, default=224, help="model image size the pipeline resizes to")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the third row (0: skip)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of the DataLoader row")
+    p.add_argument("--split", choices=("train", "all"), default="train")
+    p.add_argument("--buffer-size", type=int, default=1000, help="lerobot's shuffle buffer (frames)")
+    p.add_argument("--root", default=None, help="local root of a hub-id dataset")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--default-threads", action="store_true",
+                   help="also time the bare stream with torch's default thread count (slow on small machines)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_bench_loader)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -45,6 +45,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "HUB_TIMEOUT_S": 3.0,
     "OUTPUTS_DIR": "outputs",
     "DATA_DIR": "data",
+    "DEMO_EPISODES": "auto",     # embedded dataset size: auto → the tiny VLA's default; a total N, or "split=n,..."
+    "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 1000
 }
 
 EMBEDDED_UNNORM_KEY = "demo_world"

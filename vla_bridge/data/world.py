@@ -77,7 +77,7 @@ __all__ = [
     "sample_task_seeds", "default_blank_task_prob", "is_blank_episode",
 ]
 
-WORLD_VERSION = "1.0.0"
+WORLD_VERSION = "1.1.0"
 FPS = 5
 
 IMAGE_KEYS = ("observation.images.image_0", "observation.images.image_1")
@@ -91,7 +91,10 @@ WORKSPACE_LOW = np.array([0.15, -0.18, 0.0], dtype=np.float64)
 WORKSPACE_HIGH = np.array([0.45, 0.18, 0.2], dtype=np.float64)
 ACTION_XYZ_LIMIT = 0.04     # env clip per axis, metres per step
 ACTION_ROT_LIMIT = 0.25     # env clip per axis, radians per step
-EXPERT_MAX_STEP = 0.03      # the expert's xyz step norm before noise
+EXPERT_MAX_STEP = 0.03      # the expert's per-axis xyz step limit (metres per step)
+EXPERT_MAX_YAW_STEP = 0.12  # the expert's yaw step limit (radians per step)
+EXPERT_MAX_TILT_STEP = 0.03 # the expert's roll/pitch step limit (radians per step)
+ACTUATION_NOISE = 0.001     # std (m) of the env's execution error on each commanded xyz step
 ACTION_LOW = np.array([-ACTION_XYZ_LIMIT] * 3 + [-ACTION_ROT_LIMIT] * 3 + [0.0], dtype=np.float32)
 ACTION_HIGH = np.array([ACTION_XYZ_LIMIT] * 3 + [ACTION_ROT_LIMIT] * 3 + [1.0], dtype=np.float32)
 ROLL_PITCH_LIMIT = 0.6
@@ -752,8 +755,10 @@ class TabletopEnv:
     """
 
     def __init__(self, image_size: int = DEFAULT_IMAGE_SIZE, max_steps: int = DEFAULT_MAX_STEPS,
-                 render: bool = True):
+                 render: bool = True, actuation_noise: float = ACTUATION_NOISE):
         self.image_size = int(image_size)
+        self.actuation_noise = float(actuation_noise)
+        self._act_rng = np.random.default_rng(0)
         self.max_steps = int(max_steps)
         self.render_images = bool(render)
         self.task = ""
@@ -793,6 +798,7 @@ class TabletopEnv:
         self._static = None
         self._static_key = None
         self._expert_seed = (self.seed, _crc(f"{color}|{p['family']}|{p['target']}"))
+        self._act_rng = np.random.default_rng(list(self._expert_seed) + [2])
         self._expert = None
         return self.observation()
 
@@ -827,6 +833,8 @@ class TabletopEnv:
         was_open = self.gripper > 0.5
         dxyz = np.clip(a[:3], -ACTION_XYZ_LIMIT, ACTION_XYZ_LIMIT)
         drot = np.clip(a[3:6], -ACTION_ROT_LIMIT, ACTION_ROT_LIMIT)
+        if self.actuation_noise > 0:  # the arm does not land exactly where it was told to (seeded per episode)
+            dxyz = dxyz + self._act_rng.normal(0.0, self.actuation_noise, 3)
         self.pos = np.clip(self.pos + dxyz, WORKSPACE_LOW, WORKSPACE_HIGH)
         old_yaw = self.rot[2]
         self.rot[:2] = np.clip(self.rot[:2] + drot[:2], -ROLL_PITCH_LIMIT, ROLL_PITCH_LIMIT)
@@ -990,23 +998,32 @@ class Expert:
 
     Phases: approach (above the object, wrist turning towards the object's orientation) -> descend ->
     grasp (close) -> lift -> carry (above the target) -> lower -> release (open) -> retreat (up) -> finished.
-    It re-tries if a grasp misses. xyz steps are clipped to ``EXPERT_MAX_STEP`` then get Gaussian noise
-    (``xyz_noise``); roll/pitch get small noise with a restoring term; the gripper is exactly 0 or 1.
-    The noise stream is seeded from the env's (task, seed) unless ``seed`` is given.
+    It re-tries if a grasp misses.
+
+    Motion model, chosen so that the action is a *deterministic* function of what the cameras show (a policy can
+    learn it) while the episodes still vary: each phase moves only the axes it needs (descend/lift/lower/retreat: z
+    only; carry: x and y only), every moving axis goes at the speed limit (``EXPERT_MAX_STEP`` per axis) until it is
+    within one step of its goal, the wrist yaws towards the grasp orientation at up to ``EXPERT_MAX_YAW_STEP``, and
+    it tilts (pitch while reaching down, roll while carrying) at up to ``EXPERT_MAX_TILT_STEP``. The recorded action
+    is the command; the randomness is the env's actuation noise (``TabletopEnv.actuation_noise``), which is what
+    makes the arm need corrections. ``noise`` is kept for API compatibility and switches that actuation noise off
+    when False.
     """
 
     HOVER_Z = 0.085
     CARRY_Z = 0.10
     TOL = 0.006
+    REACH_PITCH = 0.12   # wrist pitch while reaching down to grasp or place (rad)
+    CARRY_ROLL = 0.06    # wrist roll while carrying (rad)
 
     def __init__(self, env: TabletopEnv, seed: int | None = None, noise: bool = True,
-                 xyz_noise: float = 0.0015, rot_noise: float = 0.01):
+                 xyz_noise: float | None = None, rot_noise: float | None = None):
         self.env = env
         base = list(env._expert_seed) if seed is None else [int(seed), 0]
         self.rng = np.random.default_rng(base + [1])
         self.noise = bool(noise)
-        self.xyz_noise = xyz_noise
-        self.rot_noise = rot_noise
+        if not self.noise:
+            env.actuation_noise = 0.0
         self.phase = "approach"
         self.finished = False
         r, a = 0.009 * math.sqrt(self.rng.random()), self.rng.uniform(-math.pi, math.pi)
@@ -1022,23 +1039,25 @@ class Expert:
             return yaw
         return yaw + ((o.yaw - yaw + per / 2) % per - per / 2)
 
-    def _move(self, goal: np.ndarray, gripper: float, yaw_goal: float | None = None) -> np.ndarray:
+    _AXES = {"xyz": (0, 1, 2), "xy": (0, 1), "z": (2,), "": ()}
+    _TILT = {"descend": (0.0, REACH_PITCH), "grasp": (0.0, REACH_PITCH), "lower": (0.0, REACH_PITCH),
+             "release": (0.0, REACH_PITCH), "carry": (CARRY_ROLL, 0.0)}
+
+    def _move(self, goal: np.ndarray, gripper: float, yaw_goal: float | None = None, axes: str = "xyz") -> np.ndarray:
         env = self.env
-        err = goal - env.pos
-        n = np.linalg.norm(err)
-        d = err if n <= EXPERT_MAX_STEP else err * (EXPERT_MAX_STEP / n)
+        d = np.zeros(3)
+        for i in self._AXES[axes]:
+            d[i] = float(np.clip(goal[i] - env.pos[i], -EXPERT_MAX_STEP, EXPERT_MAX_STEP))
         rot = np.zeros(3)
-        rot[:2] = -0.3 * env.rot[:2]
+        tilt_goal = np.array(self._TILT.get(self.phase, (0.0, 0.0)))
+        rot[:2] = np.clip(tilt_goal - env.rot[:2], -EXPERT_MAX_TILT_STEP, EXPERT_MAX_TILT_STEP)
         if yaw_goal is not None:
-            rot[2] = float(np.clip(0.4 * (yaw_goal - env.rot[2]), -0.12, 0.12))
-        if self.noise:
-            d = d + self.rng.normal(0.0, self.xyz_noise, 3)
-            rot[:2] += self.rng.normal(0.0, self.rot_noise, 2)
-            rot[2] += self.rng.normal(0.0, self.rot_noise * 0.4)
+            rot[2] = float(np.clip(yaw_goal - env.rot[2], -EXPERT_MAX_YAW_STEP, EXPERT_MAX_YAW_STEP))
         return np.array([*d, *rot, gripper], dtype=np.float32)
 
-    def _close(self, goal: np.ndarray) -> bool:
-        return bool(np.linalg.norm(goal - self.env.pos) < self.TOL)
+    def _close(self, goal: np.ndarray, axes: str = "xyz") -> bool:
+        idx = list(self._AXES[axes])
+        return bool(np.max(np.abs(goal[idx] - self.env.pos[idx])) < self.TOL)
 
     def act(self) -> np.ndarray:
         env = self.env
@@ -1053,15 +1072,15 @@ class Expert:
             ph = self.phase
             if ph == "finished":
                 self.finished = True
-                return self._move(env.pos.copy(), 1.0)
+                return self._move(env.pos.copy(), 1.0, axes="")
             if ph == "recover":
                 if env.held is not None or env.gripper <= 0.5:
-                    return self._move(env.pos + np.array([0, 0, 0.02]), 1.0)
+                    return self._move(env.pos + np.array([0, 0, 0.02]), 1.0, axes="z")
                 goal = np.array([env.pos[0], env.pos[1], max(self.HOVER_Z, env.pos[2])])
-                if self._close(goal):
+                if self._close(goal, "z"):
                     self.phase = "approach"
                     continue
-                return self._move(goal, 1.0)
+                return self._move(goal, 1.0, axes="z")
             if ph == "approach":
                 goal = np.array([o.x, o.y, max(self.HOVER_Z, grasp_z + 0.04)])
                 if self._close(goal):
@@ -1070,10 +1089,10 @@ class Expert:
                 return self._move(goal, 1.0, self._grasp_yaw())
             if ph == "descend":
                 goal = np.array([o.x, o.y, grasp_z])
-                if self._close(goal):
+                if self._close(goal, "z"):
                     self.phase = "grasp"
                     continue
-                return self._move(goal, 1.0, self._grasp_yaw())
+                return self._move(goal, 1.0, self._grasp_yaw(), axes="z")
             if ph == "grasp":
                 if holding:
                     self.phase = "lift"
@@ -1081,25 +1100,25 @@ class Expert:
                 if env.gripper <= 0.5:  # closed on nothing: re-try
                     self.phase = "recover"
                     continue
-                return self._move(env.pos.copy(), 0.0)
+                return self._move(env.pos.copy(), 0.0, axes="")
             if ph == "lift":
                 goal = np.array([env.pos[0], env.pos[1], self.CARRY_Z])
                 if env.pos[2] > self.CARRY_Z - self.TOL:
                     self.phase = "carry"
                     continue
-                return self._move(goal, 0.0)
+                return self._move(goal, 0.0, axes="z")
             if ph == "carry":
                 goal = np.array([place_xy[0], place_xy[1], self.CARRY_Z])
-                if self._close(goal):
+                if self._close(goal, "xy"):
                     self.phase = "lower"
                     continue
-                return self._move(goal, 0.0)
+                return self._move(goal, 0.0, axes="xy")
             if ph == "lower":
                 goal = np.array([place_xy[0], place_xy[1], place_z])
-                if self._close(goal):
+                if self._close(goal, "z"):
                     self.phase = "release"
                     continue
-                return self._move(goal, 0.0)
+                return self._move(goal, 0.0, axes="z")
             if ph == "release":
                 if not holding:
                     if env.success:
@@ -1108,13 +1127,13 @@ class Expert:
                     else:
                         self.phase = "recover"
                     continue
-                return self._move(env.pos.copy(), 1.0)
+                return self._move(env.pos.copy(), 1.0, axes="")
             if ph == "retreat":
                 goal = self._retreat_goal
-                if self._close(goal) or env.pos[2] >= WORKSPACE_HIGH[2] - 1e-6:
+                if self._close(goal, "z") or env.pos[2] >= WORKSPACE_HIGH[2] - 1e-6:
                     self.phase = "finished"
                     continue
-                return self._move(goal, 1.0)
+                return self._move(goal, 1.0, axes="z")
             raise RuntimeError(f"unknown phase {ph}")
         raise RuntimeError("expert phase machine did not settle")  # pragma: no cover
 

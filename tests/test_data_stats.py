@@ -1,0 +1,97 @@
+"""Action statistics in OpenVLA's norm_stats layout: sources, values, mask, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vla_bridge.data import build, splits, stats, stream
+
+SMALL = {"pretrain": 20, "finetune": 16, "heldout": 5, "heldout_family": 5, "unseen_color": 5, "paraphrase": 5}
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    return build.ensure_demo_dataset(tmp_path_factory.getbasetemp() / "vla_data", episodes=SMALL, video_file_size_mb=1)
+
+
+@pytest.fixture(scope="module")
+def train_ds(small):
+    split = splits.make_split(small.root)
+    return stream.open_dataset(small.root, episodes=split.train, probe=False), split
+
+
+def _check_entry(entry):
+    a = entry["action"]
+    for k in stats.STAT_FIELDS:
+        assert len(a[k]) == 7 and all(isinstance(x, float) for x in a[k])
+    assert a["mask"] == [True] * 6 + [False]
+    assert all(lo <= hi for lo, hi in zip(a["q01"], a["q99"]))
+    assert all(mn <= q1 and q9 <= mx for mn, q1, q9, mx in zip(a["min"], a["q01"], a["q99"], a["max"]))
+    assert a["q01"][6] == 0.0 and a["q99"][6] == 1.0  # the gripper keeps its 0/1 command
+    assert len(entry["proprio"]["q01"]) == 8 and "mask" not in entry["proprio"]
+    assert entry["num_transitions"] > 0 and entry["num_trajectories"] > 0
+
+
+def test_meta_source(train_ds):
+    ds, _ = train_ds
+    entry = stats.compute_action_stats(ds)
+    _check_entry(entry)
+    assert entry["source"].startswith("meta/stats.json") and entry["quantiles_exact"]
+    assert entry["num_trajectories"] == sum(SMALL.values())
+
+
+def test_stream_source_matches_the_training_frames(train_ds, small):
+    ds, split = train_ds
+    entry = stats.compute_action_stats(ds, episodes=split.train, source="stream")
+    _check_entry(entry)
+    assert entry["num_trajectories"] == len(split.train) and entry["num_transitions"] == split.frames(split.train)
+    acts = []
+    with stream.torch_threads(1):
+        for fr in stream.TrainingStream(small.root, ds=ds).epoch():
+            acts.append(fr["action"])
+    acts = np.asarray(acts, dtype=np.float64)
+    np.testing.assert_allclose(entry["action"]["q99"], np.quantile(acts, 0.99, axis=0), atol=1e-6)
+    np.testing.assert_allclose(entry["action"]["mean"], acts.mean(0), atol=1e-6)
+
+
+def test_auto_falls_back_to_stream_without_quantiles(train_ds, tmp_path, monkeypatch):
+    ds, split = train_ds
+    monkeypatch.setattr(stats, "stats_from_meta", lambda root: None)
+    entry = stats.compute_action_stats(ds, episodes=split.train)
+    assert entry["source"].startswith("streaming pass")
+    with pytest.raises(ValueError, match="source='stream'"):
+        stats.compute_action_stats(ds, source="meta")
+
+
+def test_save_and_load_openvla_layout(train_ds, tmp_path):
+    ds, _ = train_ds
+    entry = stats.compute_action_stats(ds)
+    path = stats.save_dataset_statistics(tmp_path / "logs", "demo_world", entry)
+    assert path.name == "dataset_statistics.json"
+    raw = json.loads(path.read_text())
+    assert list(raw) == ["demo_world"]
+    assert set(raw["demo_world"]) == {"action", "proprio", "num_transitions", "num_trajectories"}
+    assert set(raw["demo_world"]["action"]) == {"mean", "std", "max", "min", "q01", "q99", "mask"}
+    loaded = stats.load_dataset_statistics(path, "demo_world")
+    assert loaded["action"]["q01"] == pytest.approx(entry["action"]["q01"])
+    assert stats.load_dataset_statistics(tmp_path / "logs")["demo_world"] == loaded
+    with pytest.raises(KeyError, match="available: \\['demo_world'\\]"):
+        stats.load_dataset_statistics(path, "bridge_orig")
+    table = stats.format_stats_table(entry, ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"])
+    assert "gripper" in table and "passes through" in table and "exact" in table
+
+
+def test_normalization_roundtrip_with_tokenization(train_ds):
+    """The saved entry plugs into the project's BOUNDS_Q99 normalizer: q01 → -1, q99 → +1, gripper untouched."""
+    tok = pytest.importorskip("vla_bridge.tokenization")
+    ds, _ = train_ds
+    entry = stats.norm_stats_entry(stats.compute_action_stats(ds))
+    a = entry["action"]
+    x = np.array([a["q01"], a["q99"]], dtype=np.float64)
+    x[:, 6] = [0.0, 1.0]
+    y = tok.normalize_with_stats(x, entry)
+    np.testing.assert_allclose(y[:, :6], [[-1] * 6, [1] * 6], atol=1e-6)
+    np.testing.assert_allclose(y[:, 6], [0.0, 1.0])

@@ -1,0 +1,182 @@
+"""Action (and proprio) statistics in OpenVLA's ``norm_stats`` layout, saved as ``dataset_statistics.json``.
+
+OpenVLA normalizes each action dimension with its 1st / 99th percentiles (q01 → -1, q99 → +1, clipped) except
+where ``mask`` is False: Bridge's gripper (index 6) is already in [0, 1] and passes through untouched. The model
+de-normalizes its predictions with the same numbers, looked up under an ``unnorm_key`` — so the statistics the
+training normalized with are saved next to the adapter and registered under that key.
+
+Where the numbers come from (``source``):
+
+* ``"meta"`` — ``meta/stats.json`` when it has ``q01``/``q99`` for ``action`` (whole dataset). Our embedded build
+  writes exact percentiles there. lerobot's own writer/converter stores the frame-weighted MEAN of per-episode
+  percentiles, which is narrower than the true percentiles (``quantiles_exact`` tells which one you got);
+* ``"stream"`` — one streaming pass over the ``episodes`` given (the training split), reading only the parquet
+  columns (no video is decoded) and computing exact percentiles;
+* ``"auto"`` — ``"meta"`` when it has the quantiles, else ``"stream"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+ACTION_KEY = "action"
+STATE_KEY = "observation.state"
+GRIPPER_MASK = [True] * 6 + [False]           # OpenVLA bridge_orig: normalize xyz + rotation, not the gripper
+STAT_FIELDS = ("mean", "std", "max", "min", "q01", "q99")
+STATS_FILENAME = "dataset_statistics.json"
+
+
+def action_mask(dim: int) -> list[bool]:
+    """[True]*6 + [False] for Bridge's 7-dim action; every other layout normalizes all but its last dimension."""
+    return list(GRIPPER_MASK) if dim == 7 else [True] * (dim - 1) + [False]
+
+
+def _fields(entry: Mapping[str, Any]) -> dict[str, list[float]]:
+    return {k: [float(v) for v in np.asarray(entry[k], dtype=np.float64).reshape(-1)] for k in STAT_FIELDS}
+
+
+def _exact(x: np.ndarray) -> dict[str, list[float]]:
+    x = np.asarray(x, dtype=np.float64)
+    q01, q99 = np.quantile(x, [0.01, 0.99], axis=0)
+    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(), "min": x.min(0).tolist(),
+            "q01": q01.tolist(), "q99": q99.tolist()}
+
+
+def _meta_root(ds_or_root: Any) -> Path | None:
+    meta = getattr(ds_or_root, "meta", None)
+    if meta is not None:
+        return Path(meta.root)
+    if isinstance(ds_or_root, (str, os.PathLike)) and Path(ds_or_root).is_dir():
+        return Path(ds_or_root)
+    return None
+
+
+def stats_from_meta(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The norm_stats entry from meta/stats.json, or None when it lacks action q01/q99."""
+    path = Path(root) / "meta" / "stats.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    act = raw.get(ACTION_KEY, {})
+    if not all(k in act for k in STAT_FIELDS):
+        return None
+    info = json.loads((Path(root) / "meta" / "info.json").read_text())
+    build = Path(root) / "meta" / "vla_bridge_build.json"
+    action = _fields(act)
+    action["mask"] = action_mask(len(action["q01"]))
+    entry: dict[str, Any] = {"action": action}
+    st = raw.get(STATE_KEY, {})
+    if all(k in st for k in STAT_FIELDS):
+        entry["proprio"] = _fields(st)
+    count = act.get("count")
+    entry["num_transitions"] = int(np.asarray(count).reshape(-1)[0]) if count is not None else int(info["total_frames"])
+    entry["num_trajectories"] = int(info["total_episodes"])
+    entry["source"] = "meta/stats.json (all episodes)"
+    entry["quantiles_exact"] = build.is_file()
+    return entry
+
+
+def stats_from_stream(ds, episodes: Sequence[int] | None = None, batch_size: int = 10_000) -> dict[str, Any]:
+    """Exact statistics over ``episodes`` (default: the ones ``ds`` streams) from the parquet columns only."""
+    hf = ds._unfiltered if hasattr(ds, "_unfiltered") else ds.hf_dataset
+    allowed = None if episodes is None else frozenset(int(e) for e in episodes)
+    if allowed is None and hasattr(ds, "selected_episodes"):
+        allowed = frozenset(int(e) for e in ds.selected_episodes)
+    cols = [c for c in (ACTION_KEY, STATE_KEY, "episode_index") if c in ds.meta.features]
+    acts, states, eps = [], [], set()
+    for batch in hf.select_columns(cols).iter(batch_size=batch_size):
+        e = np.asarray(batch["episode_index"])
+        keep = np.ones(len(e), bool) if allowed is None else np.isin(e, list(allowed))
+        if not keep.any():
+            continue
+        acts.append(np.asarray(batch[ACTION_KEY], dtype=np.float64)[keep])
+        if STATE_KEY in batch:
+            states.append(np.asarray(batch[STATE_KEY], dtype=np.float64)[keep])
+        eps.update(int(x) for x in e[keep])
+    if not acts:
+        raise ValueError("no frames in the requested episodes: cannot compute action statistics")
+    a = np.concatenate(acts)
+    action = _exact(a)
+    action["mask"] = action_mask(a.shape[1])
+    entry: dict[str, Any] = {"action": action}
+    if states:
+        entry["proprio"] = _exact(np.concatenate(states))
+    entry.update(num_transitions=int(a.shape[0]), num_trajectories=len(eps),
+                 source=f"streaming pass over {len(eps)} episodes (parquet columns)", quantiles_exact=True)
+    return entry
+
+
+def compute_action_stats(ds, episodes: Sequence[int] | None = None, source: str = "auto") -> dict[str, Any]:
+    """The norm_stats entry ``{"action": {...,"mask"}, "proprio": {...}, "num_transitions", "num_trajectories"}``
+    plus ``source`` / ``quantiles_exact`` (dropped when saving). ``ds``: an opened stream (or a local root for
+    ``source="meta"``)."""
+    if source not in ("auto", "meta", "stream"):
+        raise ValueError(f"source={source!r}: expected auto, meta or stream")
+    if source in ("auto", "meta"):
+        root = _meta_root(ds)
+        entry = stats_from_meta(root) if root is not None else None
+        if entry is not None:
+            return entry
+        if source == "meta":
+            raise ValueError("meta/stats.json has no q01/q99 for 'action': use source='stream'")
+    return stats_from_stream(ds, episodes)
+
+
+def norm_stats_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Only OpenVLA's keys, lists of floats (what goes into dataset_statistics.json / model.config.norm_stats)."""
+    out: dict[str, Any] = {"action": {k: [float(x) for x in entry["action"][k]] for k in STAT_FIELDS}}
+    out["action"]["mask"] = [bool(m) for m in entry["action"]["mask"]]
+    if entry.get("proprio"):
+        out["proprio"] = {k: [float(x) for x in entry["proprio"][k]] for k in STAT_FIELDS}
+    out["num_transitions"] = int(entry["num_transitions"])
+    out["num_trajectories"] = int(entry["num_trajectories"])
+    return out
+
+
+def save_dataset_statistics(path: str | os.PathLike, unnorm_key: str, stats: Mapping[str, Any]) -> Path:
+    """Write ``{unnorm_key: norm_stats_entry}`` (OpenVLA's layout) atomically. ``path`` may be a directory, then
+    ``dataset_statistics.json`` is written inside it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / STATS_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({unnorm_key: norm_stats_entry(stats)}, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_dataset_statistics(path: str | os.PathLike, unnorm_key: str | None = None) -> dict[str, Any]:
+    """The whole file, or one key's entry. A missing key raises KeyError listing the available keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATS_FILENAME
+    data = json.loads(path.read_text())
+    if unnorm_key is None:
+        return data
+    if unnorm_key not in data:
+        raise KeyError(f"unnorm_key {unnorm_key!r} not in {path}; available: {sorted(data)}")
+    return data[unnorm_key]
+
+
+def format_stats_table(entry: Mapping[str, Any], names: Sequence[str] | None = None) -> str:
+    """Per-dimension q01 / q99 / mean / std / min / max and whether the dimension is normalized."""
+    a = entry["action"]
+    dim = len(a["q01"])
+    names = list(names) if names else [f"a{i}" for i in range(dim)]
+    head = f"{'dim':<8}{'q01':>10}{'q99':>10}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}  normalized"
+    rows = [head, "-" * len(head)]
+    for i in range(dim):
+        rows.append(f"{names[i]:<8}" + "".join(f"{a[k][i]:>10.4f}" for k in ("q01", "q99", "mean", "std", "min", "max"))
+                    + f"  {'yes (q01→-1, q99→+1)' if a['mask'][i] else 'no (passes through)'}")
+    src = entry.get("source")
+    if src:
+        exact = entry.get("quantiles_exact")
+        rows.append(f"source: {src}; {entry['num_transitions']:,} transitions, {entry['num_trajectories']:,} "
+                    f"trajectories; quantiles {'exact' if exact else 'lerobot-aggregated (mean of per-episode)'}")
+    return "\n".join(rows)

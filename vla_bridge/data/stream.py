@@ -1,0 +1,808 @@
+"""Open a LeRobot dataset (hub id or local root), check it, stream it, print its schema, count what training sees.
+
+The order of the checks is the point of this module — each one turns a failure that would otherwise surface deep
+inside lerobot (or not at all) into a one-line error with the way out:
+
+1. ``meta/info.json`` is read FIRST (a local file, or one small hub download) and its ``codebase_version`` checked:
+   v3.x streams; v2.x / v1.x raise :class:`DatasetVersionError` naming the version and the conversion path (lerobot
+   0.4.4 itself raises ``NotImplementedError("Contact the maintainer on Discord")`` for a v2.0 dataset);
+2. torchcodec must load (``hardware.check_torchcodec``): without system FFmpeg the stream yields zero frames;
+3. after streaming starts, the first frames must arrive within a time bound; zero frames raise :class:`StreamError`
+   with the FFmpeg explanation and the real decoder error (lerobot swallows it and silently drops the shard).
+
+Two bugs of lerobot 0.4.4's ``StreamingLeRobotDataset`` are worked around in :class:`BridgeStreamingDataset`:
+
+* ``episodes=[...]`` is stored but never applied (upstream PR huggingface/lerobot#4335): we filter the frame stream
+  by ``episode_index`` before any video is decoded, so a split really streams only its episodes;
+* video frames are looked up at the dataset-global time ``index / fps`` (upstream issue #4524): correct only while
+  the whole dataset sits in ONE mp4 per camera; with several files (Bridge has thousands) the decoder raises
+  ``IndexError`` or returns another episode's frame. We query ``from_timestamp`` of the episode's file + the frame's
+  time within its episode, as the map-style ``LeRobotDataset`` does.
+
+A third issue is made explicit rather than left to chance: inside ``torch.utils.data.DataLoader`` workers,
+``datasets`` splits each of lerobot's one-shard sub-streams across workers, so worker 0 streams everything and the
+other workers stream nothing. :class:`BridgeStreamingDataset` gives each worker its own share of the episodes.
+
+:class:`TrainingStream` is what training and the notebook iterate: epochs over a split's episodes through the input
+pipeline (:class:`FramePipeline`: decode → uint8 HxWx3 → resize to the model's image size; the prompt / tokenize /
+collate step plugs in as ``example_fn`` / ``collate_fn``), with a :class:`SampleCounter` of unique and repeated
+``(episode_index, frame_index)`` pairs per epoch. It satisfies ``training.FrameSource`` (``iterate(start)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .. import hardware
+from ..hardware import HUB_BRIDGE_V3
+
+MAIN_CAMERA = "observation.images.image_0"
+DEFAULT_BUFFER_SIZE = 1000        # lerobot's shuffle buffer (frames); the first frame waits until it is full
+FIRST_FRAME_TIMEOUT_LOCAL_S = 60.0
+FIRST_FRAME_TIMEOUT_HUB_S = 180.0
+
+# Square image size each policy's processor works at; the training pipeline resizes to it once, up front.
+MODEL_IMAGE_SIZE = {"openvla": 224, "openvla-4bit": 224, "octo": 256, "tiny": 128}
+
+
+class DatasetVersionError(ValueError):
+    """The dataset's LeRobot codebase version cannot be streamed by lerobot 0.4.x; the message says the way out."""
+
+
+class StreamError(RuntimeError):
+    """The dataset cannot be streamed (no torchcodec, zero frames, no first frame in time); one line with the fix."""
+
+
+class RepeatedSampleError(RuntimeError):
+    """The same (episode_index, frame_index) came twice within one epoch."""
+
+
+def model_image_size(policy: str) -> int:
+    return MODEL_IMAGE_SIZE.get(policy, 224)
+
+
+# ----------------------------------------------------------------------------------------------- info + version
+
+
+@dataclasses.dataclass
+class DatasetSource:
+    """Where a dataset lives: ``root`` is a local LeRobot root, or None for a hub id (streamed)."""
+
+    dataset: str
+    repo_id: str
+    root: Path | None
+    info: dict
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.root is not None
+
+    @property
+    def codebase_version(self) -> str:
+        return str(self.info.get("codebase_version", "unknown"))
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def _local_repo_id(root: Path) -> str:
+    build = root / "meta" / "vla_bridge_build.json"
+    if build.is_file():
+        with contextlib.suppress(Exception):
+            return json.loads(build.read_text())["repo_id"]
+    return f"local/{root.resolve().name}"
+
+
+def _hub_info(repo_id: str) -> tuple[dict, str | None]:
+    """meta/info.json from the hub: lerobot streams the "v3.0" tag when there is one, else the default branch."""
+    from huggingface_hub import hf_hub_download
+
+    last: Exception | None = None
+    for revision in ("v3.0", None):
+        try:
+            path = hf_hub_download(repo_id, "meta/info.json", repo_type="dataset", revision=revision)
+            return json.loads(Path(path).read_text()), revision
+        except Exception as exc:  # RevisionNotFoundError, EntryNotFoundError, offline, gated ...
+            last = exc
+            if type(exc).__name__ != "RevisionNotFoundError":
+                break
+    msg = str(last).strip().splitlines()[0][:200] if last and str(last).strip() else type(last).__name__
+    raise StreamError(
+        f"cannot read meta/info.json of the hub dataset {repo_id!r} ({type(last).__name__}: {msg}). Offline or "
+        "gated? Set DATASET to a local LeRobot v3.0 root or 'embedded'; for gated data run `huggingface-cli login`"
+    )
+
+
+def resolve_source(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> DatasetSource:
+    """A hub id or a local root → :class:`DatasetSource` with its info.json (read first, nothing else is touched).
+
+    ``root`` given: a local copy of ``dataset`` (a hub id used as the name) is read from there.
+    """
+    text = str(dataset)
+    local = Path(root) if root is not None else (Path(text).expanduser() if Path(text).expanduser().exists() else None)
+    if local is not None:
+        info_path = local / "meta" / "info.json"
+        if not info_path.is_file():
+            raise StreamError(f"{local} has no meta/info.json: not a LeRobot dataset root")
+        info = json.loads(info_path.read_text())
+        repo_id = text if (root is not None and _looks_like_hub_id(text)) else _local_repo_id(local)
+        return DatasetSource(text, repo_id, local, info)
+    if not _looks_like_hub_id(text):
+        raise StreamError(f"{text!r} is neither an existing local directory nor a hub id of the form owner/name")
+    if text.startswith(("data/", "outputs/")):  # a local path that is not there, not a hub organisation
+        raise StreamError(f"{text!r} does not exist (a local dataset root was meant?)")
+    info, revision = _hub_info(text)
+    return DatasetSource(text, text, None, info, revision)
+
+
+def read_info(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    return resolve_source(dataset, root).info
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = v.lstrip("vV").split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise DatasetVersionError(f"unreadable codebase_version {v!r} in meta/info.json") from None
+
+
+def check_version(info: Mapping[str, Any], name: str = "the dataset") -> str:
+    """Return the codebase version when lerobot 0.4.x can stream it, else raise :class:`DatasetVersionError`."""
+    v = info.get("codebase_version")
+    if not v:
+        raise DatasetVersionError(f"{name}: meta/info.json has no codebase_version — not a LeRobot dataset")
+    major, minor = _version_tuple(str(v))
+    if major == 3:
+        return str(v)
+    lerobot_v = hardware.package_versions(("lerobot",)).get("lerobot") or "0.4.x"
+    to_v30 = (f"v2.1→v3.0 with lerobot ≥ 0.4 (this one): `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
+              f"--repo-id=<your copy> [--root=<local dir> --push-to-hub=false]`")
+    if major == 2 and minor == 0:
+        way = ("convert it in two steps: v2.0→v2.1 with lerobot 0.3.x in a separate venv (`pip install "
+               "'lerobot>=0.3,<0.4'`; `python -m lerobot.datasets.v21.convert_dataset_v20_to_v21 --repo-id=<a hub copy "
+               f"you can push to>`), then {to_v30}")
+    elif major == 2:
+        way = f"convert it: {to_v30}"
+    elif major < 2:
+        way = ("convert it with lerobot's historical scripts: v1.x→v2.0 (lerobot ≤ 0.2, lerobot/common/datasets/v2/"
+               f"convert_dataset_v1_to_v2.py), v2.0→v2.1 (lerobot 0.3.x), then {to_v30}")
+    else:
+        raise DatasetVersionError(f"{name} is LeRobot {v}, newer than lerobot {lerobot_v} can read: upgrade lerobot")
+    raise DatasetVersionError(
+        f"{name} is a LeRobot {v} dataset; lerobot {lerobot_v} streams only v3.0. Way out: use BridgeData V2 in v3.0, "
+        f"DATASET='{HUB_BRIDGE_V3}', or {way}"
+    )
+
+
+def require_torchcodec() -> None:
+    """torchcodec (lerobot's video decoder) must load FFmpeg, else every stream yields zero frames."""
+    res = hardware.check_torchcodec()
+    if not res.ok:
+        raise StreamError(f"{res.detail}. Fix: {res.fix}, then rerun `bash setup.sh`")
+
+
+# ----------------------------------------------------------------------------------------------- the stream
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads (None: unchanged).
+
+    Why the data path uses 1: lerobot does small tensor ops per frame (stack, /255) while FFmpeg decodes on its own
+    threads. With 2 intra-op threads on a 2-core (or busy) machine each tiny op waits on a descheduled OpenMP
+    thread: on 2 cores we measured 5–180 frames/s with 2 threads (the low end on a busy machine) vs 700–780 with 1.
+    """
+    if n is None:
+        yield
+        return
+    import torch
+
+    prev = torch.get_num_threads()
+    if prev != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if prev != n:
+            torch.set_num_threads(prev)
+
+
+@contextlib.contextmanager
+def _hide_worker_info() -> Iterator[None]:
+    """Make ``datasets`` iterate as if outside a DataLoader worker (we shard by episode ourselves)."""
+    import torch.utils.data as tud
+
+    original = tud.get_worker_info
+    tud.get_worker_info = lambda: None
+    try:
+        yield
+    finally:
+        tud.get_worker_info = original
+
+
+def _make_streaming_class():
+    from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
+
+    class BridgeStreamingDataset(StreamingLeRobotDataset):
+        """lerobot's ``StreamingLeRobotDataset`` with the episode filter applied, file-relative video timestamps and
+        per-worker episode shards (see the module docstring). ``delta_timestamps`` is not supported."""
+
+        def __init__(self, repo_id: str, root: str | os.PathLike | None = None, episodes: Sequence[int] | None = None,
+                     **kwargs: Any):
+            if kwargs.get("delta_timestamps"):
+                raise NotImplementedError("BridgeStreamingDataset streams single frames (no delta_timestamps)")
+            if episodes is not None and len(episodes) == 0:
+                raise ValueError("no episodes to stream: the episode list (the split) is empty")
+            self._max_num_shards = int(kwargs.get("max_num_shards", 16))
+            super().__init__(repo_id, root=root, episodes=list(episodes) if episodes is not None else None, **kwargs)
+            self._unfiltered = self.hf_dataset
+            cols = ["episode_index", "length", "dataset_from_index"] + [
+                f"videos/{k}/from_timestamp" for k in self.meta.video_keys]
+            table = self.meta.episodes.select_columns(cols).to_pandas().set_index("episode_index")
+            self._episode_table = table
+            known = set(int(e) for e in table.index)
+            if episodes is not None:
+                bad = sorted(set(int(e) for e in episodes) - known)
+                if bad:
+                    raise ValueError(f"episodes not in the dataset: {bad[:10]}{' …' if len(bad) > 10 else ''}")
+                self.selected_episodes = sorted(set(int(e) for e in episodes))
+            else:
+                self.selected_episodes = sorted(known)
+            self._select(self.selected_episodes if episodes is not None else None)
+
+        # -- the episode filter (lerobot 0.4.4 ignores `episodes`)
+        def _select(self, episodes: Sequence[int] | None) -> None:
+            if episodes is None:
+                self.hf_dataset = self._unfiltered
+            else:
+                allowed = frozenset(int(e) for e in episodes)
+                self.hf_dataset = self._unfiltered.filter(
+                    lambda eps: [int(e) in allowed for e in eps], input_columns="episode_index", batched=True,
+                    batch_size=1000)
+            self.num_shards = min(self.hf_dataset.num_shards, self._max_num_shards)
+
+        @property
+        def num_frames(self) -> int:
+            t = self._episode_table
+            return int(t.loc[self.selected_episodes, "length"].sum())
+
+        @property
+        def num_episodes(self) -> int:
+            return len(self.selected_episodes)
+
+        def episode_lengths(self) -> dict[int, int]:
+            t = self._episode_table
+            return {int(e): int(t.at[e, "length"]) for e in self.selected_episodes}
+
+        # -- file-relative video timestamps (lerobot 0.4.4 uses the dataset-global index / fps)
+        def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict:
+            row = self._episode_table.loc[int(ep_idx)]
+            ep_start = float(row["dataset_from_index"]) / self.fps
+            fixed = {key: [float(row[f"videos/{key}/from_timestamp"]) + (ts - ep_start) for ts in tss]
+                     for key, tss in query_timestamps.items()}
+            return super()._query_videos(fixed, ep_idx)
+
+        # -- DataLoader workers: each worker streams its own episodes
+        def __iter__(self):
+            import torch.utils.data as tud
+
+            info = tud.get_worker_info()
+            if info is None or info.num_workers <= 1:
+                yield from super().__iter__()
+                return
+            mine = self.selected_episodes[info.id::info.num_workers]
+            if not mine:
+                return
+            self._select(mine)
+            self.rng = np.random.default_rng([int(self.seed), int(info.id)])
+            with _hide_worker_info():
+                yield from super().__iter__()
+
+    return BridgeStreamingDataset
+
+
+_STREAMING_CLASS = None
+
+
+def streaming_class():
+    """The :class:`BridgeStreamingDataset` class (built lazily: importing lerobot takes seconds)."""
+    global _STREAMING_CLASS
+    if _STREAMING_CLASS is None:
+        _STREAMING_CLASS = _make_streaming_class()
+    return _STREAMING_CLASS
+
+
+# ----------------------------------------------------------------------------------------------- first frames
+
+
+_ZERO_FRAMES = (
+    "the stream yielded ZERO frames. lerobot's StreamingLeRobotDataset catches video-decoding errors and silently "
+    "drops the stream; the usual cause is torchcodec without system FFmpeg's shared libraries (libavutil, "
+    "libavcodec, …). Fix: {hint}, then rerun `bash setup.sh`. Direct decode of episode {ep} ({key}): {diag}"
+)
+
+
+def _diagnose_decode(ds) -> tuple[int, str, str]:
+    """Decode one frame directly, bypassing lerobot's error swallowing: (episode, camera, outcome)."""
+    if not ds.meta.video_keys or not ds.selected_episodes:
+        return -1, "-", "no video features / no episodes"
+    ep = int(ds.selected_episodes[0])
+    key = ds.meta.video_keys[0]
+    try:
+        from lerobot.datasets.video_utils import decode_video_frames_torchcodec
+
+        ts = float(ds._episode_table.at[ep, f"videos/{key}/from_timestamp"])
+        base = ds.meta.url_root if (ds.streaming and not ds.streaming_from_local) else ds.root
+        decode_video_frames_torchcodec(f"{base}/{ds.meta.get_video_file_path(ep, key)}", [ts], ds.tolerance_s)
+        return ep, key, "works (so the frames were lost elsewhere: check the episode filter and the parquet files)"
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return ep, key, f"{type(exc).__name__}: {msg}"
+
+
+def probe_first_frames(ds, n: int = 3, timeout_s: float = FIRST_FRAME_TIMEOUT_LOCAL_S) -> list[dict]:
+    """The first ``n`` frames of ``ds`` in stream order (no shuffle buffer), within ``timeout_s``.
+
+    Runs on a shallow copy with a 1-frame buffer so the first frame is not held back by lerobot's shuffle buffer.
+    Zero frames → :class:`StreamError` with the FFmpeg explanation and the direct decoder error.
+    """
+    probe = copy.copy(ds)
+    probe.buffer_size = 1
+    probe.video_decoder_cache = None
+    out: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        frames: list[dict] = []
+        try:
+            with torch_threads(1):
+                for fr in probe:
+                    frames.append(fr)
+                    if len(frames) >= n:
+                        break
+            out.put(("ok", frames))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the caller
+            out.put(("error", exc))
+
+    threading.Thread(target=run, name="vla_bridge-first-frames", daemon=True).start()
+    try:
+        status, payload = out.get(timeout=timeout_s)
+    except queue.Empty:
+        raise StreamError(
+            f"no frame arrived within {timeout_s:.0f} s. On the hub this is the network or a rate limit "
+            "(`huggingface-cli login` raises it); locally, a very slow disk or a stuck decoder"
+        ) from None
+    if status == "error":
+        exc = payload
+        msg = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else ""
+        raise StreamError(f"streaming failed on its first frames: {type(exc).__name__}: {msg}") from exc
+    if not payload:
+        ep, key, diag = _diagnose_decode(ds)
+        raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------- open
+
+
+def open_dataset(
+    dataset: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    episodes: Sequence[int] | None = None,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    probe: bool = True,
+    timeout_s: float | None = None,
+):
+    """Open a hub id or a local LeRobot root for streaming, after the checks in the module docstring.
+
+    Returns a :class:`BridgeStreamingDataset`; with ``probe`` its first frames (stream order) are in
+    ``ds.first_frames`` and ``ds.source`` is the :class:`DatasetSource`.
+    """
+    if episodes is not None and len(episodes) == 0:
+        raise ValueError("no episodes to stream: the episode list (the split) is empty")
+    if episodes is not None and len(episodes) == 0:
+        raise ValueError(f"the split selects no episodes of {dataset}: nothing to stream (is the training split "
+                         "empty? check the split cell's counts, or DEMO_EPISODES)")
+    source = resolve_source(dataset, root)
+    check_version(source.info, str(dataset))
+    require_torchcodec()
+    cls = streaming_class()
+    kwargs: dict[str, Any] = dict(episodes=episodes, shuffle=shuffle, seed=seed, buffer_size=buffer_size)
+    if source.revision:
+        kwargs["revision"] = source.revision
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Repo card metadata block.*")
+        ds = cls(source.repo_id, root=source.root, **kwargs)
+    ds.source = source
+    ds.first_frames = []
+    if probe:
+        if timeout_s is None:
+            timeout_s = FIRST_FRAME_TIMEOUT_LOCAL_S if source.is_local else FIRST_FRAME_TIMEOUT_HUB_S
+        ds.first_frames = probe_first_frames(ds, 3, timeout_s)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+
+def task_table(meta) -> dict[int, str]:
+    """task_index → task string, from meta/tasks (a DataFrame indexed by the task string)."""
+    tasks = meta.tasks
+    return {int(ti): str(task) for task, ti in zip(tasks.index, tasks["task_index"])}
+
+
+def _names(ft: Mapping[str, Any]) -> list[str]:
+    names = ft.get("names")
+    if isinstance(names, Mapping):  # v2-era conversions: {"motors": [...]}
+        names = next(iter(names.values()), None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+
+
+def schema(ds) -> dict[str, Any]:
+    """What the notebook prints about a dataset: cameras, vectors, fps, counts and the first frames' tasks."""
+    info, meta = ds.meta.info, ds.meta
+    cams = {}
+    for key in meta.camera_keys:
+        ft = info["features"][key]
+        vinfo = ft.get("info") or ft.get("video_info") or {}
+        cams[key] = {"shape": list(ft["shape"]), "dtype": ft["dtype"], "codec": vinfo.get("video.codec")}
+    vectors = {}
+    for key in ("observation.state", "action"):
+        if key in info["features"]:
+            ft = info["features"][key]
+            vectors[key] = {"dim": int(ft["shape"][0]), "names": _names(ft)}
+    tasks = task_table(meta)
+    first = []
+    for fr in getattr(ds, "first_frames", []) or []:
+        ti = int(fr["task_index"])
+        first.append({"episode_index": int(fr["episode_index"]), "frame_index": int(fr["frame_index"]),
+                      "task_index": ti, "task": tasks.get(ti, "?")})
+    return {
+        "dataset": getattr(getattr(ds, "source", None), "dataset", ds.repo_id),
+        "codebase_version": info.get("codebase_version"),
+        "robot_type": info.get("robot_type"),
+        "fps": info.get("fps"),
+        "cameras": cams,
+        "vectors": vectors,
+        "total_episodes": int(info.get("total_episodes", 0)),
+        "total_frames": int(info.get("total_frames", 0)),
+        "total_tasks": len(tasks),
+        "blank_tasks": sum(1 for t in tasks.values() if not t.strip()),
+        "streamed_episodes": ds.num_episodes,
+        "streamed_frames": ds.num_frames,
+        "first_frames": first,
+    }
+
+
+def format_schema(s: Mapping[str, Any]) -> str:
+    lines = [f"dataset          : {s['dataset']}  (LeRobot {s['codebase_version']}, robot {s['robot_type']}, "
+             f"{s['fps']} fps)"]
+    for key, c in s["cameras"].items():
+        h, w, ch = (c["shape"] + [None, None, None])[:3]
+        lines.append(f"camera           : {key:<28} {h}x{w}x{ch} {c['dtype']}" + (f" ({c['codec']})" if c["codec"] else ""))
+    for key, v in s["vectors"].items():
+        names = " ".join(v["names"]) if v["names"] else "(unnamed)"
+        lines.append(f"{key:<17}: {v['dim']} floats: {names}")
+    lines.append(f"episodes / frames: {s['total_episodes']:,} / {s['total_frames']:,}  "
+                 f"(this stream: {s['streamed_episodes']:,} / {s['streamed_frames']:,})")
+    lines.append(f"tasks            : {s['total_tasks']:,} distinct strings, {s['blank_tasks']} blank")
+    for f in s["first_frames"]:
+        lines.append(f"first frames     : episode {f['episode_index']} frame {f['frame_index']}: task_index "
+                     f"{f['task_index']} → {f['task']!r} (meta/tasks)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass
+class FramePipeline:
+    """The training input pipeline for one frame: decoded camera image (lerobot: float CxHxW in [0, 1]) → uint8
+    HxWx3 → resized to the model's image size, plus the instruction, the action and the bookkeeping indices.
+
+    Hook for the tokenization step: ``example_fn(frame_dict) -> model example`` is applied last (e.g. prompt build
+    + tokenize + pixel_values with ``tokenization.make_training_example``), and ``collate_fn`` on batches.
+    """
+
+    image_size: int | None = None
+    camera: str = MAIN_CAMERA
+    example_fn: Callable[[dict], Any] | None = None
+
+    def __call__(self, frame: Mapping[str, Any]) -> Any:
+        out = {
+            "image": to_uint8_hwc(frame[self.camera], self.image_size),
+            "instruction": str(frame.get("task", "")),
+            "action": _np32(frame["action"]),
+            "state": _np32(frame["observation.state"]) if "observation.state" in frame else None,
+            "episode_index": int(frame["episode_index"]),
+            "frame_index": int(frame["frame_index"]),
+            "task_index": int(frame["task_index"]) if "task_index" in frame else -1,
+        }
+        return self.example_fn(out) if self.example_fn is not None else out
+
+
+def to_uint8_hwc(img: Any, size: int | None = None) -> np.ndarray:
+    """lerobot's float CxHxW in [0, 1] (or a uint8 HxWx3 array) → uint8 HxWx3, resized to size x size.
+
+    The resize is torch's uint8 bilinear kernel on a channels-last tensor (~70 µs for 128→224 on one core, vs
+    ~300 µs for PIL), antialiased when shrinking; it matches PIL's bilinear to < 0.1 grey level on average.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if hasattr(img, "detach"):
+        t = img.detach()
+        if t.dtype != torch.uint8:
+            t = t.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if size and (t.shape[-2] != size or t.shape[-1] != size):
+        shrink = t.shape[-2] > size or t.shape[-1] > size
+        t = F.interpolate(t[None].contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=shrink)[0]
+    return t.permute(1, 2, 0).numpy()
+
+
+def _np32(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+@dataclasses.dataclass
+class EpochCount:
+    epoch: int
+    frames: int = 0
+    new: int = 0               # first time ever seen
+    repeats_in_epoch: int = 0  # seen before in this same epoch: a sampling error
+    expected: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def repeats_from_earlier_epochs(self) -> int:
+        return self.frames - self.new - self.repeats_in_epoch
+
+
+class SampleCounter:
+    """Counts ``(episode_index, frame_index)`` pairs: unique overall, repeats overall, and per epoch.
+
+    A pair seen again in a LATER epoch is the expected cost of looping over a finite split; the same pair twice
+    within ONE epoch is a sampling bug (``strict`` raises :class:`RepeatedSampleError`).
+    """
+
+    def __init__(self, strict: bool = True):
+        self.strict = strict
+        self.seen: set[tuple[int, int]] = set()
+        self.frames = 0
+        self.epochs: list[EpochCount] = []
+        self._epoch_seen: set[tuple[int, int]] = set()
+
+    def start_epoch(self, epoch: int, expected: int | None = None) -> EpochCount:
+        self._epoch_seen = set()
+        self.epochs.append(EpochCount(epoch, expected=expected))
+        return self.epochs[-1]
+
+    def add(self, episode_index: int, frame_index: int) -> None:
+        if not self.epochs:
+            self.start_epoch(0)
+        cur = self.epochs[-1]
+        key = (int(episode_index), int(frame_index))
+        cur.frames += 1
+        self.frames += 1
+        if key in self._epoch_seen:
+            cur.repeats_in_epoch += 1
+            if self.strict:
+                raise RepeatedSampleError(f"(episode {key[0]}, frame {key[1]}) came twice within epoch {cur.epoch}")
+        else:
+            self._epoch_seen.add(key)
+        if key not in self.seen:
+            self.seen.add(key)
+            cur.new += 1
+
+    @property
+    def unique(self) -> int:
+        return len(self.seen)
+
+    @property
+    def repeats(self) -> int:
+        return self.frames - self.unique
+
+    @property
+    def repeats_in_epoch(self) -> int:
+        return sum(e.repeats_in_epoch for e in self.epochs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "unique": self.unique, "repeats": self.repeats,
+                "repeats_within_an_epoch": self.repeats_in_epoch,
+                "epochs": [dict(dataclasses.asdict(e), repeats_from_earlier_epochs=e.repeats_from_earlier_epochs)
+                           for e in self.epochs]}
+
+    def summary(self) -> str:
+        lines = [f"frames streamed: {self.frames:,}  unique (episode, frame): {self.unique:,}  "
+                 f"repeats: {self.repeats:,}  repeats within an epoch: {self.repeats_in_epoch}"]
+        for e in self.epochs:
+            full = "" if e.expected is None else (" (complete)" if e.frames == e.expected else f" of {e.expected:,}")
+            lines.append(f"  epoch {e.epoch}: {e.frames:,} frames{full}, {e.new:,} new, "
+                         f"{e.repeats_from_earlier_epochs:,} seen in an earlier epoch, {e.repeats_in_epoch} repeated "
+                         f"within the epoch" + (f", {e.frames / e.seconds:,.0f} frames/s" if e.seconds > 0 else ""))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- training stream
+
+
+class TrainingStream:
+    """Epochs over a split's episodes through :class:`FramePipeline`, with a :class:`SampleCounter`.
+
+    ``iterate(start)`` (``training.FrameSource``) loops epochs forever in a deterministic order: epoch ``e`` shuffles
+    with ``default_rng([seed, e])``, so skipping ``start`` frames (resume) skips whole epochs for free and replays at
+    most one partial epoch. ``batches(batch_size, n)`` yields lists (or ``collate_fn`` outputs) of frames.
+    Each frame is produced under ``torch_threads(loader_threads)`` (see :func:`torch_threads`).
+    """
+
+    def __init__(self, dataset: str | os.PathLike, root: str | os.PathLike | None = None,
+                 episodes: Sequence[int] | None = None, *, image_size: int | None = None, camera: str = MAIN_CAMERA,
+                 seed: int = 0, shuffle: bool = True, buffer_size: int = DEFAULT_BUFFER_SIZE,
+                 loader_threads: int | None = 1, strict: bool = True, example_fn: Callable[[dict], Any] | None = None,
+                 ds=None):
+        self.ds = ds if ds is not None else open_dataset(dataset, root, episodes, shuffle=shuffle, seed=seed,
+                                                         buffer_size=buffer_size, probe=True)
+        self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.pipeline = FramePipeline(image_size, camera, example_fn)
+        self.loader_threads = loader_threads
+        self.counter = SampleCounter(strict=strict)
+        self.epoch_frames = int(self.ds.num_frames)
+        self.epochs_started = 0
+
+    def _start(self, epoch: int) -> Iterator[dict]:
+        self.ds.rng = np.random.default_rng([self.seed, int(epoch)])
+        if not self.shuffle:
+            self.ds.seed = self.seed
+        return iter(self.ds)
+
+    def epoch(self, epoch: int | None = None) -> Iterator[Any]:
+        """One pass over the split (processed frames), counted."""
+        epoch = self.epochs_started if epoch is None else int(epoch)
+        self.epochs_started = max(self.epochs_started, epoch + 1)
+        cur = self.counter.start_epoch(epoch, expected=self.epoch_frames)
+        t0 = time.perf_counter()
+        it = self._start(epoch)
+        while True:
+            with torch_threads(self.loader_threads):
+                try:
+                    fr = next(it)
+                except StopIteration:
+                    break
+                self.counter.add(int(fr["episode_index"]), int(fr["frame_index"]))
+                item = self.pipeline(fr)
+            cur.seconds = time.perf_counter() - t0
+            yield item
+        cur.seconds = time.perf_counter() - t0
+        if cur.frames == 0:
+            ep, key, diag = _diagnose_decode(self.ds)
+            raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
+        if cur.frames < self.epoch_frames:
+            warnings.warn(f"epoch {epoch} streamed {cur.frames} of {self.epoch_frames} frames: lerobot dropped a "
+                          "stream after a decoding error", RuntimeWarning, stacklevel=2)
+
+    def iterate(self, start: int = 0) -> Iterator[Any]:
+        """Frames forever (epoch after epoch), skipping the first ``start`` (``training.FrameSource``)."""
+        epoch, skip = divmod(int(start), max(self.epoch_frames, 1))
+        while True:
+            for i, item in enumerate(self.epoch(epoch)):
+                if i >= skip:
+                    yield item
+            skip = 0
+            epoch += 1
+
+    def batches(self, batch_size: int, n_batches: int | None = None,
+                collate_fn: Callable[[list], Any] | None = None) -> Iterator[Any]:
+        buf: list = []
+        made = 0
+        for item in self.iterate(0):
+            buf.append(item)
+            if len(buf) == batch_size:
+                yield collate_fn(buf) if collate_fn is not None else buf
+                buf = []
+                made += 1
+                if n_batches is not None and made >= n_batches:
+                    return
+
+    def summary(self) -> str:
+        return self.counter.summary()
+
+
+# ----------------------------------------------------------------------------------------------- whole episodes
+
+
+def collect_episodes(ds, episodes: Sequence[int], timeout_s: float | None = None) -> dict[int, list[dict]]:
+    """Every frame of a few ``episodes`` (sorted by frame_index), streamed through a copy of ``ds`` restricted to
+    them (for figures: nothing else is decoded)."""
+    want = [int(e) for e in episodes]
+    lengths = {e: int(ds._episode_table.at[e, "length"]) for e in want}
+    sub = copy.copy(ds)
+    sub.buffer_size = 1
+    sub.video_decoder_cache = None
+    sub._select(want)
+    sub.selected_episodes = sorted(want)
+    out: dict[int, list[dict]] = {e: [] for e in want}
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        for fr in sub:
+            e = int(fr["episode_index"])
+            if e in out:
+                out[e].append(fr)
+            if all(len(out[k]) >= lengths[k] for k in want):
+                break
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                raise StreamError(f"collecting episodes {want} took longer than {timeout_s:.0f} s")
+    missing = [e for e in want if not out[e]]
+    if missing:
+        ep, key, diag = _diagnose_decode(sub)
+        raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
+    return {e: sorted(frs, key=lambda f: int(f["frame_index"])) for e, frs in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------- DataLoader
+
+
+def dataloader(stream: TrainingStream, num_workers: int = 2, batch_size: int | None = None,
+               collate_fn: Callable[[list], Any] | None = None, prefetch_factor: int = 4):
+    """A ``torch.utils.data.DataLoader`` over one epoch of ``stream``'s pipeline with ``num_workers`` processes.
+
+    Each worker streams its own share of the episodes (``BridgeStreamingDataset.__iter__``) with its share of the
+    shuffle buffer, and runs the pipeline; DataLoader workers use one torch thread each. ``batch_size=None`` yields
+    single items; otherwise lists of items (or ``collate_fn`` outputs). Count samples on the consumer side.
+    """
+    import torch.utils.data as tud
+
+    ds, pipeline, threads = stream.ds, stream.pipeline, stream.loader_threads
+
+    class _PipelineIterable(tud.IterableDataset):
+        def __iter__(self):
+            info = tud.get_worker_info()
+            if info is not None and info.num_workers > 1:  # same total shuffle memory, split across workers
+                ds.buffer_size = max(64, ds.buffer_size // info.num_workers)
+            it = iter(ds)
+            while True:
+                with torch_threads(threads if tud.get_worker_info() is None else None):
+                    try:
+                        fr = next(it)
+                    except StopIteration:
+                        return
+                    item = pipeline(fr)
+                yield item
+
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=num_workers)
+    if batch_size is None:
+        kwargs["collate_fn"] = collate_fn or (lambda x: x)
+    elif collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
+    else:
+        kwargs["collate_fn"] = lambda items: items
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+    return tud.DataLoader(_PipelineIterable(), **kwargs)

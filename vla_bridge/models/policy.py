@@ -1,0 +1,72 @@
+"""The one policy-specific step: load the base VLA for the resolved run. Everything after it is shared.
+
+- ``openvla`` / ``openvla-4bit``: OpenVLA-7B (or any OpenVLA-layout checkpoint directory) through
+  :func:`vla_bridge.models.openvla.load_openvla` in bf16 or NF4.
+- ``tiny``: the tiny VLA's pretrained base from ``data/tiny_vla_base`` (built on first use from the embedded
+  world's pretraining split, see :mod:`vla_bridge.pretrain`), loaded through the same ``load_openvla`` call.
+- ``octo``: a JAX model that lives in its own environment; it does not come through here.
+
+Then the fine-tuning dataset's statistics are registered under ``UNNORM_KEY`` so that the model de-normalizes
+with the statistics training normalizes with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
+
+
+class PolicyLoadError(RuntimeError):
+    """The chosen policy cannot be loaded here; the message says what to change."""
+
+
+@dataclasses.dataclass
+class LoadedPolicy:
+    model: Any
+    processor: Any
+    policy: str
+    model_id: str
+    base_unnorm_keys: list[str]
+    notes: list[str]
+
+
+def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = None,
+                pretrain_episodes: Sequence[int] | None = None, progress: bool = True) -> LoadedPolicy:
+    """Load the base model for ``cfg.policy`` and register ``stats_entry`` under ``cfg.unnorm_key``."""
+    notes: list[str] = []
+    if cfg.policy == "octo":
+        raise PolicyLoadError("POLICY=octo runs in its own JAX environment, which this checkout does not have yet: "
+                              "set FORCE_PATH=tiny (CPU) or openvla (GPU ≥ 12 GB)")
+    model_id = cfg.model_id
+    if cfg.policy == "tiny":
+        default_dir = Path(cfg.data_dir) / "tiny_vla_base"
+        if Path(model_id) == default_dir:
+            if dataset_root is None or pretrain_episodes is None:
+                raise PolicyLoadError("the tiny base is built from the embedded dataset's pretraining split: "
+                                      "pass dataset_root and pretrain_episodes (DATASET must be 'embedded')")
+            from ..pretrain import ensure_tiny_base
+
+            path, info = ensure_tiny_base(default_dir, dataset_root, list(pretrain_episodes), cfg.unnorm_key,
+                                          progress=progress)
+            how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
+            notes.append(f"tiny base: {how} ({info['params']['steps']} steps on {info['pretrain_episodes']} "
+                         f"pretraining episodes; loss {info['first_loss']:.2f} → {info['last_loss']:.2f}, "
+                         f"action-token accuracy {info['last_action_accuracy']:.2f})")
+            model_id = str(path)
+        precision = "fp32"
+    elif cfg.policy == "openvla-4bit":
+        precision = "4bit"
+    else:
+        precision = "bf16" if cfg.device == "cuda" else "fp32"
+
+    processor, model = load_openvla(model_id, precision=precision)
+    base_keys = list(available_unnorm_keys(model))
+    existed = cfg.unnorm_key in base_keys
+    register_dataset_statistics(model, cfg.unnorm_key, stats_entry)
+    notes.append(f"registered the fine-tuning dataset's statistics under {cfg.unnorm_key!r} "
+                 f"({'replacing the base model’s entry' if existed else 'a new key'}; base keys: "
+                 f"{', '.join(base_keys[:8]) + (' …' if len(base_keys) > 8 else '') or 'none'})")
+    return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes)
