@@ -271,3 +271,142 @@ print(f"{n_batches:,} batches of {cfg.batch_size} ({train_stream.counter.frames:
       f"= {train_stream.counter.frames / seconds:,.0f} frames/s; image {batch[0]['image'].shape}")
 print(train_stream.summary())
 print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.counter.as_dict())}")
+
+# %% [markdown]
+# ## 4. Load the policy
+#
+# This is the only cell that differs between the paths. OpenVLA-7B loads from the hub (or a local directory) with
+# `trust_remote_code`, in bf16 or 4-bit NF4, with FlashAttention-2 when it is installed and SDPA otherwise. The
+# tiny VLA is Prismatic-shaped — a ViT, an MLP projector, a Llama — and offers the same Hugging Face interface
+# (`processor(prompt, image)`, `model(..., labels=)`, `predict_action(..., unnorm_key=)`, `config.norm_stats`), so
+# from the next cell on the code cannot tell them apart. Its "pretrained base" is trained once on the embedded
+# world's *pretraining* tasks and cached under `data/`, the way OpenVLA-7B arrives pretrained on Open X-Embodiment.
+#
+# Then the fine-tuning dataset's q01/q99 statistics are registered under `UNNORM_KEY`, so that `predict_action`
+# de-normalizes with exactly the statistics the training below normalizes with.
+
+# %%
+from vla_bridge.models.policy import load_policy
+
+loaded = load_policy(cfg, action_stats, dataset_root=str(DATA_SOURCE) if cfg.dataset == "embedded" else None,
+                     pretrain_episodes=split.pretrain)
+model, processor = loaded.model, loaded.processor
+for note in loaded.notes:
+    print(note)
+print(f"model: {type(model).__name__} from {loaded.model_id}")
+
+# %% [markdown]
+# ## 5. Action tokenization: how a language model emits robot actions
+#
+# OpenVLA adds no action head. The LLM already predicts tokens, so each 7-dim action becomes **7 tokens**:
+#
+# 1. **normalize** every dimension to [-1, 1] with the q01/q99 statistics (clipped); the gripper is masked and
+#    stays 0/1;
+# 2. **discretize** into 256 uniform bins on [-1, 1] (`np.digitize` against 256 edges);
+# 3. **token id = `vocab_size − bin`**: the last 256 ids of the vocabulary, which Llama-2 almost never produces,
+#    are taken over as action tokens (ids 31744–31999 on OpenVLA; the tiny tokenizer keeps the same layout at its
+#    own size);
+# 4. training is ordinary next-token cross-entropy on
+#    `In: What action should the robot take to {instruction}?\nOut: ▁` + 7 action tokens + `</s>`,
+#    with labels on those 8 tokens only — the prompt is context, never a target;
+# 5. at inference the 7 generated ids go back through the bin centers and the inverse normalization.
+#
+# The prompt template is upstream's, verbatim, instruction lower-cased: OpenVLA-7B was trained on exactly this
+# string and other wordings are a distribution shift. One real training frame through the round trip: the error is
+# at most half a bin, (q99 − q01) / 255 / 2 per dimension.
+
+# %%
+import numpy as np
+
+from vla_bridge import tokenization as tok
+
+action_tokenizer = tok.ActionTokenizer(processor.tokenizer)
+frame = batch[0]  # a real training frame from the stream above
+raw = np.asarray(frame["action"], dtype=np.float64)
+normalized = tok.normalize_with_stats(raw, action_stats)
+token_ids = action_tokenizer.encode(normalized)
+decoded = action_tokenizer.decode(token_ids)
+recovered = tok.unnormalize_with_stats(decoded, action_stats)
+q = tok.action_stats(action_stats)
+half_bin = (np.asarray(q["q99"]) - np.asarray(q["q01"])) / 255 / 2
+print(f"instruction : {frame['instruction']!r}")
+print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
+print(action_tokenizer)
+names = ds.meta.features["action"].get("names") or [f"a{i}" for i in range(len(raw))]
+print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
+for i, n in enumerate(names):
+    print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "
+          f"{recovered[i]:>10.5f} {abs(recovered[i] - raw[i]):>9.2e} {half_bin[i] if q['mask'][i] else 0.5:>8.1e}")
+ex = tok.make_training_example(frame["image"], frame["instruction"], raw, processor, action_tokenizer, action_stats)
+supervised = (ex["labels"] != tok.IGNORE_INDEX).nonzero().flatten().tolist()
+print(f"\ntraining sequence: {len(ex['input_ids'])} tokens, supervised positions {supervised} "
+      f"→ ids {ex['labels'][supervised].tolist()} (7 actions + EOS {processor.tokenizer.eos_token_id})")
+
+# %% [markdown]
+# ## 6. LoRA: train 1–2 % of the weights
+#
+# Upstream's recipe: rank 32, alpha 16 (OpenVLA uses `min(rank, 16)`), no dropout, Gaussian init, on **all linear
+# layers** — attention and MLP projections of the LLM, the projector, and the vision transformer. One deviation, on
+# purpose: peft's `target_modules="all-linear"` also wraps the nested `language_model.lm_head` (its exclusion
+# checks only the top-level name), so every adapter would carry the whole output layer (+263 MB per checkpoint on
+# 7B). We pass an explicit list without `lm_head`; the printed share is the real figure for this model (1.43 % on
+# OpenVLA-7B, vs 1.45 % with the head).
+
+# %%
+from peft import get_peft_model
+
+from vla_bridge.models.lora import trainable_parameters
+from vla_bridge.models.openvla import lora_config
+
+model = get_peft_model(model, lora_config(cfg.lora_rank, cfg.lora_alpha, 0.0, model=model))
+trainable, total, share = trainable_parameters(model)
+print(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} parameters = {share:.2f} %")
+
+# %% [markdown]
+# ## 7. Fine-tune
+#
+# AdamW at `LEARNING_RATE`, linear warmup for `WARMUP_STEPS`, then cosine decay to `MAX_STEPS`; gradient-norm clip
+# 1.0; `BATCH_SIZE` × `GRAD_ACCUM` examples per optimizer step; bf16 autocast on a GPU, fp32 on a CPU. Images get
+# OpenVLA's augmentation (a random crop of 90 % of the area, mild colour jitter); evaluation will use the matching
+# center crop. Every `LOG_EVERY` steps a line goes to `train_log.jsonl` (loss, action-token accuracy, L1 of the
+# de-normalized teacher-forced actions, learning rate); every `SAVE_EVERY` steps and at the end an atomic
+# checkpoint (adapter, optimizer/scheduler/RNG/data position, dataset statistics). `RESUME=True` continues from
+# `latest/` and reproduces the uninterrupted run.
+
+# %%
+from vla_bridge.models.openvla import model_image_size
+from vla_bridge.training import TrainConfig, train
+
+train_cfg = TrainConfig(
+    run_name=cfg.run_name, outputs_dir=cfg.outputs_dir, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+    grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+    log_every=cfg.log_every, save_every=cfg.save_every, seed=cfg.seed, image_aug=cfg.image_aug,
+    use_wandb=cfg.use_wandb, resume=cfg.resume, unnorm_key=cfg.unnorm_key,
+)
+fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),
+                                   seed=cfg.seed)
+result = train(model, processor, fit_stream, {cfg.unnorm_key: action_stats}, train_cfg)
+print(f"{result.steps} optimizer steps, {result.frames_seen:,} frames in {result.seconds:.0f} s "
+      f"({result.seconds / max(result.steps, 1):.2f} s/step); stopped: {result.stopped_reason}")
+print(f"log: {result.log_path}\nlast checkpoint: {result.last_checkpoint}")
+print(fit_stream.summary())
+
+# %% [markdown]
+# ## 8. The loss curve
+#
+# Raw and smoothed (exponential moving average) loss and action-token accuracy from `train_log.jsonl`. The brief's
+# check: does the smoothed loss descend over the first 500 steps (here: the whole budget when it is shorter)? We
+# call it descended when the mean loss of the last tenth of those logged steps is below 0.7× the first tenth.
+
+# %%
+from vla_bridge.training import loss_descent_check, read_log
+
+log = read_log(result.log_path)
+curve = plots.plot_loss_curve(log, cfg.path("figures") / "loss_curve.png")
+ipd.display(ipd.Image(filename=str(curve)))
+check = loss_descent_check(log, within_steps=500)
+print(f"loss over the first {check.get('steps')} steps: first tenth {check.get('first_tenth', float('nan')):.3f} → "
+      f"last tenth {check.get('last_tenth', float('nan')):.3f} (ratio {check.get('ratio', float('nan')):.2f}); "
+      f"descended: {check['ok']}")
+ckpt_files = sorted(p.name for p in (cfg.path("checkpoints") / "latest").iterdir())
+print(f"latest checkpoint holds: {ckpt_files}")

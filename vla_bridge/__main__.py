@@ -54,6 +54,29 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
+    from .data.build import ensure_demo_dataset
+    from .data.splits import make_split
+    from .pretrain import PretrainParams, ensure_tiny_base
+
+    root = ensure_demo_dataset(args.data_dir).root
+    split = make_split(root)
+    params = PretrainParams(steps=args.steps) if args.steps else PretrainParams()
+    path, info = ensure_tiny_base(f"{args.data_dir}/tiny_vla_base", root, split.pretrain, args.unnorm_key, params,
+                                  force=args.force)
+    how = "reused" if info.get("reused") else f"pretrained in {info['seconds']:.0f} s"
+    print(f"{path}: {how}; {info['params']['steps']} steps on {info['pretrain_episodes']} episodes, loss "
+          f"{info['first_loss']:.3f} → {info['last_loss']:.3f}, action-token accuracy {info['last_action_accuracy']:.3f}")
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench_train import bench_train, format_bench_train
+
+    print(format_bench_train(bench_train(args.data_dir, args.steps, args.batch_size, args.rank, args.threads)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vla_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the bare stream with torch's default thread count (slow on small machines)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_loader)
+
+    p = sub.add_parser("pretrain-tiny", help="train (or reuse) the tiny VLA's base on the world's pretraining split")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--steps", type=int, default=0, help="0 → the default PretrainParams")
+    p.add_argument("--unnorm-key", default="demo_world")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_pretrain_tiny)
+
+    p = sub.add_parser("bench-train", help="tiny-VLA optimizer steps/s, samples/s and peak RSS")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_bench_train)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

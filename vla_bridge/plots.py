@@ -171,3 +171,173 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.probes)
+# ------------------------------------------------------------------------------------------------------------------
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _upscale(image: Any, scale: int):
+    from PIL import Image
+
+    from .images import to_uint8_hwc
+
+    img = Image.fromarray(to_uint8_hwc(image))
+    return img.resize((img.width * scale, img.height * scale), Image.BICUBIC) if scale != 1 else img
+
+
+def _caption(img, lines: Sequence[str], size: int) -> None:
+    """Text lines in a translucent band at the top of a PIL image (in place)."""
+    from PIL import Image, ImageDraw
+
+    if not lines:
+        return
+    font = _font(size)
+    pad = max(2, size // 4)
+    height = len(lines) * (size + pad) + pad
+    band = Image.new("RGBA", (img.width, height), (0, 0, 0, 150))
+    img.paste(band, (0, 0), band)
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * (size + pad)), str(line), fill=(255, 255, 255), font=font)
+
+
+def draw_rollout_frame(image: Any, path_uv: np.ndarray, gripper_open: bool = True, scale: int = 4,
+                       lines: Sequence[str] = ()) -> np.ndarray:
+    """One closed-loop video frame: the camera image upscaled ``scale``×, the gripper's path so far (pixel coords
+    of the original image, e.g. ``probes.world_to_image0``) as a yellow polyline with the current position as a dot
+    (green = gripper open, red = closed), and ``lines`` of text on top. Returns uint8 HxWx3."""
+    from PIL import ImageDraw
+
+    img = _upscale(image, scale).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    pts = [(float(u) * scale, float(v) * scale) for u, v in np.asarray(path_uv, dtype=np.float64).reshape(-1, 2)]
+    if len(pts) >= 2:
+        draw.line(pts, fill=(255, 215, 0), width=max(2, scale // 2 + 1), joint="curve")
+    if pts:
+        r = max(3, scale + 1)
+        u, v = pts[-1]
+        draw.ellipse([u - r, v - r, u + r, v + r], fill=(60, 200, 80) if gripper_open else (230, 50, 50),
+                     outline=(0, 0, 0))
+    _caption(img, lines, size=max(10, 4 * scale))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _arrow(draw, start: tuple, end: tuple, rgb: tuple, width: int) -> None:
+    draw.line([start, end], fill=rgb, width=width)
+    d = np.subtract(end, start).astype(np.float64)
+    n = float(np.hypot(*d))
+    if n < 1e-6:
+        return
+    d /= n
+    head = min(3.0 * width + 4, 0.5 * n)
+    left = (end[0] - head * (d[0] - 0.5 * d[1]), end[1] - head * (d[1] + 0.5 * d[0]))
+    right = (end[0] - head * (d[0] + 0.5 * d[1]), end[1] - head * (d[1] - 0.5 * d[0]))
+    draw.polygon([end, left, right], fill=rgb)
+
+
+def draw_action_arrows(image: Any, pred_xy: Sequence[float], demo_xy: Sequence[float], ref: float, scale: int = 4,
+                       lines: Sequence[str] = (), axes: tuple[str, str] = ("down", "right")) -> np.ndarray:
+    """One open-loop video frame: the predicted (orange) and demonstrated (green) xy action deltas as arrows from
+    the image centre, scaled so a delta of ``ref`` spans 40 % of the half-width. ``axes`` says where +x and +y point
+    in the image ("down"/"up"/"left"/"right"; default: the embedded world's image_0, robot base at the top, +y to
+    the right; on Bridge treat it as schematic). Returns uint8 HxWx3."""
+    from PIL import ImageDraw
+
+    img = _upscale(image, scale).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    unit = {"down": (0, 1), "up": (0, -1), "right": (1, 0), "left": (-1, 0)}
+    ex, ey = np.array(unit[axes[0]], float), np.array(unit[axes[1]], float)
+    c = (img.width / 2.0, img.height / 2.0)
+    k = 0.4 * (img.width / 2.0) / max(float(ref), 1e-12)
+    w = max(2, scale // 2 + 1)
+    for xy, rgb in ((demo_xy, (60, 200, 80)), (pred_xy, (255, 140, 0))):
+        v = k * (float(xy[0]) * ex + float(xy[1]) * ey)
+        _arrow(draw, c, (c[0] + v[0], c[1] + v[1]), rgb, w)
+    _caption(img, list(lines) + ["green: demonstrated dxy · orange: predicted dxy"], size=max(10, 4 * scale))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 5.0) -> Path:
+    """Write ``frames`` (uint8 HxWx3, sides multiples of 16 are best) as MP4 (H.264 through imageio-ffmpeg); if that
+    fails (no ffmpeg), or ``path`` ends in .gif, as a GIF with Pillow. Returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() != ".gif":
+        try:
+            import imageio.v2 as iio
+
+            with iio.get_writer(str(path), fps=fps, codec="libx264", quality=7, macro_block_size=16,
+                                pixelformat="yuv420p", ffmpeg_log_level="error") as w:
+                for f in frames:
+                    w.append_data(np.asarray(f, dtype=np.uint8))
+            if path.is_file() and path.stat().st_size > 0:
+                return path
+        except Exception:
+            pass
+        path = path.with_suffix(".gif")
+    from PIL import Image
+
+    ims = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def save_frame_strip(frames: Sequence[np.ndarray], path: str | os.PathLike, n: int = 6) -> Path:
+    """``n`` evenly spaced frames (always the first and the last) side by side as one PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    idx = sorted(set(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int).tolist()))
+    picked = [np.asarray(frames[i], dtype=np.uint8) for i in idx]
+    h = max(p.shape[0] for p in picked)
+    gap = 4
+    strip = Image.new("RGB", (sum(p.shape[1] for p in picked) + gap * (len(picked) - 1), h), (255, 255, 255))
+    x = 0
+    for p in picked:
+        strip.paste(Image.fromarray(p), (x, 0))
+        x += p.shape[1] + gap
+    strip.save(path)
+    return path
+
+
+def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any], out_dir: str | os.PathLike,
+                        filename: str = "worst_episodes.png", cols: int = 4) -> Path:
+    """Contact sheet of the worst episodes: first image_0 frame, titled with rank, instruction, open-loop L1 and
+    closed-loop outcome (where measured)."""
+    import textwrap
+
+    plt = _plt()
+    n = max(1, len(rows))
+    ncols = min(cols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (r, img) in enumerate(zip(rows, list(images) + [None] * (len(rows) - len(images)))):
+        ax = axes.flat[i]
+        if img is not None:
+            ax.imshow(_image({"x": img}, "x"))
+        else:
+            ax.text(0.5, 0.5, "(no image)", ha="center", va="center", transform=ax.transAxes)
+        s = r.get("success")
+        outcome = "" if s is None else (" · closed loop: success" if s else " · closed loop: FAILED")
+        task = textwrap.fill(f"\u201c{r.get('task') or '(blank)'}\u201d", 34)
+        ax.set_title(f"#{i + 1} ep {r.get('episode', '?')} ({r.get('group', '')})\n{task}\n"
+                     f"L1 {float(r['l1']):.4f}{outcome}", fontsize=7.5)
+    fig.suptitle(f"The {len(rows)} worst held-out episodes (closed-loop failures first, then open-loop L1)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = _out(out_dir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

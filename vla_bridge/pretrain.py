@@ -30,7 +30,7 @@ BASE_MARKER = "vla_bridge_pretrain.json"
 
 @dataclasses.dataclass
 class PretrainParams:
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 50

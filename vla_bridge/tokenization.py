@@ -22,6 +22,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .images import to_pil as to_pil_image  # the package's one image-conversion helper
+
 # Hugging Face's "ignore this position" label value (CrossEntropyLoss ignore_index).
 IGNORE_INDEX = -100
 
@@ -212,24 +214,6 @@ def space_token_id(tokenizer) -> int:
         raise ValueError(f"tokenizer has no standalone {SPACE_TOKEN!r} token")
     return int(tid)
 
-
-def to_pil_image(image: Any):
-    """PIL RGB image from a PIL image, a uint8 HxWx3 (or CHW) array/tensor, or a float one in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # CHW -> HWC
-        arr = np.transpose(arr, (1, 2, 0))
-    if arr.dtype != np.uint8:  # float images in [0, 1]
-        arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return Image.fromarray(arr).convert("RGB")
-
-
-_to_pil = to_pil_image  # older name, still imported elsewhere
 
 
 def image_to_pixel_values(image: Any, processor) -> torch.Tensor:

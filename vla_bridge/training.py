@@ -277,7 +277,8 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     # pixel_values go in the vision backbone's dtype (bf16 for OpenVLA loaded in bf16), as upstream does.
     pix_dtype = torch.bfloat16 if mp == "bf16" else next(
         (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True,
+               mininterval=3.0)
     while step < cfg.max_steps:
         micro_losses = []
         for _ in range(cfg.grad_accum):

@@ -19,7 +19,9 @@ What lands in the root (Bridge's schema; see DESIGN.md "Bridge schema"):
   ``action`` and ``observation.state`` with exact ones over all frames (same layout, same keys);
 * ``meta/vla_bridge_episodes.jsonl``: one line per episode with the world's metadata (split, task as written, the
   canonical task, world seed, colour, family, target, ...). ``TabletopEnv().reset(canonical_task, seed)``
-  reproduces the episode's scene, which is what the closed-loop evaluation uses;
+  reproduces the episode's scene, which is what the closed-loop evaluation uses. Split "finetune_eval" (in the
+  default size) holds fresh episodes — seeds never used for training — of a few fine-tuning tasks
+  (``finetune_eval_draws``), the evaluation's contrast rows;
 * ``meta/vla_bridge_build.json``: the cache key, the parameters, the codec and the build time (written last).
 
 Video codec: H.264 (libx264 through PyAV), lerobot's GOP 2 and CRF 30, frames fed straight to the encoder
@@ -42,6 +44,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -63,15 +66,24 @@ EPISODES_SIDECAR = "meta/vla_bridge_episodes.jsonl"
 BUILD_SIDECAR = "meta/vla_bridge_build.json"
 
 # Default size: what the tiny VLA needs (pretrained on "pretrain", LoRA-fine-tuned on "finetune") plus evaluation
-# episodes for every held-out group (open-loop L1; closed-loop evaluation uses the env with fresh seeds).
+# episodes: 8 per task for every held-out group (the evaluation reports each task with n = 8 and a bootstrap CI; the
+# closed-loop success rate resets the env to each of these episodes' scenes), and "finetune_eval": FRESH episodes
+# (new seeds, never trained on) of FINETUNE_EVAL_TASKS of the fine-tuning tasks, 8 each — the evaluation's contrast
+# rows ("how well does it do on the tasks it was fine-tuned on?").
 DEFAULT_EPISODES: dict[str, int] = {
     "pretrain": 200,
     "finetune": 100,
-    "heldout": 10,          # 5 held-out task strings x 2
-    "heldout_family": 8,    # 4 banana tasks x 2
-    "unseen_color": 10,     # 5 purple tasks x 2
+    "heldout": 40,          # 5 held-out task strings x 8
+    "heldout_family": 32,   # 4 banana tasks x 8
+    "unseen_color": 40,     # 5 purple tasks x 8
     "paraphrase": 16,       # the finetune tasks, re-phrased
+    "finetune_eval": 32,    # FINETUNE_EVAL_TASKS fine-tuning tasks x 8 fresh episodes
 }
+# Splits that are not one of the world's task splits but an extra evaluation group: included by default
+# (episodes=None/"auto") and when a mapping names them; a mapping that does not name them, or a total N, leaves them
+# out (so "split=n,..." sizes and totals mean what they meant before the group existed).
+OPTIONAL_SPLITS = ("finetune_eval",)
+FINETUNE_EVAL_TASKS = 4
 
 class BuildError(RuntimeError):
     """The embedded dataset could not be built; the message says why."""
@@ -102,7 +114,8 @@ def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None
 
     ``None``/``"auto"`` → ``DEFAULT_EPISODES``; a mapping → the defaults updated with it (unknown split → error);
     an int N (or a digit string) → the defaults scaled to N episodes in total, every split keeping ≥ 1 (largest
-    remainders get the rounding); ``"pretrain=40,finetune=20"`` → like a mapping.
+    remainders get the rounding); ``"pretrain=40,finetune=20"`` → like a mapping. The ``OPTIONAL_SPLITS``
+    ("finetune_eval") are in the defaults, but a mapping that does not name them and a total N leave them out.
     """
     if episodes is None or (isinstance(episodes, str) and episodes.strip().lower() in ("", "auto")):
         return dict(DEFAULT_EPISODES)
@@ -119,17 +132,18 @@ def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None
         unknown = set(episodes) - set(DEFAULT_EPISODES)
         if unknown:
             raise ValueError(f"unknown split(s) {sorted(unknown)}; known: {', '.join(DEFAULT_EPISODES)}")
-        out = dict(DEFAULT_EPISODES)
+        out = {k: v for k, v in DEFAULT_EPISODES.items() if k not in OPTIONAL_SPLITS}
         out.update({k: int(v) for k, v in episodes.items()})
         if any(v < 0 for v in out.values()) or sum(out.values()) < 1:
             raise ValueError(f"episode counts must be ≥ 0 with at least one episode: {out}")
         return out
     total = int(episodes)
-    n_splits = len(DEFAULT_EPISODES)
+    required = {k: v for k, v in DEFAULT_EPISODES.items() if k not in OPTIONAL_SPLITS}
+    n_splits = len(required)
     if total < n_splits:
-        raise ValueError(f"episodes={total}: need at least {n_splits} (one per split: {', '.join(DEFAULT_EPISODES)})")
-    base = sum(DEFAULT_EPISODES.values())
-    exact = {k: max(1.0, v * total / base) for k, v in DEFAULT_EPISODES.items()}
+        raise ValueError(f"episodes={total}: need at least {n_splits} (one per split: {', '.join(required)})")
+    base = sum(required.values())
+    exact = {k: max(1.0, v * total / base) for k, v in required.items()}
     out = {k: int(v) for k, v in exact.items()}
     order = sorted(exact, key=lambda k: exact[k] - out[k], reverse=True)
     i = 0
@@ -195,9 +209,49 @@ def episode_plan(episodes: Mapping[str, int], seed: int = 0) -> list[tuple[str, 
     """
     plan = []
     for split, n in episodes.items():
-        for task, ep_seed, prompt in world.sample_task_seeds(int(n), seed, split):
+        if split == "finetune_eval":
+            draws = finetune_eval_draws(int(n), seed, int(episodes.get("finetune", 0)))
+        else:
+            draws = world.sample_task_seeds(int(n), seed, split)
+        for task, ep_seed, prompt in draws:
             plan.append((split, task, int(ep_seed), None if prompt == task else prompt))
     return plan
+
+
+def finetune_eval_tasks(seed: int = 0, k: int = FINETUNE_EVAL_TASKS) -> list[str]:
+    """The ``k`` fine-tuning tasks that get fresh evaluation episodes: a seeded shuffle of the world's finetune tasks,
+    taken greedily so that no two share an object family (then filled in shuffle order)."""
+    tasks = list(world.SPLITS.finetune)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(b"finetune_eval")])
+    order = [tasks[i] for i in rng.permutation(len(tasks))]
+    chosen: list[str] = []
+    families: set = set()
+    for t in order:
+        fam = world.parse_task(t)["family"]
+        if fam not in families and len(chosen) < k:
+            chosen.append(t)
+            families.add(fam)
+    chosen += [t for t in order if t not in chosen][: max(0, k - len(chosen))]
+    return chosen
+
+
+def finetune_eval_draws(n: int, seed: int = 0, n_finetune: int = 0) -> list[tuple[str, int, str]]:
+    """``n`` (instruction, episode seed, prompt) draws of FRESH episodes of ``finetune_eval_tasks``: the tasks cycle
+    (8 each for the default n = 32), seeds come from their own seeded stream and never repeat a (task, seed) of the
+    build's ``n_finetune`` training episodes, so these scenes were never trained on. Prompts are the canonical task
+    strings (no blanks, no paraphrases)."""
+    tasks = finetune_eval_tasks(seed)
+    seen = {(t, s) for t, s, _ in world.sample_task_seeds(int(n_finetune), seed, "finetune")}
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(b"finetune_eval"), 1])
+    out = []
+    for i in range(int(n)):
+        task = tasks[i % len(tasks)]
+        ep_seed = int(rng.integers(0, 2 ** 31 - 1))
+        while (task, ep_seed) in seen:  # pragma: no cover - a 1-in-2^31 collision
+            ep_seed = int(rng.integers(0, 2 ** 31 - 1))
+        seen.add((task, ep_seed))
+        out.append((task, ep_seed, task))
+    return out
 
 
 def _generate(item: tuple[str, str, int, str | None, int]) -> "world.Episode":

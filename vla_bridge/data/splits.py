@@ -8,7 +8,9 @@ Two rules, picked by what the dataset carries:
 * **Embedded world** (``meta/vla_bridge_episodes.jsonl`` present): the world's catalog decides. ``train`` = the
   "finetune" episodes, ``pretrain`` = the "pretrain" episodes (the tiny VLA's base is trained on those), and four
   evaluation groups: held-out task strings (unseen object–target pairs), the held-out object family, the unseen
-  colour, and paraphrased instructions of the fine-tuning tasks.
+  colour, and paraphrased instructions of the fine-tuning tasks. ``contrast`` holds "finetune_eval" when the build
+  has it: FRESH episodes (new seeds) of a few fine-tuning tasks — not held out (their task strings are training
+  strings, so the leakage check skips them), evaluated beside the held-out groups for contrast.
 * **Hub Bridge** (no sidecar), deterministic and stated:
   - task strings are normalized (lower case, punctuation → space, whitespace collapsed); blank ones do not count;
   - **object holdout**: every episode whose normalized task contains the word ``heldout_object`` (default
@@ -40,7 +42,10 @@ GROUP_TITLES = {
     "unseen_color": "unseen colour",
     "paraphrase": "paraphrased instructions",
     "heldout_object": "held-out object",
+    "finetune_eval": "fine-tuning tasks, fresh episodes",
 }
+# Groups of episodes of TRAINING tasks (not held out) that the evaluation reports for contrast.
+CONTRAST_GROUPS = ("finetune_eval",)
 
 
 class LeakageError(AssertionError):
@@ -77,6 +82,8 @@ class Split:
     lengths: dict[int, int] = dataclasses.field(default_factory=dict)     # episode → frames
     blank_dropped: dict[str, int] = dataclasses.field(default_factory=dict)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)     # e.g. held-out object / colour
+    # fresh episodes of training tasks (not held out, not leakage-checked): the evaluation's contrast rows
+    contrast: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def frames(self, episodes: Sequence[int]) -> int:
         return int(sum(self.lengths.get(int(e), 0) for e in episodes))
@@ -105,6 +112,8 @@ class Split:
                          "tasks": self.task_strings(self.pretrain)},
             "eval": {g: {"episodes": eps, "frames": self.frames(eps), "tasks": self.task_strings(eps)}
                      for g, eps in self.eval.items()},
+            "contrast": {g: {"episodes": eps, "frames": self.frames(eps), "tasks": self.task_strings(eps)}
+                         for g, eps in self.contrast.items()},
         }
 
     def describe(self) -> str:
@@ -119,6 +128,8 @@ class Split:
             lines.append(row("pretrain (tiny VLA base)", self.pretrain, blank("pretrain")))
         for g, eps in self.eval.items():
             lines.append(row(GROUP_TITLES.get(g, g), eps, f"  {self.details.get(g, '')}".rstrip()))
+        for g, eps in self.contrast.items():
+            lines.append(row(GROUP_TITLES.get(g, g), eps, "  (training tasks, unseen seeds: contrast, not held out)"))
         for g, ts in self.heldout_tasks.items():
             shown = ", ".join(repr(t) for t in ts[:3]) + (f", … (+{len(ts) - 3})" if len(ts) > 3 else "")
             lines.append(f"  {GROUP_TITLES.get(g, g)}: {shown}")
@@ -191,6 +202,7 @@ def embedded_split(meta, sidecar: list[dict]) -> Split:
         pretrain=by_split.get("pretrain", []),
         eval={g: by_split.get(g, []) for g in EMBEDDED_GROUPS},
         tasks=tasks, lengths=lengths, blank_dropped=blank, details=details,
+        contrast={g: by_split[g] for g in CONTRAST_GROUPS if by_split.get(g)},
     )
 
 

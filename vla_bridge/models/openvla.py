@@ -125,9 +125,9 @@ def action_inputs(processor: Any, instruction: str, image: Any, model: Optional[
     ``attention_mask`` (predict_action then leaves both alone), so inference works with any attention
     implementation. pixel_values are moved to the model's device and cast to its dtype (bf16 for OpenVLA-7B).
     """
-    from ..tokenization import _to_pil, build_prompt, space_token_id
+    from ..tokenization import build_prompt, space_token_id, to_pil_image
 
-    inputs = processor(build_prompt(instruction), _to_pil(image))
+    inputs = processor(build_prompt(instruction), to_pil_image(image))
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
