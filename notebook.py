@@ -43,6 +43,7 @@ BATCH_SIZE = "auto"      # auto → 4 (GPU, OpenVLA) / 16 (CPU, tiny)
 GRAD_ACCUM = "auto"      # auto → 2 (GPU) / 1 (CPU)
 LEARNING_RATE = 5e-4
 WARMUP_STEPS = 50
+PRETRAIN_STEPS = "auto"  # tiny path only: steps of the cached base's pretraining (auto → 400)
 LORA_RANK = 32
 LORA_ALPHA = 16
 LOG_EVERY = 10

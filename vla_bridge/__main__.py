@@ -77,6 +77,18 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_eval(args: argparse.Namespace) -> int:
+    from .bench import bench_eval, format_bench_eval
+
+    res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None)
+    print(format_bench_eval(res))
+    if args.json:
+        from .config import write_json
+
+        print(f"saved {write_json(args.json, res)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vla_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_cmd_bench_train)
+
+    p = sub.add_parser("bench-eval", help="frames/s: batched evaluation inference vs per-frame predict_action")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both (0: leave torch's default)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_bench_eval)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

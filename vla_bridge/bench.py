@@ -127,3 +127,109 @@ def format_bench(res: dict[str, Any]) -> str:
     if "workers_speedup_vs_bare" in res:
         lines.append(f"with DataLoader workers: {res['workers_speedup_vs_bare']:.2f}x the bare stream's frames/s")
     return "\n".join(lines)
+
+
+# ===================================================================================================== bench-eval
+# ``python -m vla_bridge bench-eval``: frames/s of the evaluation's batched action inference
+# (``evaluation.BatchedActionPredictor``: one generate() per batch, greedy, KV cache, 7 new tokens) vs per-frame
+# ``model.predict_action`` on the SAME frames (held-out episodes of the embedded dataset, mixed instructions), and a
+# check that both give identical actions. The model is the cached tiny base under ``<data_dir>/tiny_vla_base`` when
+# it is there, else a default-size tiny VLA with random weights (inference cost does not depend on the weights).
+
+GOAL_EVAL_SPEEDUP = 5.0
+
+
+def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, threads: int | None = 1,
+               per_frame_frames: int | None = None, unnorm_key: str = "demo_world", seed: int = 0) -> dict[str, Any]:
+    """Time per-frame ``predict_action`` and the batched predictor (bucketed by prompt length, and left-padded) on
+    ``frames`` frames; returns rows of {name, frames, seconds, fps}, the speed-up and whether the actions match."""
+    import contextlib
+    from pathlib import Path
+
+    import torch
+
+    from .data.build import ensure_demo_dataset
+    from .data.splits import make_split
+    from .data.stats import compute_action_stats, norm_stats_entry
+    from .evaluation import BatchedActionPredictor, load_episodes, per_frame_predict
+    from .models.openvla import register_dataset_statistics
+
+    prev = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        root = ensure_demo_dataset(data_dir).root
+        ds = st.open_dataset(root, probe=False)
+        split = make_split(ds)
+        base_dir = Path(data_dir) / "tiny_vla_base"
+        if (base_dir / "config.json").is_file():
+            from .models.openvla import load_openvla
+
+            with contextlib.redirect_stdout(None):
+                processor, model = load_openvla(str(base_dir), precision="fp32", verbose=False)
+            model_desc = f"cached tiny base {base_dir}"
+        else:
+            from .models.tiny_vla import build_tiny_vla
+
+            model, processor = build_tiny_vla(seed=seed)
+            model_desc = "default-size tiny VLA, random weights (no cached base; speed does not depend on weights)"
+        register_dataset_statistics(model, unnorm_key,
+                                    norm_stats_entry(compute_action_stats(ds, split.train, source="stream")))
+        model.eval()
+        # mixed instructions: a few frames from each held-out episode, round-robin over the groups
+        eps = [e for g in split.eval.values() for e in g[:8]] or list(split.train[:16])
+        per_ep = max(1, -(-int(frames) // max(1, len(eps))))
+        data = load_episodes(ds, eps)
+        images, instructions = [], []
+        for e in eps:
+            d = data[e]
+            for k in range(min(per_ep, len(d.images))):
+                images.append(d.images[(k * 5) % len(d.images)])
+                instructions.append(d.instruction)
+        images, instructions = images[:frames], instructions[:frames]
+        n = len(images)
+        n_ref = min(n, int(per_frame_frames or n))
+
+        batched = BatchedActionPredictor(model, processor, unnorm_key, center_crop=True, max_batch_size=batch_size)
+        padded = BatchedActionPredictor(model, processor, unnorm_key, center_crop=True, max_batch_size=batch_size,
+                                        padding=True)
+        batched.predict(images[:2], instructions[:2])       # warm-up (first-call allocations)
+        per_frame_predict(model, processor, images[:1], instructions[:1], unnorm_key, True)
+        rows = []
+        t0 = time.perf_counter()
+        ref = per_frame_predict(model, processor, images[:n_ref], instructions[:n_ref], unnorm_key, True)
+        rows.append({"name": "per-frame predict_action", "frames": n_ref, "seconds": time.perf_counter() - t0})
+        batched.calls = 0
+        t0 = time.perf_counter()
+        out_b = batched.predict(images, instructions)
+        rows.append({"name": f"batched, bucketed by prompt length ({batched.calls} generate calls)", "frames": n,
+                     "seconds": time.perf_counter() - t0})
+        padded.calls = 0
+        t0 = time.perf_counter()
+        out_p = padded.predict(images, instructions)
+        rows.append({"name": f"batched, left-padded ({padded.calls} generate calls)", "frames": n,
+                     "seconds": time.perf_counter() - t0})
+    finally:
+        torch.set_num_threads(prev)
+    for r in rows:
+        r["fps"] = r["frames"] / r["seconds"] if r["seconds"] > 0 else float("nan")
+    return {"model": model_desc, "dataset": str(root), "frames": n, "instructions": len(set(instructions)),
+            "batch_size": batch_size, "threads": threads or prev, "rows": rows,
+            "speedup": rows[1]["fps"] / rows[0]["fps"], "speedup_padded": rows[2]["fps"] / rows[0]["fps"],
+            "identical_bucketed": bool(np.array_equal(out_b[:n_ref], ref)),
+            "identical_padded": bool(np.array_equal(out_p[:n_ref], ref))}
+
+
+def format_bench_eval(res: dict[str, Any]) -> str:
+    lines = [f"eval inference benchmark: {res['model']}",
+             f"{res['frames']} frames of held-out episodes ({res['instructions']} distinct instructions), batch "
+             f"{res['batch_size']}, {res['threads']} torch thread(s)",
+             f"{'':<56}{'frames':>8}{'seconds':>10}{'frames/s':>10}"]
+    for r in res["rows"]:
+        lines.append(f"{r['name']:<56}{r['frames']:>8}{r['seconds']:>10.2f}{r['fps']:>10.1f}")
+    ok = "meets" if res["speedup"] >= GOAL_EVAL_SPEEDUP else "MISSES"
+    lines.append(f"batched / per-frame: {res['speedup']:.1f}x bucketed, {res['speedup_padded']:.1f}x padded "
+                 f"({ok} the ≥ {GOAL_EVAL_SPEEDUP:g}x goal)")
+    lines.append(f"identical actions to per-frame predict_action: bucketed {'yes' if res['identical_bucketed'] else 'NO'}"
+                 f", padded {'yes' if res['identical_padded'] else 'NO'}")
+    return "\n".join(lines)

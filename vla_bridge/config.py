@@ -33,6 +33,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "GRAD_ACCUM": "auto",        # auto → 2 on GPU, 1 on CPU
     "LEARNING_RATE": 5e-4,
     "WARMUP_STEPS": 50,
+    "PRETRAIN_STEPS": "auto",    # tiny path only: steps of the cached base's pretraining (auto → 400)
     "LORA_RANK": 32,
     "LORA_ALPHA": 16,
     "LOG_EVERY": 10,
@@ -68,6 +69,7 @@ class RunConfig:
     grad_accum: int
     learning_rate: float
     warmup_steps: int
+    pretrain_steps: int
     lora_rank: int
     lora_alpha: int
     log_every: int
@@ -126,10 +128,13 @@ def _slug(text: str) -> str:
 
 def _auto_training(policy: str) -> dict[str, Any]:
     if policy == "tiny":
-        return {"MAX_STEPS": 300, "BATCH_SIZE": 16, "GRAD_ACCUM": 1, "EVAL_EPISODES": 8, "ABLATION_RANKS": [8, 16, 32, 64]}
+        return {"MAX_STEPS": 300, "BATCH_SIZE": 16, "GRAD_ACCUM": 1, "EVAL_EPISODES": 8, "ABLATION_RANKS": [8, 16, 32, 64],
+                "PRETRAIN_STEPS": 400}
     if policy == "octo":
-        return {"MAX_STEPS": 1000, "BATCH_SIZE": 32, "GRAD_ACCUM": 1, "EVAL_EPISODES": 10, "ABLATION_RANKS": []}
-    return {"MAX_STEPS": 1000, "BATCH_SIZE": 4, "GRAD_ACCUM": 2, "EVAL_EPISODES": 10, "ABLATION_RANKS": []}
+        return {"MAX_STEPS": 1000, "BATCH_SIZE": 32, "GRAD_ACCUM": 1, "EVAL_EPISODES": 10, "ABLATION_RANKS": [],
+                "PRETRAIN_STEPS": 0}
+    return {"MAX_STEPS": 1000, "BATCH_SIZE": 4, "GRAD_ACCUM": 2, "EVAL_EPISODES": 10, "ABLATION_RANKS": [],
+            "PRETRAIN_STEPS": 0}
 
 
 def resolve_run_config(
@@ -194,6 +199,7 @@ def resolve_run_config(
         grad_accum=_as_int("GRAD_ACCUM", resolved["GRAD_ACCUM"], 1),
         learning_rate=float(p["LEARNING_RATE"]),
         warmup_steps=_as_int("WARMUP_STEPS", p["WARMUP_STEPS"]),
+        pretrain_steps=_as_int("PRETRAIN_STEPS", resolved["PRETRAIN_STEPS"]),
         lora_rank=_as_int("LORA_RANK", p["LORA_RANK"], 1),
         lora_alpha=_as_int("LORA_ALPHA", p["LORA_ALPHA"], 1),
         log_every=_as_int("LOG_EVERY", p["LOG_EVERY"], 1),

@@ -643,7 +643,7 @@ def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
     camera = camera or MAIN_CAMERA
     out: dict[int, EpisodeData] = {}
     eps = [int(e) for e in episodes]
-    chunk = 16
+    chunk = 32  # episodes per streaming pass (lerobot frames are float32: ~0.4 MB per 128 px frame pair)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -194,20 +194,23 @@ def _upscale(image: Any, scale: int):
     return img.resize((img.width * scale, img.height * scale), Image.BICUBIC) if scale != 1 else img
 
 
-def _caption(img, lines: Sequence[str], size: int) -> None:
-    """Text lines in a translucent band at the top of a PIL image (in place)."""
+def _caption(img, lines: Sequence[str], size: int):
+    """A new PIL image: ``img`` below a black band holding the text ``lines`` (band height rounded up to a
+    multiple of 16, so frames stay H.264-friendly when ``img``'s sides are)."""
     from PIL import Image, ImageDraw
 
     if not lines:
-        return
+        return img
     font = _font(size)
     pad = max(2, size // 4)
     height = len(lines) * (size + pad) + pad
-    band = Image.new("RGBA", (img.width, height), (0, 0, 0, 150))
-    img.paste(band, (0, 0), band)
-    draw = ImageDraw.Draw(img)
+    height = int(np.ceil(height / 16.0) * 16)
+    canvas = Image.new("RGB", (img.width, img.height + height), (0, 0, 0))
+    canvas.paste(img, (0, height))
+    draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((pad, pad + i * (size + pad)), str(line), fill=(255, 255, 255), font=font)
+    return canvas
 
 
 def draw_rollout_frame(image: Any, path_uv: np.ndarray, gripper_open: bool = True, scale: int = 4,
@@ -227,7 +230,7 @@ def draw_rollout_frame(image: Any, path_uv: np.ndarray, gripper_open: bool = Tru
         u, v = pts[-1]
         draw.ellipse([u - r, v - r, u + r, v + r], fill=(60, 200, 80) if gripper_open else (230, 50, 50),
                      outline=(0, 0, 0))
-    _caption(img, lines, size=max(10, 4 * scale))
+    img = _caption(img, lines, size=max(10, 4 * scale))
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -262,7 +265,7 @@ def draw_action_arrows(image: Any, pred_xy: Sequence[float], demo_xy: Sequence[f
     for xy, rgb in ((demo_xy, (60, 200, 80)), (pred_xy, (255, 140, 0))):
         v = k * (float(xy[0]) * ex + float(xy[1]) * ey)
         _arrow(draw, c, (c[0] + v[0], c[1] + v[1]), rgb, w)
-    _caption(img, list(lines) + ["green: demonstrated dxy · orange: predicted dxy"], size=max(10, 4 * scale))
+    img = _caption(img, list(lines) + ["green: demonstrated dxy · orange: predicted dxy"], size=max(10, 4 * scale))
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -271,6 +274,8 @@ def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float
     fails (no ffmpeg), or ``path`` ends in .gif, as a GIF with Pillow. Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # imageio starts ffmpeg in a subprocess; a fast tokenizer used before that fork would print a warning
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if path.suffix.lower() != ".gif":
         try:
             import imageio.v2 as iio
@@ -320,7 +325,7 @@ def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any]
     n = max(1, len(rows))
     ncols = min(cols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.9 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (r, img) in enumerate(zip(rows, list(images) + [None] * (len(rows) - len(images)))):
@@ -330,14 +335,51 @@ def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any]
         else:
             ax.text(0.5, 0.5, "(no image)", ha="center", va="center", transform=ax.transAxes)
         s = r.get("success")
-        outcome = "" if s is None else (" · closed loop: success" if s else " · closed loop: FAILED")
+        kind = r.get("success_kind", "closed loop")
+        outcome = "" if s is None else (f" · {kind}: success" if s else f" · {kind}: FAILED")
         task = textwrap.fill(f"\u201c{r.get('task') or '(blank)'}\u201d", 34)
         ax.set_title(f"#{i + 1} ep {r.get('episode', '?')} ({r.get('group', '')})\n{task}\n"
                      f"L1 {float(r['l1']):.4f}{outcome}", fontsize=7.5)
-    fig.suptitle(f"The {len(rows)} worst held-out episodes (closed-loop failures first, then open-loop L1)",
+    fig.suptitle(f"The {len(rows)} worst held-out episodes (failures first, then open-loop L1)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.2)
     path = _out(out_dir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
+    """Success rate and open-loop L1 against LoRA rank, one line per evaluation group, with 95 % CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = list(dict.fromkeys(g for r in runs for g in r.groups))
+    ranks = [r.rank for r in runs]
+    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for g in groups:
+        for ax, key in ((ax_s, "success_rate"), (ax_l, "mean_l1_action_error")):
+            m = [r.groups[g][key] if g in r.groups else None for r in runs]
+            xs = [x for x, v in zip(ranks, m) if v is not None]
+            ys = np.array([v["mean"] for v in m if v is not None])
+            lo = np.array([v["ci"][0] for v in m if v is not None])
+            hi = np.array([v["ci"][1] for v in m if v is not None])
+            n = next((r.groups[g]["n_episodes"] for r in runs if g in r.groups), 0)
+            ax.errorbar(xs, ys, yerr=[np.maximum(ys - lo, 0), np.maximum(hi - ys, 0)], marker="o", capsize=3,
+                        label=f"{g} (n={n})")
+    ax_s.set(xscale="log", xlabel="LoRA rank", ylabel="closed-loop success rate", ylim=(-0.02, 1.02),
+             title="success vs LoRA rank")
+    ax_l.set(xscale="log", xlabel="LoRA rank", ylabel="open-loop mean L1 (action units)", title="L1 vs LoRA rank")
+    for ax in (ax_s, ax_l):
+        ax.set_xticks(ranks)
+        ax.set_xticklabels([str(r) for r in ranks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

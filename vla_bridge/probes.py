@@ -17,16 +17,26 @@ unperturbed ("base") and once per probe:
 * ``other_camera`` — ``image_1`` in place of ``image_0``. Episodes where ``image_1`` is missing or black (Bridge has
   some) are skipped and counted.
 
+and, as a yardstick, another scene (``other_scene``, the reference): the same camera's frame from a different
+evaluated episode (same frame index, the instruction kept) — how far the policy moves when the scene's content
+changes completely but stays in distribution. An image probe that moves it much less than that is one the policy
+handles; when even another scene barely moves it, the policy does not look at the scene, and the bullets say so
+instead of calling it robust. A second
+sanity check is the within-episode spread of the predictions against the demonstrations' (:func:`prediction_spread`):
+a policy that emits one action per instruction whatever it sees is flagged as collapsed.
+
 Per (group, probe) against the unperturbed input, with n (frames and episodes):
 
 * open-loop L1 (de-normalized, mean over the 7 dimensions, vs the demonstration) with and without the probe: the
   change, the ratio and a 95 % bootstrap interval of the change over episodes;
 * mean |Δ| of the predicted actions per dimension, in action units and as a share of the dimension's q01–q99 range;
 * the KL divergence KL(base ‖ probe) of the first action token's distribution: softmax over the 256 action-token
-  logits at the first action position (nats; 0 = the probe does not change what the model believes).
+  logits at the first action position (nats; 0 = the probe does not change what the model believes), and how often
+  its most likely token changes.
 
 On the embedded world the probes are also re-measured in closed loop (success on the same (instruction, seed)
-scenes, with and without the probe) for ``closed_loop_probes``. ``run_probes`` writes ``outputs/eval/<run>/
+scenes, with and without the probe, all conditions' envs stepped in one lockstep batch) for ``closed_loop_probes``
+on ``closed_loop_episodes`` scenes per group. ``run_probes`` writes ``outputs/eval/<run>/
 probe.json`` and ``probe.md``: 5-10 bullets generated from the numbers by :func:`probe_bullets` (thresholds stated in
 the file), then the table.
 
@@ -40,15 +50,21 @@ plus a PNG strip of a few frames for inline display, under ``outputs/videos/<run
 
 Failure mining (:func:`mine_failures`)
 --------------------------------------
-Held-out episodes ranked by error (closed-loop failures first where measured, then open-loop L1), sliced by verb and
+Held-out episodes ranked by error (failures first where success was measured, then open-loop L1), sliced by verb and
 by object noun (``world.parse_task`` on the embedded world, :func:`verb_noun` on Bridge) with n, mean L1 and success
-per slice, and a contact sheet of the worst 8 (``outputs/figures/<run>/worst_episodes.png``).
+per slice, and a contact sheet of the worst 8 (``outputs/figures/<run>/worst_episodes.png``). Its input is best the
+evaluation report (``evaluation.run_evaluation``: every evaluated held-out episode, closed-loop success on the world,
+the proxy on Bridge); a :class:`ProbeResult` or hand-made rows work too.
 
-Inference: ``vla_bridge.evaluation.BatchedActionPredictor`` when it offers a fused call; otherwise
-:class:`ActionPredictor` here — one batched prefill gives both the first action token's logits and, continued with
-the KV cache for 7 greedy tokens (EOS suppressed, as ``predict_action``'s ``min_new_tokens``), the action; frames
-are batched by prompt length so no padding is needed. The decode steps call ``language_model`` directly because
-OpenVLA-7B's own forward refuses cached steps with batch > 1.
+Inference goes through ``evaluation.BatchedActionPredictor.predict_with_logits`` (actions and first-token logits from
+the same ``generate()`` calls, the evaluation table's preprocessing) via :func:`make_predictor`. Without the
+evaluation module, :class:`ActionPredictor` does the same by hand: one batched prefill gives the first-token logits,
+then 7 greedy tokens with the KV cache (EOS suppressed, as ``predict_action``'s ``min_new_tokens``), frames batched
+by prompt length so no padding is needed; its decode steps call ``language_model`` directly because OpenVLA-7B's own
+forward refuses cached steps with batch > 1. Both give ``predict_action``'s tokens exactly (tests check it).
+
+The closed-loop runner here (:func:`run_closed_loop`) mirrors ``evaluation.run_closed_loop`` but can feed another
+camera, transform the observation and record frames and the gripper path, which the probes and the video need.
 """
 
 from __future__ import annotations
@@ -60,7 +76,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +88,12 @@ MAIN_CAMERA = "observation.images.image_0"
 OTHER_CAMERA = "observation.images.image_1"
 PROBES = ("paraphrase", "color_shift", "other_camera")
 PROBE_TITLES = {"paraphrase": "Paraphrased instructions", "color_shift": "A {deg:g}° hue rotation of the image",
-                "other_camera": "The other camera (image_1 for image_0)"}
+                "other_camera": "The other camera (image_1 for image_0)",
+                "other_scene": "Another episode's scene (same camera, instruction kept)"}
+# The reference condition: how far the policy moves when the scene's content changes completely (another evaluated
+# episode's frame). A probe that moves it much less than this is one the policy handles; when even another scene
+# barely moves it, the policy does not look at the scene.
+REFERENCE = "other_scene"
 # Evaluation groups probed, in this order, when present in the split (world: first three; Bridge: heldout + object).
 PROBE_GROUPS = ("heldout", "heldout_family", "unseen_color", "heldout_object")
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
@@ -82,6 +103,7 @@ BLACK_MAX = 10                # an image whose 99th-percentile pixel is <= this 
 
 # Thresholds the generated bullets use (stated in probe.md).
 KL_SMALL = 0.10               # nats: below it the first action token's distribution "barely moves"
+COLLAPSE_SPREAD = 0.2         # predictions' within-episode spread / the demonstrations' below this = "collapsed"
 L1_SMALL = 0.10               # relative change of open-loop L1 below which the error "barely moves"
 L1_BREAK_RATIO = 1.5          # L1 with the probe / without it at or above which the probe "breaks" the policy
 
@@ -156,7 +178,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p ‖ q) in nats per row, p and q the softmaxes of the given logits (..., K). 0 iff the distributions match."""
+    """KL(p ‖ q) in nats per row; p, q = softmax of the given logits (..., K). 0 iff the distributions match."""
     lp, lq = log_softmax(p_logits), log_softmax(q_logits)
     return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
 
@@ -171,7 +193,7 @@ def mean_abs_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean(axis=0)
 
 
-def bootstrap_ci(values: Sequence[float], weights: Sequence[float] | None = None, n_boot: int = 2000,
+def weighted_bootstrap_ci(values: Sequence[float], weights: Sequence[float] | None = None, n_boot: int = 2000,
                  seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the (weighted) mean of per-episode ``values``; None with < 2 values."""
     v = np.asarray(values, dtype=np.float64)
@@ -278,34 +300,32 @@ class ActionPredictor:
 
 
 def make_predictor(model, processor, unnorm_key: str, center_crop: bool = True, batch_size: int = 32):
-    """The evaluation module's batched predictor when it offers one fused call (``run`` / ``predict_with_logits``),
-    else :class:`ActionPredictor` (one prefill for both the logits and the action)."""
+    """``evaluation.BatchedActionPredictor`` (its ``predict_with_logits``: actions and first-token logits from the
+    same ``generate()`` calls, the same preprocessing as the evaluation table) wrapped to ``run(images,
+    instructions) -> (actions, logits (N, 256))``; :class:`ActionPredictor` when the evaluation module is absent."""
     try:
-        from .evaluation import BatchedActionPredictor  # type: ignore[attr-defined]
-    except Exception:
-        BatchedActionPredictor = None
-    if BatchedActionPredictor is not None:
-        try:
-            p = BatchedActionPredictor(model, processor, unnorm_key, center_crop)
-        except Exception:
-            p = None
-        for name in ("run", "predict_with_logits"):
-            if p is not None and callable(getattr(p, name, None)):
-                return _Fused(p, getattr(p, name))
-    return ActionPredictor(model, processor, unnorm_key, center_crop, batch_size)
+        from .evaluation import BatchedActionPredictor
+    except ImportError:
+        return ActionPredictor(model, processor, unnorm_key, center_crop, batch_size)
+    return EvaluationPredictor(BatchedActionPredictor(model, processor, unnorm_key, center_crop,
+                                                      max_batch_size=batch_size))
 
 
-class _Fused:
-    def __init__(self, inner, fn):
-        self.inner, self.fn = inner, fn
+class EvaluationPredictor:
+    """Adapter: ``evaluation.BatchedActionPredictor`` → ``run(images, instructions) -> (actions, logits)``."""
 
-    def run(self, images, instructions):
-        acts, logits = self.fn(list(images), list(instructions))
-        logits = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits, dtype=np.float32)
-        if logits.shape[-1] > 256:  # full vocabulary: keep the 256 action tokens
-            base_vocab = ActionTokenizer(self.inner.processor.tokenizer).action_token_ids
-            logits = logits[:, base_vocab.start:base_vocab.stop]
-        return np.asarray(acts, dtype=np.float64), logits
+    def __init__(self, inner):
+        self.inner = inner
+
+    def run(self, images: Sequence[Any], instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not len(images):
+            return np.zeros((0, self.inner.action_dim)), np.zeros((0, 256), dtype=np.float32)
+        acts, logits = self.inner.predict_with_logits(list(images), list(instructions), action_only=True)
+        logits = logits.detach().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
+        return np.asarray(acts, dtype=np.float64), logits.astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"EvaluationPredictor({self.inner!r})"
 
 
 # ==================================================================================================================
@@ -459,6 +479,26 @@ def _probe_title(p: str, deg: float = HUE_SHIFT_DEG) -> str:
     return PROBE_TITLES.get(p, p).format(deg=deg)
 
 
+def prediction_spread(preds: Sequence[np.ndarray], demos: Sequence[np.ndarray], dim_range: np.ndarray,
+                      decimals: int = 4) -> dict:
+    """Does the policy's output change within an episode as the demonstration's does? Per episode: distinct
+    predicted vs demonstrated actions (rounded to ``decimals``), and the spread ratio = mean over dimensions of
+    std(pred) / std(demo) over the episode's frames (dimensions where the demonstration varies, in units of the
+    q01-q99 range); averaged over episodes. A ratio near 0 = one action per episode whatever the camera shows."""
+    distinct_p, distinct_d, ratios = [], [], []
+    for p, d in zip(preds, demos):
+        p, d = np.asarray(p, np.float64), np.asarray(d, np.float64)
+        distinct_p.append(len({tuple(np.round(x, decimals)) for x in p}))
+        distinct_d.append(len({tuple(np.round(x, decimals)) for x in d}))
+        sp, sd = p.std(0) / dim_range, d.std(0) / dim_range
+        keep = sd > 1e-6
+        if keep.any():
+            ratios.append(float(np.mean(sp[keep] / sd[keep])))
+    return {"pred_distinct_per_episode": float(np.mean(distinct_p)) if distinct_p else float("nan"),
+            "demo_distinct_per_episode": float(np.mean(distinct_d)) if distinct_d else float("nan"),
+            "pred_spread_ratio": float(np.mean(ratios)) if ratios else float("nan")}
+
+
 def _summarize(eps: Sequence[EpisodeData], base: Mapping[int, tuple], probe: Mapping[int, tuple],
                dim_range: np.ndarray, names: Sequence[str], seed: int) -> dict:
     """Pool the frames of the episodes that have the probe: L1 with/without, Δ per dim, KL, bootstrap CI."""
@@ -476,7 +516,7 @@ def _summarize(eps: Sequence[EpisodeData], base: Mapping[int, tuple], probe: Map
     sizes = [len(e.actions) for e in have]
     bounds = np.cumsum([0] + sizes)
     per_ep = [float((l1p[a:b] - l1b[a:b]).mean()) for a, b in zip(bounds[:-1], bounds[1:])]
-    ci = bootstrap_ci(per_ep, sizes, seed=seed)
+    ci = weighted_bootstrap_ci(per_ep, sizes, seed=seed)
     base_l1, probe_l1 = float(l1b.mean()), float(l1p.mean())
     return {
         "n_episodes": len(have), "n_frames": int(len(demo)),
@@ -491,14 +531,36 @@ def _summarize(eps: Sequence[EpisodeData], base: Mapping[int, tuple], probe: Map
     }
 
 
+def pick_group_episodes(split, group: str, k: int | None = None) -> list[int]:
+    """Up to ``k`` (None: all) episodes of an evaluation group, round-robin over its task strings (normalized; most
+    episodes first), so a cap still covers every task; within a task, lowest episode index first. Sorted."""
+    from .data.splits import normalize_task
+
+    eps = sorted(int(e) for e in split.eval[group])
+    if k is None or k >= len(eps):
+        return eps
+    by_task: dict[str, list[int]] = {}
+    for e in eps:
+        by_task.setdefault(normalize_task(split.tasks.get(e, "")), []).append(e)
+    queues = [by_task[t] for t in sorted(by_task, key=lambda t: (-len(by_task[t]), t))]
+    out: list[int] = []
+    while len(out) < k:
+        for q in queues:
+            if q and len(out) < k:
+                out.append(q.pop(0))
+    return sorted(out)
+
+
 def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | os.PathLike | None = None,
                center_crop: bool = True, groups: Sequence[str] | None = None, probes: Sequence[str] = PROBES,
-               max_episodes: int | None = None, frame_stride: int = 2, hue_shift_deg: float = HUE_SHIFT_DEG,
+               max_episodes: int | None = 8, frame_stride: int = 2, hue_shift_deg: float = HUE_SHIFT_DEG,
                closed_loop: bool = True, closed_loop_probes: Sequence[str] = PROBES,
-               closed_loop_episodes: int | None = None, max_steps: int = 60, seed: int = 0, batch_size: int = 32,
-               threads: int | None = 1, predictor=None, verbose: bool = True) -> ProbeResult:
+               closed_loop_episodes: int | None = 4, max_steps: int = 60, seed: int = 0, batch_size: int = 32,
+               reference: bool = True, threads: int | None = 1, predictor=None, verbose: bool = True) -> ProbeResult:
     """Run the probes on the held-out groups of ``split`` and write ``probe.json`` / ``probe.md`` to ``out_dir``.
 
+    ``reference``: also feed another episode's frame (``other_scene``: how much the scene's content matters), the
+    yardstick the camera and colour probes are read against.
     Knobs for time: ``max_episodes`` per group (None: all), ``frame_stride`` (every k-th frame of each episode),
     ``closed_loop`` / ``closed_loop_probes`` / ``closed_loop_episodes`` per group (None: all) / ``max_steps``.
     ``threads``: torch intra-op threads while running (1 is fastest for these small batches on a small CPU).
@@ -515,7 +577,7 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
     unknown = set(probes) - set(PROBES)
     if unknown:
         raise ValueError(f"unknown probe(s) {sorted(unknown)}; known: {PROBES}")
-    by_group = {g: sorted(int(e) for e in split.eval[g])[:max_episodes] for g in groups}
+    by_group = {g: pick_group_episodes(split, g, max_episodes) for g in groups}
     predictor = predictor or make_predictor(model, processor, unnorm_key, center_crop, batch_size)
     stats = _base(model).config.norm_stats[unnorm_key]["action"]
     dim_range = np.maximum(np.asarray(stats["q99"], np.float64) - np.asarray(stats["q01"], np.float64), 1e-8)
@@ -540,6 +602,9 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
                 if e.other is None and "other_camera" in probes:
                     skipped["other_camera"][g] = skipped["other_camera"].get(g, 0) + 1
 
+        # the reference's donor: the next evaluated episode (cyclic) with another scene
+        donors = {e.episode: eps[(i + 1) % len(eps)] for i, e in enumerate(eps) if len(eps) > 1}
+
         def inputs(cond: str, e: EpisodeData):
             if cond == "base":
                 return list(e.images), [e.task] * len(e.images)
@@ -549,10 +614,15 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
                 return [color_shift(im, hue_shift_deg) for im in e.images], [e.task] * len(e.images)
             if cond == "other_camera":
                 return (list(e.other), [e.task] * len(e.images)) if e.other is not None else None
+            if cond == REFERENCE:
+                d = donors.get(e.episode)
+                if d is None:
+                    return None
+                return [d.images[min(t, len(d.images) - 1)] for t in range(len(e.images))], [e.task] * len(e.images)
             raise ValueError(cond)
 
         preds: dict[str, dict[int, tuple]] = {}
-        for cond in ("base", *probes):
+        for cond in ("base", *probes, *([REFERENCE] if reference else [])):
             t = time.perf_counter()
             imgs, ins, owners = [], [], []
             for e in eps:
@@ -575,8 +645,8 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
             size = int(eps[0].images.shape[1])
             chosen = [e for g in groups for e in [x for x in eps if x.group == g][:closed_loop_episodes]
                       if e.meta.get("canonical_task")]
+            specs, owners = [], []        # every condition's envs in ONE lockstep run: bigger policy batches
             for cond in ("base", *[p for p in closed_loop_probes if p in probes]):
-                specs, owners = [], []
                 for e in chosen:
                     inst, sd = e.meta["canonical_task"], int(e.meta["seed"])
                     if cond == "base":
@@ -590,25 +660,27 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
                         specs.append(RolloutSpec(inst, sd, e.task, camera=OTHER_CAMERA))
                     else:
                         continue
-                    owners.append(e.episode)
-                out = run_closed_loop(predictor, specs, max_steps=max_steps, image_size=size)
-                cl[cond] = {ep: {"success": r["success"], "steps": r["steps"]} for ep, r in zip(owners, out)}
+                    owners.append((cond, e.episode))
+            for (cond, ep), r in zip(owners, run_closed_loop(predictor, specs, max_steps=max_steps, image_size=size)):
+                cl.setdefault(cond, {})[ep] = {"success": r["success"], "steps": r["steps"]}
             timings["closed_loop_s"] = time.perf_counter() - t
 
     # ---- summaries
     rows = []
     for g in [*groups, "all"]:
         ge = [e for e in eps if g == "all" or e.group == g]
-        for p in probes:
+        for p in [*probes, *([REFERENCE] if reference else [])]:
             s = _summarize(ge, preds["base"], preds[p], dim_range, names, seed)
-            n_skip = sum(skipped[p].values()) if g == "all" else skipped[p].get(g, 0)
+            n_skip = sum(skipped.get(p, {}).values()) if g == "all" else skipped.get(p, {}).get(g, 0)
             rows.append({"group": g, "probe": p, "n_skipped": int(n_skip), **s})
     group_rows: dict[str, dict] = {}
     for g in [*groups, "all"]:
         ge = [e for e in eps if g == "all" or e.group == g]
         l1 = np.concatenate([l1_per_frame(preds["base"][e.episode][0], e.actions) for e in ge])
         group_rows[g] = {"title": "all probed groups" if g == "all" else _group_title(g), "n_episodes": len(ge),
-                         "n_frames": int(len(l1)), "l1_base": float(l1.mean())}
+                         "n_frames": int(len(l1)), "l1_base": float(l1.mean()),
+                         **prediction_spread([preds["base"][e.episode][0] for e in ge], [e.actions for e in ge],
+                                             dim_range)}
     closed: dict[str, dict] = {}
     for g in [*groups, "all"]:
         ge = {e.episode for e in eps if g == "all" or e.group == g}
@@ -632,14 +704,16 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
             **{f"success_{p}": cl[p][e.episode]["success"] for p in cl if p != "base" and e.episode in cl[p]},
         })
     config = {"unnorm_key": unnorm_key, "center_crop": bool(center_crop), "groups": groups, "probes": list(probes),
+              "reference": REFERENCE if reference else None,
               "frame_stride": int(frame_stride), "max_episodes": max_episodes, "hue_shift_deg": float(hue_shift_deg),
-              "closed_loop": bool(closed_loop and world_mode), "closed_loop_probes": list(cl.keys() - {"base"}),
+              "closed_loop": bool(closed_loop and world_mode), "closed_loop_probes": [c for c in cl if c != "base"],
               "closed_loop_episodes": closed_loop_episodes, "max_steps": int(max_steps), "seed": int(seed),
               "dataset": "embedded world" if world_mode else "LeRobot dataset (Bridge rules)",
               "predictor": type(predictor).__name__, "kl": "KL(base || probe) of the softmax over the 256 action "
               "tokens at the first action position, nats, mean over frames",
               "l1": "mean |pred - demo| over the action dimensions, de-normalized, mean over frames",
-              "thresholds": {"kl_small": KL_SMALL, "l1_small": L1_SMALL, "l1_break_ratio": L1_BREAK_RATIO}}
+              "thresholds": {"kl_small": KL_SMALL, "l1_small": L1_SMALL, "l1_break_ratio": L1_BREAK_RATIO,
+                             "collapse_spread": COLLAPSE_SPREAD}}
     result = ProbeResult(rows, group_rows, closed, episodes, {e.episode: e.images[0] for e in eps}, [], config,
                          timings)
     result.bullets = probe_bullets(result.summary())
@@ -678,57 +752,116 @@ def probe_verdict(row: Mapping[str, Any]) -> str:
     return "improves" if rel < 0 else "degrades"
 
 
+def _short(probe: str, deg: float = HUE_SHIFT_DEG) -> str:
+    return {"paraphrase": "paraphrased instructions", "color_shift": f"the {deg:g}° hue rotation",
+            "other_camera": "the other camera", "other_scene": "another scene"}.get(probe, probe)
+
+
 def _agree(probe: str, singular: str, plural: str) -> str:
     return plural if probe == "paraphrase" else singular
 
 
 def _probe_sentence(row: Mapping[str, Any], deg: float) -> str:
-    title = _probe_title(row["probe"], deg)
     p = row["probe"]
+    title = _probe_title(p, deg)
     n = f"n={row['n_frames']} frames in {row['n_episodes']} episodes"
     l1 = f"{row['l1_base']:.4f} → {row['l1_probe']:.4f}"
+    kl = f"KL {row['kl']:.2f} nats"
+    rel = _fmt_rel(row["dl1_rel"])
+    flips = f"{row.get('argmax_changed', float('nan')):.0%} of frames"
     v = probe_verdict(row)
     if v == "breaks":
-        return (f"{title} {_agree(p, 'breaks', 'break')} the policy: open-loop L1 ×{row['l1_ratio']:.1f} ({l1}), KL {row['kl']:.2f} nats, "
-                f"the most likely first token changes on {row['argmax_changed']:.0%} of frames ({n}).")
+        return (f"{title} {_agree(p, 'breaks', 'break')} the policy: open-loop L1 ×{row['l1_ratio']:.1f} ({l1}), "
+                f"{kl}, the most likely first action token changes on {flips} ({n}).")
     if v == "barely":
-        return (f"{title} {_agree(p, 'barely moves', 'barely move')} the policy: KL {row['kl']:.2f} nats, L1 {_fmt_rel(row['dl1_rel'])} ({l1}; "
+        return (f"{title} {_agree(p, 'barely moves', 'barely move')} the policy: {kl}, L1 {rel} ({l1}; "
                 f"{n}{_ci_text(row)}).")
     if v == "shifts":
-        return (f"{title} {_agree(p, 'shifts', 'shift')} what the model believes (KL {row['kl']:.2f} nats, first token changes on "
-                f"{row['argmax_changed']:.0%} of frames) but not its error: L1 {_fmt_rel(row['dl1_rel'])} ({l1}; "
-                f"{n}{_ci_text(row)}).")
+        return (f"{title} {_agree(p, 'shifts', 'shift')} what the model believes ({kl}, the first action token changes "
+                f"on {flips}) but {_agree(p, 'moves', 'move')} its error little: L1 {rel} ({l1}; {n}{_ci_text(row)}).")
     if v == "improves":
-        return (f"{title} {_agree(p, 'does', 'do')} not hurt: L1 {_fmt_rel(row['dl1_rel'])} ({l1}), KL {row['kl']:.2f} nats ({n}"
-                f"{_ci_text(row)}).")
-    return (f"{title} {_agree(p, 'costs', 'cost')} accuracy: L1 {_fmt_rel(row['dl1_rel'])} (×{row['l1_ratio']:.2f}, {l1}), KL "
-            f"{row['kl']:.2f} nats ({n}{_ci_text(row)}).")
+        return f"{title} {_agree(p, 'does', 'do')} not hurt: L1 {rel} ({l1}), {kl} ({n}{_ci_text(row)})."
+    return (f"{title} {_agree(p, 'costs', 'cost')} accuracy: L1 {rel} (×{row['l1_ratio']:.2f}, {l1}), {kl} "
+            f"({n}{_ci_text(row)}).")
 
 
 def probe_bullets(summary: Mapping[str, Any], max_bullets: int = 10) -> list[str]:
-    """5-10 sentences generated from the measured numbers (``ProbeResult.summary()``): one verdict per probe (pooled
-    over the groups), where the unperturbed policy generalizes best and worst, which group the worst probe hurts
-    most, which action dimension moves most, closed-loop success with and without each probe, and skipped
-    episodes. Thresholds: ``KL_SMALL``, ``L1_SMALL``, ``L1_BREAK_RATIO``."""
+    """5-10 sentences generated from the measured numbers (``ProbeResult.summary()``), most important first:
+
+    a caution when the policy's predictions hardly vary within an episode (spread ratio < ``COLLAPSE_SPREAD``);
+    one verdict per probe, pooled over the groups (thresholds ``KL_SMALL``, ``L1_SMALL``, ``L1_BREAK_RATIO``); the
+    other-scene reference and how far each image probe moves the policy relative to it; closed-loop success with
+    and without each probe; skipped episodes; where the unperturbed policy does best and worst; which group the
+    most damaging probe hurts most; which action dimension it moves most. Cut to ``max_bullets``."""
     rows = [r for r in summary["rows"] if r.get("n_frames")]
     groups = summary.get("groups", {})
     cl = summary.get("closed_loop", {})
     deg = float(summary.get("config", {}).get("hue_shift_deg", HUE_SHIFT_DEG))
-    out: list[str] = []
-    pooled = [r for r in rows if r["group"] == "all"]
+    ranked: list[tuple[int, str]] = []   # (priority, sentence); lower first
+    pooled = [r for r in rows if r["group"] == "all" and r["probe"] != REFERENCE]
+    ref = next((r for r in rows if r["group"] == "all" and r["probe"] == REFERENCE), None)
+
+    # 0. a collapsed policy makes every "robust" verdict suspect
+    allg = groups.get("all", {})
+    spread = allg.get("pred_spread_ratio", float("nan"))
+    if math.isfinite(spread) and spread < COLLAPSE_SPREAD:
+        ranked.append((0, f"Caution: the policy's actions hardly change within an episode (on average "
+                          f"{allg['pred_distinct_per_episode']:.1f} distinct predicted actions per episode vs "
+                          f"{allg['demo_distinct_per_episode']:.1f} in the demonstrations; within-episode spread "
+                          f"{spread:.0%} of the demonstrations'): it has collapsed towards one action per "
+                          "instruction, so a probe that barely moves it is being ignored, not handled."))
+    # 1. one verdict per probe
     for r in pooled:
-        out.append(_probe_sentence(r, deg))
-    # where the unperturbed policy generalizes and where it falls apart
+        ranked.append((1, _probe_sentence(r, deg)))
+    # 2. the reference: what no visual information does, and the image probes relative to it
+    if ref is not None:
+        img = [r for r in pooled if r["probe"] in ("color_shift", "other_camera")]
+        if ref["kl"] < KL_SMALL and abs(ref["dl1_rel"]) < L1_SMALL:
+            tail = ("the policy barely looks at the scene, so small colour and camera effects mean ignored, "
+                    "not robust.")
+        elif img:
+            tail = "relative to that, " + ", ".join(
+                f"{_short(r['probe'], deg)} moves the first-token distribution {r['kl'] / ref['kl']:.0%} as far "
+                f"and the error {r['dl1'] / ref['dl1']:.0%} as much" if ref["dl1"] > 1e-9 else
+                f"{_short(r['probe'], deg)} moves the first-token distribution {r['kl'] / ref['kl']:.0%} as far"
+                for r in img) + "."
+        else:
+            tail = "this is the yardstick for image perturbations."
+        ranked.append((2, f"Reference, another episode's scene in place of this one: KL {ref['kl']:.2f} nats, L1 "
+                          f"{_fmt_rel(ref['dl1_rel'])} (n={ref['n_frames']} frames); {tail}"))
+    # 3. closed loop: one sentence over every condition measured on the same scenes
+    allcl = cl.get("all", {})
+    base = allcl.get("base")
+    conds = [p for p in PROBES if allcl.get(p)]
+    if base and conds:
+        parts = [f"{allcl[p]['successes']}/{allcl[p]['n']} with {_short(p, deg)}" for p in conds]
+        if base["successes"] == 0 and all(allcl[p]["successes"] == 0 for p in conds):
+            ranked.append((3, f"Closed loop on {base['n']} held-out scenes: 0/{base['n']} successes unperturbed and "
+                              "under every probe, so closed loop cannot separate the probes here; the open-loop "
+                              "numbers are the evidence."))
+        else:
+            drops = {p: base["successes"] / base["n"] - allcl[p]["successes"] / allcl[p]["n"] for p in conds}
+            worst = max(drops, key=drops.get)
+            tail = (f"; {_short(worst, deg)} costs most ({100 * drops[worst]:.0f} percentage points)"
+                    if drops[worst] > 0 else "; no probe lowers it")
+            ranked.append((3, f"Closed loop on the same {base['n']} held-out scenes: success "
+                              f"{base['successes']}/{base['n']} unperturbed, " + ", ".join(parts) + tail + "."))
+    # 4. skipped episodes (also when a probe had no frame left at all)
+    for r in (r for r in summary["rows"] if r["group"] == "all"):
+        if r.get("n_skipped"):
+            what = "image_1 missing or black" if r["probe"] == "other_camera" else "no paraphrase available"
+            ranked.append((4, f"{_probe_title(r['probe'], deg)}: {r['n_skipped']} episode(s) skipped ({what})."))
+    # 5. where the unperturbed policy generalizes and where it falls apart
     named = {g: v for g, v in groups.items() if g != "all" and v.get("n_frames")}
     if len(named) >= 2:
         best = min(named, key=lambda g: named[g]["l1_base"])
         worst = max(named, key=lambda g: named[g]["l1_base"])
         ratio = named[worst]["l1_base"] / max(named[best]["l1_base"], 1e-12)
-        out.append(f"Without any probe, the policy does best on {named[best]['title']} (L1 "
-                   f"{named[best]['l1_base']:.4f}, n={named[best]['n_episodes']} episodes) and worst on "
-                   f"{named[worst]['title']} (L1 {named[worst]['l1_base']:.4f}, ×{ratio:.2f}, "
-                   f"n={named[worst]['n_episodes']}).")
-    # the most damaging probe: which group it hurts most / least, and which dimension it moves
+        ranked.append((5, f"Without any probe, the policy does best on {named[best]['title']} (L1 "
+                          f"{named[best]['l1_base']:.4f}, n={named[best]['n_episodes']} episodes) and worst on "
+                          f"{named[worst]['title']} (L1 {named[worst]['l1_base']:.4f}, ×{ratio:.2f}, "
+                          f"n={named[worst]['n_episodes']})."))
+    # 6-7. the most damaging probe: which group it hurts most / least, which dimension it moves
     if pooled:
         worst_p = max(pooled, key=lambda r: (r["l1_ratio"] if math.isfinite(r["l1_ratio"]) else -1, r["kl"]))
         per_g = [r for r in rows if r["probe"] == worst_p["probe"] and r["group"] != "all"]
@@ -736,40 +869,20 @@ def probe_bullets(summary: Mapping[str, Any], max_bullets: int = 10) -> list[str
         if len(per_g) >= 2:
             hi = max(per_g, key=lambda r: r["dl1_rel"])
             lo = min(per_g, key=lambda r: r["dl1_rel"])
-            out.append(f"{title} {_agree(worst_p['probe'], 'hurts', 'hurt')} {named.get(hi['group'], {}).get('title', hi['group'])} most (L1 "
-                       f"{_fmt_rel(hi['dl1_rel'])}, KL {hi['kl']:.2f}) and "
-                       f"{named.get(lo['group'], {}).get('title', lo['group'])} least (L1 {_fmt_rel(lo['dl1_rel'])}, "
-                       f"KL {lo['kl']:.2f}).")
+            t_hi = named.get(hi["group"], {}).get("title", hi["group"])
+            t_lo = named.get(lo["group"], {}).get("title", lo["group"])
+            ranked.append((6, f"{title} {_agree(worst_p['probe'], 'hurts', 'hurt')} {t_hi} most (L1 "
+                              f"{_fmt_rel(hi['dl1_rel'])}, KL {hi['kl']:.2f}) and {t_lo} least (L1 "
+                              f"{_fmt_rel(lo['dl1_rel'])}, KL {lo['kl']:.2f})."))
         rng_d = worst_p.get("mean_abs_delta_range") or {}
         if rng_d:
             top = max(rng_d, key=rng_d.get)
             low = min(rng_d, key=rng_d.get)
-            out.append(f"Under {title[0].lower() + title[1:]}, the predicted {top} moves most (mean |Δ| "
-                       f"{worst_p['mean_abs_delta'][top]:.4g} = {rng_d[top]:.0%} of its q01–q99 range) and {low} least "
-                       f"({rng_d[low]:.0%}).")
-    # closed loop
-    allcl = cl.get("all", {})
-    base = allcl.get("base")
-    if base:
-        for p in PROBES:
-            c = allcl.get(p)
-            if not c:
-                continue
-            t = _probe_title(p, deg)
-            if base["successes"] == 0 and c["successes"] == 0:
-                out.append(f"Closed loop ({base['n']} held-out scenes): 0/{base['n']} successes with or without "
-                           f"{t[0].lower() + t[1:]}, so closed loop cannot show this probe's effect here.")
-            else:
-                change = c["successes"] - base["successes"]
-                how = "no change" if change == 0 else (f"{abs(change)} fewer" if change < 0 else f"{change} more")
-                out.append(f"Closed loop, {t[0].lower() + t[1:]}: success {base['successes']}/{base['n']} → "
-                           f"{c['successes']}/{c['n']} on the same scenes ({how}).")
-    # skipped episodes
-    for r in pooled:
-        if r.get("n_skipped"):
-            what = "image_1 missing or black" if r["probe"] == "other_camera" else "no paraphrase available"
-            out.append(f"{_probe_title(r['probe'], deg)}: {r['n_skipped']} episode(s) skipped ({what}).")
-    return out[:max_bullets]
+            ranked.append((7, f"Under {title[0].lower() + title[1:]}, the predicted {top} moves most (mean |Δ| "
+                              f"{worst_p['mean_abs_delta'][top]:.4g} = {rng_d[top]:.0%} of its q01–q99 range) and "
+                              f"{low} least ({rng_d[low]:.0%})."))
+    keep = sorted(range(len(ranked)), key=lambda i: (ranked[i][0], i))[:max_bullets]
+    return [ranked[i][1] for i in sorted(keep)]
 
 
 def format_probe_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -799,8 +912,10 @@ def write_probe_report(result: ProbeResult, out_dir: str | os.PathLike) -> dict[
           f"Dataset: {c['dataset']}; groups: {', '.join(c['groups'])}; every {c['frame_stride']}. frame; "
           f"KL = {c['kl']}; L1 = {c['l1']}.", "",
           f"Thresholds: \"barely\" = KL < {KL_SMALL} nats and |ΔL1| < {L1_SMALL:.0%}; \"breaks\" = L1 ratio ≥ "
-          f"{L1_BREAK_RATIO}; \"shifts\" = KL ≥ {KL_SMALL} with |ΔL1| < {L1_SMALL:.0%}; otherwise \"costs accuracy\" "
-          "(or \"does not hurt\" when L1 drops).", ""]
+          f"{L1_BREAK_RATIO}; \"shifts\" = KL ≥ {KL_SMALL} with |ΔL1| < {L1_SMALL:.0%}; otherwise "
+          "\"costs accuracy\" (or \"does not hurt\" when L1 drops). Reference: the same camera's frame from "
+          "another evaluated episode (the instruction kept); \"collapsed\" = the predictions' within-episode "
+          f"spread below {COLLAPSE_SPREAD:.0%} of the demonstrations'.", ""]
     md += [f"- {b}" for b in result.bullets]
     md += ["", "## Open loop", "", result.table(), ""]
     if any(result.closed_loop.values()):
@@ -975,7 +1090,8 @@ class FailureReport:
     sheet_path: Path | None
 
     def text(self, n: int = 8) -> str:
-        parts = ["Worst episodes:", "| rank | episode | group | instruction | L1 | success |", "|---:|---:|---|---|---:|---:|"]
+        parts = ["Worst episodes:", "| rank | episode | group | instruction | L1 | success |",
+                 "|---:|---:|---|---|---:|---:|"]
         for i, r in enumerate(self.ranked[:n], 1):
             s = {True: "yes", False: "no", None: "—"}[r.get("success")]
             parts.append(f"| {i} | {r.get('episode', '')} | {r.get('group', '')} | {r.get('task', '')} | "
@@ -985,16 +1101,47 @@ class FailureReport:
         return "\n".join(parts)
 
 
-def mine_failures(source: ProbeResult | Sequence[Mapping[str, Any]], out_dir: str | os.PathLike | None = None,
-                  n_worst: int = 8, by: Sequence[str] = ("verb", "noun"),
-                  images: Mapping[int, np.ndarray] | None = None) -> FailureReport:
+def failure_rows_from_eval(report, policy: str | None = None) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """Per-episode rows (and first frames) of the held-out groups from ``evaluation.run_evaluation``'s report, for
+    ``policy`` (default: the fine-tuned model). Its success is closed-loop on the embedded world and the documented
+    proxy on Bridge (``success_kind`` says which). Contrast groups (fine-tuning tasks) are left out."""
+    from .evaluation import CONTRAST_GROUPS, POLICY_FINETUNED
+
+    data = report.data
+    policy = policy or POLICY_FINETUNED
+    kind = data.get("success_definition", {}).get("kind", "closed_loop")
+    world_mode = kind == "closed_loop"
+    rows, images = [], {}
+    for r in data["per_episode"]:
+        if r["policy"] != policy or r["group"] in CONTRAST_GROUPS:
+            continue
+        e = int(r["episode_index"])
+        vn = verb_noun(r.get("instruction", ""), world_mode)
+        rows.append({"episode": e, "group": r["group"], "task": r.get("instruction", ""), "verb": vn["verb"],
+                     "noun": vn["noun"], "n_frames": r.get("n_frames"), "l1": float(r["l1"]),
+                     "success": None if r.get("success") is None else bool(r["success"]),
+                     "success_kind": "closed loop" if world_mode else "proxy"})
+        ep = getattr(report, "episodes", {}).get(e)
+        if ep is not None and len(ep.images):
+            images[e] = np.asarray(ep.images[0])
+    return rows, images
+
+
+def mine_failures(source, out_dir: str | os.PathLike | None = None, n_worst: int = 8,
+                  by: Sequence[str] = ("verb", "noun"), images: Mapping[int, np.ndarray] | None = None
+                  ) -> FailureReport:
     """Rank the held-out episodes by error, slice them by verb and object noun, draw the worst ``n_worst`` as a
     contact sheet (``worst_episodes.png`` in ``out_dir``: first image_0 frame, instruction, L1, success).
 
-    ``source``: a :class:`ProbeResult` (its per-episode rows and first frames) or rows with episode, task, l1,
-    success (None when not measured), verb, noun, group; then ``images`` (episode → image) for the sheet."""
+    ``source``: the evaluation report (``evaluation.run_evaluation``: every evaluated held-out episode, closed-loop
+    success for all of them on the world), a :class:`ProbeResult` (the probed episodes; closed loop where run), or
+    rows with episode, task, l1, success (None when not measured), verb, noun, group — then ``images`` (episode →
+    image) for the sheet."""
     if isinstance(source, ProbeResult):
         rows, images = source.episodes, source.first_frames if images is None else images
+    elif hasattr(source, "data") and "per_episode" in getattr(source, "data", {}):
+        rows, found = failure_rows_from_eval(source)
+        images = found if images is None else images
     else:
         rows = list(source)
     ranked = rank_failures(rows)
@@ -1010,10 +1157,12 @@ def mine_failures(source: ProbeResult | Sequence[Mapping[str, Any]], out_dir: st
 
 
 __all__ = [
-    "PROBES", "PROBE_GROUPS", "HUE_SHIFT_DEG", "KL_SMALL", "L1_SMALL", "L1_BREAK_RATIO", "color_shift",
-    "is_missing_or_black", "bridge_paraphrases", "paraphrase_for", "log_softmax", "kl_divergence", "l1_per_frame",
-    "mean_abs_delta", "bootstrap_ci", "ActionPredictor", "make_predictor", "EpisodeData", "world_sidecar",
-    "load_episodes", "RolloutSpec", "run_closed_loop", "world_to_image0", "ProbeResult", "run_probes",
-    "probe_verdict", "probe_bullets", "format_probe_table", "write_probe_report", "VideoResult", "rollout_video",
-    "verb_noun", "rank_failures", "slice_failures", "format_slices", "FailureReport", "mine_failures",
+    "PROBES", "PROBE_GROUPS", "REFERENCE", "HUE_SHIFT_DEG", "KL_SMALL", "L1_SMALL", "L1_BREAK_RATIO",
+    "COLLAPSE_SPREAD", "color_shift", "is_missing_or_black", "bridge_paraphrases", "paraphrase_for", "log_softmax",
+    "kl_divergence", "l1_per_frame", "mean_abs_delta", "weighted_bootstrap_ci", "prediction_spread",
+    "ActionPredictor", "make_predictor", "EvaluationPredictor", "EpisodeData", "world_sidecar",
+    "pick_group_episodes", "load_episodes", "RolloutSpec", "run_closed_loop", "world_to_image0", "ProbeResult",
+    "run_probes", "probe_verdict", "probe_bullets", "format_probe_table", "write_probe_report", "VideoResult",
+    "rollout_video", "verb_noun", "rank_failures", "slice_failures", "format_slices", "FailureReport",
+    "failure_rows_from_eval", "mine_failures",
 ]

@@ -47,10 +47,10 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = 
             if dataset_root is None or pretrain_episodes is None:
                 raise PolicyLoadError("the tiny base is built from the embedded dataset's pretraining split: "
                                       "pass dataset_root and pretrain_episodes (DATASET must be 'embedded')")
-            from ..pretrain import ensure_tiny_base
+            from ..pretrain import PretrainParams, ensure_tiny_base
 
             path, info = ensure_tiny_base(default_dir, dataset_root, list(pretrain_episodes), cfg.unnorm_key,
-                                          progress=progress)
+                                          PretrainParams(steps=cfg.pretrain_steps, seed=cfg.seed), progress=progress)
             how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
             notes.append(f"tiny base: {how} ({info['params']['steps']} steps on {info['pretrain_episodes']} "
                          f"pretraining episodes; loss {info['first_loss']:.2f} → {info['last_loss']:.2f}, "
