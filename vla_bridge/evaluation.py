@@ -666,7 +666,7 @@ def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
 
 
 def training_mean_action(ds: Any, train_episodes: Sequence[int]) -> np.ndarray:
-    """The mean action of the training split's frames (parquet columns only, no video decoded)."""
+    """The mean action of the training split's frames (one pass over the parquet columns, no video decoded)."""
     from .data.stats import stats_from_stream
 
     return np.asarray(stats_from_stream(ds, list(train_episodes))["action"]["mean"], np.float64)
@@ -843,6 +843,7 @@ def run_evaluation(
     max_steps: int | None = None,
     center_crop: bool | None = None,
     mean_action: Sequence[float] | None = None,
+    action_stats: Mapping[str, Any] | None = None,
     seed: int | None = None,
     n_boot: int = N_BOOT,
     max_batch_size: int = DEFAULT_MAX_BATCH,
@@ -851,6 +852,7 @@ def run_evaluation(
     train_result: Any = None,
     progress: bool = True,
     write: bool = True,
+    keep_frames: bool = False,
 ) -> EvalReport:
     """Evaluate the fine-tuned model, the base model before LoRA and the mean-action baseline on every selected task.
 
@@ -863,6 +865,12 @@ def run_evaluation(
     :func:`select_eval_tasks`), ``policies`` (subset of "fine-tuned", "base", "mean-action"), ``closed_loop``
     ("auto": on the embedded world; False: skip it and report the proxy), ``max_steps`` (closed loop, default 60),
     ``max_batch_size`` (frames per generate() call), ``threads`` (torch threads; None: unchanged).
+
+    The mean-action baseline is ``mean_action`` if given, else the mean over the training split's frames: one pass
+    over the parquet columns for a local dataset; for a hub stream the ``action_stats`` entry's mean when given (the
+    notebook's statistics: whole dataset when meta/stats.json has them), else that streaming pass.
+    ``keep_frames``: keep the decoded images in ``report.episodes`` (else only actions/states: ~50 KB per 128 px
+    frame otherwise stay in memory).
 
     Writes ``<out_dir>/eval.json`` and ``<out_dir>/table.md`` (unless ``write=False``) and returns an
     :class:`EvalReport` (its ``markdown`` is the table; it renders itself in a notebook).
@@ -909,8 +917,15 @@ def run_evaluation(
     t0 = time.perf_counter()
     data = load_episodes(ds, all_eps, MAIN_CAMERA, progress=progress)
     timing["load_episodes_s"] = time.perf_counter() - t0
+    mean_source = "given"
     if mean_action is None:
-        mean_action = training_mean_action(ds, split.train)
+        local = bool(getattr(getattr(ds, "source", None), "is_local", root is not None))
+        if not local and action_stats is not None:
+            mean_action = _action_stats(action_stats)["mean"]
+            mean_source = "action_stats mean (" + str(action_stats.get("source", "norm_stats entry")) + ")"
+        else:
+            mean_action = training_mean_action(ds, split.train)
+            mean_source = f"mean over the {len(split.train)} training episodes' frames"
     mean_action = np.asarray(mean_action, np.float64)
 
     predictor = BatchedActionPredictor(model, processor, unnorm_key, center_crop, max_batch_size, threads=threads)
@@ -1052,7 +1067,7 @@ def run_evaluation(
         "baselines": {
             POLICY_MEAN: {"description": "the mean of the training split's actions, applied at every step "
                           "(open loop: as the prediction for every frame; closed loop: the constant action)",
-                          "action": mean_action.tolist()},
+                          "action": mean_action.tolist(), "source": mean_source},
             POLICY_BASE: {"description": "the same model with its LoRA adapter disabled (the weights before "
                           "fine-tuning), de-normalizing with the same statistics"},
         },
@@ -1071,6 +1086,8 @@ def run_evaluation(
         json_path = write_json(out_dir / "eval.json", payload)
         table_path = out_dir / "table.md"
         table_path.write_text(markdown)
+    if not keep_frames:
+        data = {e: dataclasses.replace(d, images=[]) for e, d in data.items()}
     return EvalReport(payload, markdown, json_path, table_path, predictions, data)
 
 
