@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -701,6 +700,32 @@ class EvalReport:
                 return g
         raise KeyError((group, policy))
 
+    def headline(self) -> list[str]:
+        """One line per group: the fine-tuned model against each baseline on L1 and success, with whether the 95 %
+        CIs overlap (non-overlapping = a difference these episodes resolve)."""
+        out = []
+        groups = list(dict.fromkeys(g["group"] for g in self.data["groups"]))
+        for gname in groups:
+            rows = {g["policy"]: g for g in self.data["groups"] if g["group"] == gname}
+            ft = rows.get(POLICY_FINETUNED)
+            if ft is None:
+                continue
+            parts = []
+            for metric, kind, better in (("success_rate", "rate", max), ("mean_l1_action_error", "l1", min)):
+                cmp = []
+                for p in (POLICY_BASE, POLICY_MEAN):
+                    if p not in rows:
+                        continue
+                    a, b = ft[metric], rows[p][metric]
+                    overlap = not (a["ci"][1] < b["ci"][0] or b["ci"][1] < a["ci"][0])
+                    wins = better(a["mean"], b["mean"]) == a["mean"] and a["mean"] != b["mean"]
+                    verdict = ("better" if wins else "not better") + (", CIs overlap" if overlap else
+                                                                       ", CIs do not overlap")
+                    cmp.append(f"{p} {_fmt(b, kind)} ({verdict})")
+                parts.append(f"{metric} {_fmt(a, kind)} vs " + "; ".join(cmp))
+            out.append(f"{ft['title']} ({ft['n_tasks']} tasks, {ft['n_episodes']} episodes): " + " | ".join(parts))
+        return out
+
 
 def _fmt(m: Mapping[str, Any], kind: str) -> str:
     mean, (lo, hi) = m["mean"], m["ci"]
@@ -875,7 +900,7 @@ def run_evaluation(
     Writes ``<out_dir>/eval.json`` and ``<out_dir>/table.md`` (unless ``write=False``) and returns an
     :class:`EvalReport` (its ``markdown`` is the table; it renders itself in a notebook).
     """
-    from .data.build import load_build_info, load_episode_sidecar
+    from .data.build import load_episode_sidecar
     from .data.stream import MAIN_CAMERA
 
     t_start = time.perf_counter()
@@ -954,8 +979,7 @@ def run_evaluation(
 
             bar = tqdm(total=len(images), desc=f"open loop: {p}", unit="frame", leave=False, mininterval=1.0)
             cb = bar.update
-        acts = pol.act(images if pol.needs_images else None, instructions, None, cb) \
-            if pol.needs_images else pol.act(None, instructions)
+        acts = pol.act(images, instructions, None, cb) if pol.needs_images else pol.act(None, instructions)
         if bar is not None:
             bar.close()
         predictions[p] = {e: np.asarray(acts[offsets[i]:offsets[i + 1]]) for i, e in enumerate(all_eps)}
