@@ -60,6 +60,7 @@ from .tokenization import (
     space_token_id,
     unnormalize_actions,
 )
+from .data.splits import GROUP_TITLES as _SPLIT_GROUP_TITLES
 
 SCHEMA_VERSION = 1
 REPLAY_HORIZON = 16                # predicted / demonstrated xyz deltas integrated for the drift
@@ -79,15 +80,7 @@ _POLICY_ALIASES = {"finetuned": POLICY_FINETUNED, "fine-tuned": POLICY_FINETUNED
 
 # Evaluation groups and their titles; "train_seen" is the fallback contrast group for datasets without fresh
 # episodes of training tasks (Bridge): episodes of the most frequent training tasks that training DID see.
-GROUP_TITLES = {
-    "heldout": "held-out task strings",
-    "heldout_family": "held-out object family",
-    "unseen_color": "unseen colour",
-    "paraphrase": "paraphrased instructions",
-    "heldout_object": "held-out object",
-    "finetune_eval": "fine-tuning tasks, fresh episodes",
-    "train_seen": "fine-tuning tasks, episodes seen in training",
-}
+GROUP_TITLES = {**_SPLIT_GROUP_TITLES, "train_seen": "fine-tuning tasks, episodes seen in training"}
 CONTRAST_GROUPS = ("finetune_eval", "train_seen")
 
 CLOSED_LOOP_DEFINITION = (
