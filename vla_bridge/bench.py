@@ -143,7 +143,6 @@ def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, t
                per_frame_frames: int | None = None, unnorm_key: str = "demo_world", seed: int = 0) -> dict[str, Any]:
     """Time per-frame ``predict_action`` and the batched predictor (bucketed by prompt length, and left-padded) on
     ``frames`` frames; returns rows of {name, frames, seconds, fps}, the speed-up and whether the actions match."""
-    import contextlib
     from pathlib import Path
 
     import torch
@@ -165,8 +164,7 @@ def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, t
         if (base_dir / "config.json").is_file():
             from .models.openvla import load_openvla
 
-            with contextlib.redirect_stdout(None):
-                processor, model = load_openvla(str(base_dir), precision="fp32", verbose=False)
+            processor, model = load_openvla(str(base_dir), precision="fp32", verbose=False)
             model_desc = f"cached tiny base {base_dir}"
         else:
             from .models.tiny_vla import build_tiny_vla
