@@ -8,18 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from conftest import SMALL
+
 from vla_bridge.data import build, world
-
-# 56 episodes with a 1 MB video-file cap: each camera's video spans two MP4 files, which is the layout that breaks
-# lerobot 0.4.4's streaming lookup (and that Bridge has everywhere).
-SMALL = {"pretrain": 20, "finetune": 16, "heldout": 5, "heldout_family": 5, "unseen_color": 5, "paraphrase": 5}
-
-
-@pytest.fixture(scope="session")
-def small(tmp_path_factory):
-    """Built once per session (every test module asks for the same key, later calls reuse it from disk)."""
-    return build.ensure_demo_dataset(tmp_path_factory.getbasetemp() / "vla_data", episodes=SMALL, video_file_size_mb=1)
-
 
 def test_episode_counts_resolve():
     assert build.resolve_episode_counts(None) == build.DEFAULT_EPISODES

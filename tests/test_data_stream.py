@@ -9,15 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import SMALL
+
 from vla_bridge.data import build, stream, world
-
-SMALL = {"pretrain": 20, "finetune": 16, "heldout": 5, "heldout_family": 5, "unseen_color": 5, "paraphrase": 5}
-
-
-@pytest.fixture(scope="session")
-def small(tmp_path_factory):
-    return build.ensure_demo_dataset(tmp_path_factory.getbasetemp() / "vla_data", episodes=SMALL, video_file_size_mb=1)
-
 
 @pytest.fixture(scope="module")
 def rows(small):

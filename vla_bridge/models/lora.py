@@ -19,7 +19,8 @@ from typing import Dict, List, Tuple
 import torch.nn as nn
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
+    """The underlying VLA: strips DDP (``.module``), torch.compile (``._orig_mod``) and PEFT wrappers."""
     for attr in ("module", "_orig_mod"):
         while isinstance(getattr(model, attr, None), nn.Module):
             model = getattr(model, attr)
@@ -30,7 +31,7 @@ def _base(model: nn.Module) -> nn.Module:
 def linear_module_names(model: nn.Module) -> List[str]:
     """Full names of all nn.Linear modules (PEFT LoRA layers excluded), sorted."""
     names = set()
-    for name, module in _base(model).named_modules():
+    for name, module in base_model(model).named_modules():
         if not isinstance(module, nn.Linear) or ".lora_" in name:
             continue
         # After get_peft_model the original layer lives at "<name>.base_layer" inside the LoRA wrapper.

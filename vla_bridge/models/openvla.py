@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .lora import linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
+from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
 
 PRECISIONS = ("bf16", "4bit", "fp32")
 DATASET_STATISTICS_FILE = "dataset_statistics.json"
@@ -76,15 +76,6 @@ class LoadInfo:
 # ------------------------------------------------------------------------------------------------------------------
 # Small helpers shared with the tiny VLA path
 # ------------------------------------------------------------------------------------------------------------------
-def base_model(model: nn.Module) -> nn.Module:
-    """The underlying VLA: strips DDP (``.module``), torch.compile (``._orig_mod``) and PEFT wrappers."""
-    for attr in ("module", "_orig_mod"):
-        while isinstance(getattr(model, attr, None), nn.Module):
-            model = getattr(model, attr)
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype pixel_values must have: that of the vision backbone's first floating-point parameter."""
     base = base_model(model)
