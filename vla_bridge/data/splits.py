@@ -136,6 +136,40 @@ class Split:
         return "\n".join(lines)
 
 
+def instruction_overlap(split: Split, parse=None) -> dict[str, Any]:
+    """How much of the held-out instructions' vocabulary training saw: per evaluation group, the share of its
+    episodes whose verb / object noun / whole task string occur in the training (train + pretrain) instructions.
+
+    ``parse(task) -> {"verb": ..., "noun": ...}``; default :func:`vla_bridge.probes.verb_noun` (the world's parser on
+    the embedded world, a first-verb / last-noun heuristic on Bridge). Blank tasks are skipped. A held-out split
+    whose verbs and nouns were all trained measures recombination, not new concepts; this says which one it is."""
+    if parse is None:
+        from ..probes import verb_noun
+
+        world_mode = split.rule.startswith("embedded")
+        parse = lambda t: verb_noun(t, world_mode)  # noqa: E731
+    train_eps = [e for e in split.train + split.pretrain if normalize_task(split.tasks.get(int(e), ""))]
+    parsed_train = [parse(split.tasks[int(e)]) for e in train_eps]
+    verbs = {p["verb"] for p in parsed_train if p["verb"]}
+    nouns = {p["noun"] for p in parsed_train if p["noun"]}
+    train_strings = {normalize_task(split.tasks[int(e)]) for e in train_eps}
+    out: dict[str, Any] = {"train_verbs": sorted(verbs), "train_nouns": sorted(nouns), "groups": {}}
+    for g, eps in {**split.eval, **split.contrast}.items():
+        rows = [(normalize_task(split.tasks.get(int(e), "")), parse(split.tasks.get(int(e), ""))) for e in eps]
+        rows = [(t, p) for t, p in rows if t]
+        n = len(rows)
+        share = lambda hits: (hits / n) if n else float("nan")  # noqa: E731
+        out["groups"][g] = {
+            "n_episodes": n,
+            "verb_seen": share(sum(p["verb"] in verbs for _, p in rows)),
+            "noun_seen": share(sum(p["noun"] in nouns for _, p in rows)),
+            "string_seen": share(sum(t in train_strings for t, _ in rows)),
+            "unseen_nouns": sorted({p["noun"] for _, p in rows if p["noun"] and p["noun"] not in nouns}),
+            "unseen_verbs": sorted({p["verb"] for _, p in rows if p["verb"] and p["verb"] not in verbs}),
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- metadata
 
 

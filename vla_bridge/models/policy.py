@@ -31,6 +31,7 @@ class LoadedPolicy:
     model_id: str
     base_unnorm_keys: list[str]
     notes: list[str]
+    precision: str = "fp32"   # how load_openvla loaded it (fp32 | bf16 | 4bit); the ablations reload the same way
 
 
 def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = None,
@@ -69,4 +70,4 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = 
     notes.append(f"registered the fine-tuning dataset's statistics under {cfg.unnorm_key!r} "
                  f"({'replacing the base model’s entry' if existed else 'a new key'}; base keys: "
                  f"{', '.join(base_keys[:8]) + (' …' if len(base_keys) > 8 else '') or 'none'})")
-    return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes)
+    return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes, precision)
