@@ -521,7 +521,8 @@ if cfg.ablation_ranks:
     ipd.display(ipd.Image(filename=str(sweep_png)))
     holdout = ablations.object_holdout(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
                                        build.load_episode_sidecar(DATA_SOURCE) if cfg.dataset == "embedded" else None,
-                                       ablation_steps, eval_report.rows(evaluation.POLICY_FINETUNED), ablation_eval)
+                                       ablation_steps, eval_report.rows(evaluation.POLICY_FINETUNED),
+                                       dict(episodes_per_task=4, groups=["finetune_eval"], threads=2))
     print(report.format_holdout(holdout))
 else:
     rank_runs, holdout = [], {"skipped": "ABLATION_RANKS is empty (the default on OpenVLA-7B: about an A100-hour per run)"}

@@ -108,14 +108,20 @@ def reflection(report, probe_result, overlap: Mapping[str, Any], train_result, c
         looks = ref["kl"] >= 0.10 or abs(ref.get("dl1_rel", 0.0)) >= 0.10
         txt = (f"Swapping in another scene's image moves the first action token's distribution by KL "
                f"{ref['kl']:.2f} nats and changes L1 by {100 * ref['dl1_rel']:+.0f} % over {ref['n_frames']} frames: "
-               + ("the policy does read the image." if looks else
-                  "the policy barely reads the image — it acts from the instruction and the action statistics, which "
-                  "is why its closed-loop behaviour cannot adapt to where objects actually are."))
+               + ("the policy does read the scene." if looks else
+                  "the policy barely reads the scene's layout — where the objects and targets are — so its "
+                  "closed-loop behaviour cannot adapt to them; it acts from the instruction and the action "
+                  "statistics."))
+        extra = []
         if col is not None:
-            txt += f" A hue shift gives KL {col['kl']:.2f}"
+            extra.append(f"a hue shift of the whole image gives KL {col['kl']:.2f}"
+                         + (" (so global colour statistics do reach it, the layout does not)"
+                            if col["kl"] >= 0.10 and not looks else ""))
         if par is not None:
-            txt += f"; a paraphrase gives KL {par['kl']:.2f}"
-        parts.append("**What it relies on.** " + txt + ("." if (col is not None or par is not None) else ""))
+            extra.append(f"a paraphrase of the instruction gives KL {par['kl']:.2f}")
+        if extra:
+            txt += " For comparison, " + "; ".join(extra) + "."
+        parts.append("**What it relies on.** " + txt)
 
     ov = []
     for g in held:
@@ -137,7 +143,10 @@ def reflection(report, probe_result, overlap: Mapping[str, Any], train_result, c
         parts.append(f"**Rank.** {s_word} on {grp} across ranks — " + ", ".join(pts) + ". "
                      + ("Some ranks differ beyond their intervals." if any_sep else
                         "No two ranks differ beyond their intervals at this budget: capacity is not the bottleneck."))
-    if holdout and "skipped" not in holdout:
+    if holdout and "skipped" not in holdout and not holdout.get("n_episodes"):
+        parts.append(f"**Object-level holdout.** The run without '{holdout['family']}' trained, but no evaluated "
+                     "episode carries that family, so it measured nothing.")
+    elif holdout and "skipped" not in holdout:
         a, b = holdout["main_run"], holdout["object_holdout_run"]
         parts.append(f"**Object-level holdout.** Without any '{holdout['family']}' episode in fine-tuning, its tasks "
                      f"score {b['success_rate']:.0%} {s_word} and L1 {b['mean_l1_action_error']:.4f}, against "
