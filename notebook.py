@@ -27,7 +27,8 @@
 # 4. **Evaluation and probes** — held-out tasks, baselines, intervals, where the policy generalizes and where it
 #    breaks.
 #
-# Sections appear here as they become real; every number the notebook prints is computed in a cell you can read.
+# Every number the notebook prints is computed in a cell you can read, with its n and a baseline beside it; the closing
+# reflection is assembled from those numbers, including the ones that did not come out well.
 # Run it top to bottom in Jupyter Lab or VS Code, or headless with `bash setup.sh --run`.
 
 # %% tags=["parameters"]
