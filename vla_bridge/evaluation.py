@@ -704,20 +704,32 @@ class EvalReport:
             if ft is None:
                 continue
             parts = []
-            for metric, kind, better in (("success_rate", "rate", max), ("mean_l1_action_error", "l1", min)):
+            for metric, kind in (("success_rate", "rate"), ("mean_l1_action_error", "l1")):
                 cmp = []
                 for p in (POLICY_BASE, POLICY_MEAN):
                     if p not in rows:
                         continue
-                    a, b = ft[metric], rows[p][metric]
-                    overlap = not (a["ci"][1] < b["ci"][0] or b["ci"][1] < a["ci"][0])
-                    wins = better(a["mean"], b["mean"]) == a["mean"] and a["mean"] != b["mean"]
-                    verdict = ("better" if wins else "not better") + (", CIs overlap" if overlap else
-                                                                       ", CIs do not overlap")
-                    cmp.append(f"{p} {_fmt(b, kind)} ({verdict})")
-                parts.append(f"{metric} {_fmt(a, kind)} vs " + "; ".join(cmp))
+                    c = compare_metric(metric, ft[metric], rows[p][metric])
+                    verdict = ("better" if c["better"] else "not better") + (", CIs do not overlap" if c["separated"]
+                                                                             else ", CIs overlap")
+                    cmp.append(f"{p} {_fmt(rows[p][metric], kind)} ({verdict})")
+                parts.append(f"{metric} {_fmt(ft[metric], kind)} vs " + "; ".join(cmp))
             out.append(f"{ft['title']} ({ft['n_tasks']} tasks, {ft['n_episodes']} episodes): " + " | ".join(parts))
         return out
+
+
+def ci_separated(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """True when two summaries' 95 % intervals do not overlap (a difference these episodes resolve)."""
+    return a["ci"][1] < b["ci"][0] or b["ci"][1] < a["ci"][0]
+
+
+def compare_metric(metric: str, finetuned: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """The fine-tuned summary against a baseline's on ``metric``: strictly better (higher success, lower error or
+    drift) and whether the intervals separate."""
+    a, b = finetuned["mean"], baseline["mean"]
+    better = a > b if metric == "success_rate" else a < b
+    return {"finetuned": finetuned, "baseline": baseline, "better": bool(better),
+            "separated": ci_separated(finetuned, baseline)}
 
 
 def _fmt(m: Mapping[str, Any], kind: str) -> str:
@@ -1115,5 +1127,5 @@ __all__ = [
     "proxy_success", "bootstrap_ci", "summarize", "BatchedActionPredictor", "per_frame_predict", "Policy",
     "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode", "run_closed_loop",
     "EvalTask", "select_eval_tasks", "EpisodeData", "load_episodes", "training_mean_action", "EvalReport",
-    "format_table", "run_evaluation",
+    "ci_separated", "compare_metric", "format_table", "run_evaluation",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .evaluation import CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN
+from .evaluation import CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, ci_separated, compare_metric
 
 # Scale of OpenVLA-7B's own training, for the comparison the reflection makes (Kim et al., 2024, "OpenVLA").
 OPENVLA_PRETRAIN_EPISODES = 970_000
@@ -31,20 +31,13 @@ def _num(m: Mapping[str, Any] | None, digits: int = 4) -> str:
     return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def ci_separated(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """True when two 95 % intervals do not overlap."""
-    return a["ci"][1] < b["ci"][0] or b["ci"][1] < a["ci"][0]
-
-
 def comparison(report, group: str, metric: str, baseline: str) -> dict[str, Any] | None:
-    """Fine-tuned vs ``baseline`` on ``metric`` in ``group``: means, CIs, who is better, whether the CIs separate."""
+    """Fine-tuned vs ``baseline`` on ``metric`` in ``group`` (:func:`evaluation.compare_metric`); None if not run."""
     try:
         ft, base = report.group(group, POLICY_FINETUNED)[metric], report.group(group, baseline)[metric]
     except KeyError:
         return None
-    lower_is_better = metric != "success_rate"
-    better = ft["mean"] < base["mean"] if lower_is_better else ft["mean"] > base["mean"]
-    return {"finetuned": ft, "baseline": base, "better": bool(better), "separated": ci_separated(ft, base)}
+    return compare_metric(metric, ft, base)
 
 
 def _verdict(c: Mapping[str, Any] | None, fmt) -> str:
