@@ -375,6 +375,7 @@ def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
              title="success vs LoRA rank")
     ax_l.set(xscale="log", xlabel="LoRA rank", ylabel="open-loop mean L1 (action units)", title="L1 vs LoRA rank")
     for ax in (ax_s, ax_l):
+        ax.minorticks_off()  # the log axis' own minor labels (3×10¹, …) would print over the rank labels
         ax.set_xticks(ranks)
         ax.set_xticklabels([str(r) for r in ranks])
         ax.grid(alpha=0.3)
