@@ -12,6 +12,7 @@ import pytest
 from conftest import SMALL
 
 from vla_bridge.data import build, stream, world
+from vla_bridge.images import to_uint8_hwc
 
 @pytest.fixture(scope="module")
 def rows(small):
@@ -134,7 +135,7 @@ def test_frames_from_the_second_video_file_are_the_right_ones(small, rows):
     ep = world.generate_episode(last["canonical_task"], last["seed"], split=last["split"], prompt=last["task"])
     assert len(frames) == len(ep)
     for fr, ref in zip(frames, ep.frames):
-        img = stream.to_uint8_hwc(fr["observation.images.image_0"]).astype(np.float64)
+        img = to_uint8_hwc(fr["observation.images.image_0"]).astype(np.float64)
         assert np.abs(img - ref["observation.images.image_0"]).mean() < 8.0
 
 

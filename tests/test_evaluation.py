@@ -138,6 +138,33 @@ def test_closed_loop_batches_policy_calls_across_envs():
     assert calls == [4] * 5 and not any(r["success"] for r in res)
 
 
+def test_closed_loop_feeds_each_episode_its_camera_and_transform_and_records_the_path():
+    seen = []
+
+    class Spy(ev.ConstantPolicy):
+        needs_images = True
+
+        def act(self, images, instructions, envs=None, progress=None):
+            seen.append([im.copy() for im in images])
+            return super().act(images, instructions, envs)
+
+    t, s = world.SPLITS.finetune[0], 11
+    eps = [ev.ClosedLoopEpisode(t, s, t),
+           ev.ClosedLoopEpisode(t, s, t, camera=world.IMAGE_KEYS[1]),
+           ev.ClosedLoopEpisode(t, s, t, transform=lambda im: 255 - im)]
+    up = np.r_[0.0, 0.0, 0.02, np.zeros(3), 1.0]
+    res = ev.run_closed_loop(Spy(up, "up"), eps, max_steps=3, image_size=64, record=True)
+    env = world.TabletopEnv(image_size=64)
+    obs0 = env.reset(t, s)
+    assert np.array_equal(seen[0][0], obs0[world.IMAGE_KEYS[0]])
+    assert np.array_equal(seen[0][1], obs0[world.IMAGE_KEYS[1]])
+    assert np.array_equal(seen[0][2], 255 - obs0[world.IMAGE_KEYS[0]])
+    for r in res:
+        assert r["path"].shape == (4, 3) and r["gripper"].shape == (4,) and len(r["frames"]) == 4
+        assert np.all(np.diff(r["path"][:, 2]) > 0.01)               # the arm went up every step
+        assert np.array_equal(r["frames"][0], obs0[world.IMAGE_KEYS[0]])   # frames: the unperturbed main view
+
+
 # ------------------------------------------------------------------------------------------------------ inference
 
 

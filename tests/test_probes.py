@@ -343,15 +343,24 @@ def test_failures_from_an_evaluation_report(tmp_path):
     assert rep.sheet_path.stat().st_size > 0
 
 
-def test_fallback_predictor_matches_the_evaluation_predictor(small_world):
+def test_probe_predictor_gives_predict_action_tokens_and_the_first_token_logits(small_world):
+    import torch
+
+    from vla_bridge.evaluation import per_frame_predict
+    from vla_bridge.tokenization import ActionTokenizer
+
     ds, split, model, processor = small_world
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3)).astype(np.uint8) for _ in range(5)]
     instructions = ["put the red block on the plate"] * 3 + ["move the blue cup to the towel"] * 2
-    a1, l1 = probes.ActionPredictor(model, processor, KEY, center_crop=True).run(images, instructions)
-    a2, l2 = probes.make_predictor(model, processor, KEY, center_crop=True).run(images, instructions)
-    assert l1.shape == l2.shape == (5, 256)
-    assert np.array_equal(a1, a2) and np.allclose(l1, l2, atol=1e-4)
-    from vla_bridge.evaluation import per_frame_predict
-
-    assert np.array_equal(a1, per_frame_predict(model, processor, images, instructions, KEY, True))
+    pred = probes.make_predictor(model, processor, KEY, center_crop=True)
+    acts, logits = pred.run(images, instructions)
+    assert logits.shape == (5, 256)
+    assert np.array_equal(acts, per_frame_predict(model, processor, images, instructions, KEY, True))
+    inner = pred.inner
+    action_ids = list(ActionTokenizer(processor.tokenizer).action_token_ids)
+    with torch.inference_mode():
+        for i in (0, 4):
+            ids = torch.tensor([inner.prompt_ids(instructions[i])])
+            out = model(input_ids=ids, pixel_values=inner.pixel_values([images[i]]))
+            assert np.allclose(out.logits[0, -1, action_ids].numpy(), logits[i], atol=1e-4)

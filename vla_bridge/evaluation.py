@@ -272,11 +272,9 @@ class BatchedActionPredictor:
 
     def preprocess(self, image: Any):
         """One image → the PIL image the processor gets (resized to the model size, then the eval crop if asked)."""
-        from .data.stream import to_uint8_hwc
-        from .images import eval_transform, to_uint8_hwc as any_to_uint8
+        from .images import eval_transform, to_uint8_hwc
 
-        arr = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else any_to_uint8(image)
-        return eval_transform(to_uint8_hwc(arr, self.image_size), self.center_crop)
+        return eval_transform(to_uint8_hwc(image, self.image_size), self.center_crop)
 
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         ip = getattr(self.processor, "image_processor", self.processor)
@@ -502,23 +500,31 @@ class ClosedLoopEpisode:
     seed: int
     prompt: str            # what the policy is told (the task as shown in the dataset)
     episode_index: int = -1
+    camera: str | None = None                                   # the view the policy sees (default image_0)
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # a perturbation of that view (probes)
 
 
 def run_closed_loop(policy: Policy, episodes: Sequence[ClosedLoopEpisode], max_steps: int | None = None,
-                    image_size: int | None = None, progress: bool = False, desc: str | None = None) -> list[dict]:
+                    image_size: int | None = None, progress: bool = False, desc: str | None = None,
+                    record: bool = False) -> list[dict]:
     """Run ``policy`` in one embedded-world env per episode, all in parallel: each step, ONE batched ``act`` call
     over the envs still running, then a step of each. An env stops at success (sticky) or ``max_steps``.
 
+    Each episode's policy input is its ``camera`` view (image_0 by default) through its ``transform`` (if any) —
+    the probes use that to run the loop on the other camera or a colour-shifted image.
+
     Returns per episode: {episode_index, success, steps, grasped (held the instructed object at some step),
-    final_distance_cm (instructed object to target centre at the end)}.
+    final_distance_cm (instructed object to target centre at the end), path ((steps + 1, 3) gripper xyz),
+    gripper ((steps + 1,) opening)} and, with ``record``, frames (the unperturbed image_0 at every step).
     """
     from .data import world
 
     max_steps = int(max_steps or world.DEFAULT_MAX_STEPS)
     size = int(image_size or world.DEFAULT_IMAGE_SIZE)
+    render = bool(policy.needs_images or record)
     envs, obs = [], []
     for ep in episodes:
-        env = world.TabletopEnv(image_size=size, max_steps=max_steps, render=policy.needs_images)
+        env = world.TabletopEnv(image_size=size, max_steps=max_steps, render=render)
         obs.append(env.reset(ep.instruction, int(ep.seed), prompt=ep.prompt))
         envs.append(env)
     n = len(envs)
@@ -527,18 +533,26 @@ def run_closed_loop(policy: Policy, episodes: Sequence[ClosedLoopEpisode], max_s
     grasped = np.zeros(n, bool)
     steps = np.zeros(n, int)
     dist = np.full(n, np.nan)
+    paths = [[env.pos.copy()] for env in envs]
+    grips = [[env.gripper] for env in envs]
+    frames = [[o[world.IMAGE_KEYS[0]]] if record else [] for o in obs]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, desc=desc or f"closed loop: {policy.name}", unit="step", leave=False,
                    mininterval=1.0)
-    key = world.IMAGE_KEYS[0]
+
+    def view(i: int) -> np.ndarray:
+        ep = episodes[i]
+        im = obs[i][ep.camera or world.IMAGE_KEYS[0]]
+        return ep.transform(im) if ep.transform is not None else im
+
     for _t in range(max_steps):
         active = np.flatnonzero(~done)
         if active.size == 0:
             break
-        images = [obs[i][key] for i in active] if policy.needs_images else None
+        images = [view(i) for i in active] if policy.needs_images else None
         actions = policy.act(images, [episodes[i].prompt for i in active], [envs[i] for i in active])
         for j, i in enumerate(active):
             obs[i], d, s, info = envs[i].step(actions[j])
@@ -547,13 +561,24 @@ def run_closed_loop(policy: Policy, episodes: Sequence[ClosedLoopEpisode], max_s
             success[i] = bool(s)
             dist[i] = 100.0 * float(info["distance_to_target"])
             done[i] = bool(d)
+            paths[i].append(envs[i].pos.copy())
+            grips[i].append(envs[i].gripper)
+            if record:
+                frames[i].append(obs[i][world.IMAGE_KEYS[0]])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(running=int((~done).sum()), success=int(success.sum()))
     if bar is not None:
         bar.close()
-    return [{"episode_index": ep.episode_index, "success": bool(success[i]), "steps": int(steps[i]),
-             "grasped": bool(grasped[i]), "final_distance_cm": float(dist[i])} for i, ep in enumerate(episodes)]
+    out = []
+    for i, ep in enumerate(episodes):
+        r = {"episode_index": ep.episode_index, "success": bool(success[i]), "steps": int(steps[i]),
+             "grasped": bool(grasped[i]), "final_distance_cm": float(dist[i]), "path": np.asarray(paths[i]),
+             "gripper": np.asarray(grips[i], dtype=np.float64)}
+        if record:
+            r["frames"] = frames[i]
+        out.append(r)
+    return out
 
 
 # ====================================================================================================== selection
@@ -630,7 +655,8 @@ class EpisodeData:
 def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
                   progress: bool = False) -> dict[int, EpisodeData]:
     """Every frame of ``episodes`` from the opened stream ``ds`` (main camera decoded to uint8 HxWx3)."""
-    from .data.stream import MAIN_CAMERA, collect_episodes, to_uint8_hwc
+    from .data.stream import MAIN_CAMERA, collect_episodes
+    from .images import to_uint8_hwc
 
     camera = camera or MAIN_CAMERA
     out: dict[int, EpisodeData] = {}

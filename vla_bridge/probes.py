@@ -57,14 +57,10 @@ evaluation report (``evaluation.run_evaluation``: every evaluated held-out episo
 the proxy on Bridge); a :class:`ProbeResult` or hand-made rows work too.
 
 Inference goes through ``evaluation.BatchedActionPredictor.predict_with_logits`` (actions and first-token logits from
-the same ``generate()`` calls, the evaluation table's preprocessing) via :func:`make_predictor`. Without the
-evaluation module, :class:`ActionPredictor` does the same by hand: one batched prefill gives the first-token logits,
-then 7 greedy tokens with the KV cache (EOS suppressed, as ``predict_action``'s ``min_new_tokens``), frames batched
-by prompt length so no padding is needed; its decode steps call ``language_model`` directly because OpenVLA-7B's own
-forward refuses cached steps with batch > 1. Both give ``predict_action``'s tokens exactly (tests check it).
-
-The closed-loop runner here (:func:`run_closed_loop`) mirrors ``evaluation.run_closed_loop`` but can feed another
-camera, transform the observation and record frames and the gripper path, which the probes and the video need.
+the same ``generate()`` calls, the evaluation table's preprocessing) via :func:`make_predictor`, and the closed loop
+through ``evaluation.run_closed_loop`` (its episodes can name another camera or a perturbation of the view, and it
+can record the frames and the gripper path the video needs): one predictor and one closed-loop runner for the
+evaluation table and the probes alike.
 """
 
 from __future__ import annotations
@@ -81,8 +77,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .images import eval_transform, to_uint8_hwc
-from .tokenization import ActionTokenizer, build_prompt, image_to_pixel_values, space_token_id, unnormalize_actions
+from .images import to_uint8_hwc
+from .evaluation import ClosedLoopEpisode, run_closed_loop
 
 MAIN_CAMERA = "observation.images.image_0"
 OTHER_CAMERA = "observation.images.image_1"
@@ -210,103 +206,11 @@ def weighted_bootstrap_ci(values: Sequence[float], weights: Sequence[float] | No
 # ==================================================================================================================
 # Inference
 # ==================================================================================================================
-def _base(model):
-    from .models.openvla import base_model
-
-    return base_model(model)
-
-
-class ActionPredictor:
-    """Batched greedy actions and first-action-token logits for (image, instruction) pairs.
-
-    ``run(images, instructions)`` → ``(actions (N, D) de-normalized, logits (N, 256) over the action tokens at the
-    first action position)``. Images are uint8 HxWx3 (raw); the evaluation centre crop (``center_crop``, the
-    counterpart of training's image_aug) is applied here, after any probe perturbation.
-    """
-
-    def __init__(self, model, processor, unnorm_key: str, center_crop: bool = True, batch_size: int = 32):
-        from .models.openvla import model_device, model_dtype
-
-        self.model, self.processor, self.unnorm_key = model, processor, unnorm_key
-        self.center_crop, self.batch_size = bool(center_crop), int(batch_size)
-        self.base = _base(model)
-        stats = self.base.config.norm_stats[unnorm_key]["action"]
-        self.stats = stats
-        self.action_dim = len(stats["q01"])
-        self.tok = ActionTokenizer(processor.tokenizer)
-        self.action_ids = torch.tensor(list(self.tok.action_token_ids), dtype=torch.long)
-        self.space_id = space_token_id(processor.tokenizer)
-        self.eos_id = int(processor.tokenizer.eos_token_id)
-        self.device, self.dtype = model_device(model), model_dtype(model)
-
-    def _ids(self, instruction: str) -> list[int]:
-        ids = list(self.processor.tokenizer(build_prompt(instruction), add_special_tokens=True).input_ids)
-        if ids[-1] != self.space_id:
-            ids.append(self.space_id)
-        return ids
-
-    @torch.inference_mode()
-    def _run_batch(self, ids: list[int], images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        pv = torch.stack([image_to_pixel_values(eval_transform(im, self.center_crop), self.processor)
-                          for im in images]).to(self.device, self.dtype)
-        input_ids = torch.tensor([ids] * len(images), dtype=torch.long, device=self.device)
-        out = self.base(input_ids=input_ids, pixel_values=pv, use_cache=True)
-        logits = out.logits[:, -1].float()
-        first = logits[:, self.action_ids.to(logits.device)].cpu().numpy()
-        past, tokens = out.past_key_values, []
-        lm = self.base.language_model
-        for k in range(self.action_dim):
-            logits[:, self.eos_id] = -float("inf")          # predict_action's min_new_tokens = action_dim
-            nxt = logits.argmax(-1)
-            tokens.append(nxt)
-            if k + 1 < self.action_dim:
-                step = lm(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-                past, logits = step.past_key_values, step.logits[:, -1].float()
-        tok = torch.stack(tokens, 1).cpu().numpy()
-        normalized = self.tok.decode(tok)
-        mask = self.stats.get("mask", [True] * self.action_dim)
-        acts = np.asarray(unnormalize_actions(normalized, self.stats["q01"], self.stats["q99"], mask), np.float64)
-        return acts, first
-
-    def run(self, images: Sequence[Any], instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if len(images) != len(instructions):
-            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        n = len(images)
-        acts = np.zeros((n, self.action_dim))
-        logits = np.zeros((n, len(self.action_ids)), dtype=np.float32)
-        by_ids: dict[tuple, list[int]] = {}
-        cache: dict[str, tuple] = {}
-        for i, ins in enumerate(instructions):
-            if ins not in cache:
-                cache[ins] = tuple(self._ids(ins))
-            by_ids.setdefault(cache[ins], []).append(i)
-        was_training = self.base.training
-        self.base.eval()
-        try:
-            for ids, idx in by_ids.items():
-                for s in range(0, len(idx), self.batch_size):
-                    chunk = idx[s:s + self.batch_size]
-                    a, lg = self._run_batch(list(ids), [images[i] for i in chunk])
-                    acts[chunk], logits[chunk] = a, lg
-        finally:
-            self.base.train(was_training)
-        return acts, logits
-
-    def predict(self, images: Sequence[Any], instructions: Sequence[str]) -> np.ndarray:
-        return self.run(images, instructions)[0]
-
-    def first_token_logits(self, images: Sequence[Any], instructions: Sequence[str]) -> np.ndarray:
-        return self.run(images, instructions)[1]
-
-
 def make_predictor(model, processor, unnorm_key: str, center_crop: bool = True, batch_size: int = 32):
-    """``evaluation.BatchedActionPredictor`` (its ``predict_with_logits``: actions and first-token logits from the
-    same ``generate()`` calls, the same preprocessing as the evaluation table) wrapped to ``run(images,
-    instructions) -> (actions, logits (N, 256))``; :class:`ActionPredictor` when the evaluation module is absent."""
-    try:
-        from .evaluation import BatchedActionPredictor
-    except ImportError:
-        return ActionPredictor(model, processor, unnorm_key, center_crop, batch_size)
+    """``evaluation.BatchedActionPredictor`` wrapped to ``run(images, instructions) -> (actions, logits (N, 256))``:
+    actions and first-action-token logits from the same ``generate()`` calls as the evaluation table."""
+    from .evaluation import BatchedActionPredictor
+
     return EvaluationPredictor(BatchedActionPredictor(model, processor, unnorm_key, center_crop,
                                                       max_batch_size=batch_size))
 
@@ -382,54 +286,17 @@ def load_episodes(ds, episodes_by_group: Mapping[str, Sequence[int]], frame_stri
 # ==================================================================================================================
 # Closed loop (embedded world)
 # ==================================================================================================================
-@dataclasses.dataclass
-class RolloutSpec:
-    instruction: str                    # the canonical task: builds the scene
-    seed: int
-    prompt: str                         # what the policy is told
-    camera: str = MAIN_CAMERA
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+class PredictorPolicy:
+    """A probe predictor (``run(images, instructions) -> (actions, logits)``) as an ``evaluation.Policy``, so the
+    probes drive ``evaluation.run_closed_loop``."""
 
+    needs_images = True
 
-def run_closed_loop(predictor, specs: Sequence[RolloutSpec], max_steps: int = 60, image_size: int = 128,
-                    record: bool = False) -> list[dict]:
-    """Run every spec's env in lockstep, one batched policy call per step. Returns per spec: success, steps, path
-    (T+1, 3 gripper xyz), gripper (T+1,), and with ``record`` the unperturbed image_0 frames (T+1)."""
-    from .data import world
+    def __init__(self, predictor, name: str = "probe"):
+        self.predictor, self.name = predictor, name
 
-    envs, obs = [], []
-    for s in specs:
-        env = world.TabletopEnv(image_size=image_size, max_steps=max_steps)
-        obs.append(env.reset(s.instruction, s.seed, prompt=s.prompt))
-        envs.append(env)
-    res = [{"success": False, "steps": 0, "path": [env.pos.copy()], "gripper": [env.gripper],
-            "frames": [o[MAIN_CAMERA]] if record else []} for env, o in zip(envs, obs)]
-    active = list(range(len(specs)))
-    for _ in range(max_steps):
-        if not active:
-            break
-        imgs = []
-        for i in active:
-            im = obs[i][specs[i].camera]
-            imgs.append(specs[i].transform(im) if specs[i].transform is not None else im)
-        acts, _ = predictor.run(imgs, [specs[i].prompt for i in active])
-        still = []
-        for i, a in zip(active, acts):
-            obs[i], done, success, _info = envs[i].step(a)
-            r = res[i]
-            r["steps"] += 1
-            r["success"] = bool(success)
-            r["path"].append(envs[i].pos.copy())
-            r["gripper"].append(envs[i].gripper)
-            if record:
-                r["frames"].append(obs[i][MAIN_CAMERA])
-            if not done:
-                still.append(i)
-        active = still
-    for r in res:
-        r["path"] = np.asarray(r["path"])
-        r["gripper"] = np.asarray(r["gripper"])
-    return res
+    def act(self, images, instructions, envs=None, progress=None) -> np.ndarray:
+        return self.predictor.run(list(images), list(instructions))[0]
 
 
 def world_to_image0(xyz: np.ndarray, image_size: int) -> np.ndarray:
@@ -579,7 +446,9 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
         raise ValueError(f"unknown probe(s) {sorted(unknown)}; known: {PROBES}")
     by_group = {g: pick_group_episodes(split, g, max_episodes) for g in groups}
     predictor = predictor or make_predictor(model, processor, unnorm_key, center_crop, batch_size)
-    stats = _base(model).config.norm_stats[unnorm_key]["action"]
+    from .models.openvla import base_model
+
+    stats = base_model(model).config.norm_stats[unnorm_key]["action"]
     dim_range = np.maximum(np.asarray(stats["q99"], np.float64) - np.asarray(stats["q01"], np.float64), 1e-8)
     names = list(ACTION_NAMES) if len(dim_range) == len(ACTION_NAMES) else [f"a{i}" for i in range(len(dim_range))]
 
@@ -650,18 +519,19 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
                 for e in chosen:
                     inst, sd = e.meta["canonical_task"], int(e.meta["seed"])
                     if cond == "base":
-                        specs.append(RolloutSpec(inst, sd, e.task))
+                        specs.append(ClosedLoopEpisode(inst, sd, e.task))
                     elif cond == "paraphrase" and e.episode in paraphrases:
-                        specs.append(RolloutSpec(inst, sd, paraphrases[e.episode]))
+                        specs.append(ClosedLoopEpisode(inst, sd, paraphrases[e.episode]))
                     elif cond == "color_shift":
-                        specs.append(RolloutSpec(inst, sd, e.task,
-                                                 transform=lambda im, d=hue_shift_deg: color_shift(im, d)))
+                        specs.append(ClosedLoopEpisode(inst, sd, e.task,
+                                                       transform=lambda im, d=hue_shift_deg: color_shift(im, d)))
                     elif cond == "other_camera":
-                        specs.append(RolloutSpec(inst, sd, e.task, camera=OTHER_CAMERA))
+                        specs.append(ClosedLoopEpisode(inst, sd, e.task, camera=OTHER_CAMERA))
                     else:
                         continue
                     owners.append((cond, e.episode))
-            for (cond, ep), r in zip(owners, run_closed_loop(predictor, specs, max_steps=max_steps, image_size=size)):
+            for (cond, ep), r in zip(owners, run_closed_loop(PredictorPolicy(predictor), specs,
+                                                                max_steps=max_steps, image_size=size)):
                 cl.setdefault(cond, {})[ep] = {"success": r["success"], "steps": r["steps"]}
             timings["closed_loop_s"] = time.perf_counter() - t
 
@@ -992,8 +862,8 @@ def rollout_video(model, processor, ds, split, *, unnorm_key: str, out_dir: str 
         if kind == "closed_loop":
             inst, seed = data.meta["canonical_task"], int(data.meta["seed"])
             size = int(data.images.shape[1])
-            r = run_closed_loop(predictor, [RolloutSpec(inst, seed, data.task)], max_steps=max_steps,
-                                image_size=size, record=True)[0]
+            r = run_closed_loop(PredictorPolicy(predictor), [ClosedLoopEpisode(inst, seed, data.task)],
+                                max_steps=max_steps, image_size=size, record=True)[0]
             uv = world_to_image0(r["path"], size)
             frames = []
             for t, img in enumerate(r["frames"]):
@@ -1160,8 +1030,8 @@ __all__ = [
     "PROBES", "PROBE_GROUPS", "REFERENCE", "HUE_SHIFT_DEG", "KL_SMALL", "L1_SMALL", "L1_BREAK_RATIO",
     "COLLAPSE_SPREAD", "color_shift", "is_missing_or_black", "bridge_paraphrases", "paraphrase_for", "log_softmax",
     "kl_divergence", "l1_per_frame", "mean_abs_delta", "weighted_bootstrap_ci", "prediction_spread",
-    "ActionPredictor", "make_predictor", "EvaluationPredictor", "EpisodeData", "world_sidecar",
-    "pick_group_episodes", "load_episodes", "RolloutSpec", "run_closed_loop", "world_to_image0", "ProbeResult",
+    "make_predictor", "EvaluationPredictor", "EpisodeData", "world_sidecar",
+    "pick_group_episodes", "load_episodes", "PredictorPolicy", "world_to_image0", "ProbeResult",
     "run_probes", "probe_verdict", "probe_bullets", "format_probe_table", "write_probe_report", "VideoResult",
     "rollout_video", "verb_noun", "rank_failures", "slice_failures", "format_slices", "FailureReport",
     "failure_rows_from_eval", "mine_failures",
