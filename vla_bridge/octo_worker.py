@@ -43,6 +43,7 @@ LANGUAGE_KEY = "language_instruction"
 FROZEN_KEYS = ("*hf_model*",)          # Octo's recipe: the T5 language encoder stays frozen
 RANDOM_INIT = "octo-random"            # MODEL_ID asking for Octo-Small from octo's config with random weights
 OFFLINE_T5_DIRNAME = "t5-offline-bytes"  # octo's LanguageTokenizer builds a T5 encoder when the name contains "t5"
+T5_FORMAT = 2                          # bump when build_offline_t5 changes (the directory is rebuilt)
 SERVE_BATCH = 16                       # predict requests are padded to a multiple of this (one XLA compile)
 PROTOCOL = 1
 
@@ -124,7 +125,9 @@ def build_offline_t5(directory: str | os.PathLike, d_model: int = 128, num_layer
     d = Path(directory)
     if "t5" not in d.name:
         raise ValueError(f"{d}: octo builds a T5 encoder only when the directory name contains 't5'")
-    if (d / "config.json").is_file() and (d / "tokenizer.json").is_file():
+    marker = d / "vla_bridge_t5.json"
+    want = {"format": T5_FORMAT, "d_model": int(d_model), "num_layers": int(num_layers)}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
         return d
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, T5Config
@@ -139,13 +142,14 @@ def build_offline_t5(directory: str | os.PathLike, d_model: int = 128, num_layer
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+                                   model_max_length=512, model_input_names=["input_ids", "attention_mask"])
     fast.save_pretrained(str(tmp))
     T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=max(8, d_model // 4), d_ff=4 * d_model,
              num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
              decoder_start_token_id=0).save_pretrained(str(tmp))
     (tmp / "README.md").write_text("Built offline by vla_bridge.octo_worker.build_offline_t5: byte-level tokenizer, "
                                    "small random T5 encoder config (no weights). For offline checks only.\n")
+    (tmp / marker.name).write_text(json.dumps(want))
     if d.exists():
         shutil.rmtree(d)
     tmp.rename(d)
@@ -380,8 +384,10 @@ def train(args: argparse.Namespace) -> dict:
     save_checkpoint(model, 0, ckpt_dir / "base", {**extra, "what": "weights before fine-tuning"})
 
     steps = int(args.max_steps)
-    lr = dict(name="cosine", init_value=0.0, peak_value=float(args.lr),
-              warmup_steps=max(1, min(int(args.warmup), steps)), decay_steps=max(steps, 1), end_value=0.0)
+    warmup = max(1, min(int(args.warmup), steps))
+    # optax counts decay_steps from step 0, warmup included (octo: warmup 2000, decay_steps = num_steps)
+    lr = dict(name="cosine", init_value=0.0, peak_value=float(args.lr), warmup_steps=warmup,
+              decay_steps=max(steps, warmup + 1), end_value=0.0)
     tx, lr_fn, _ = train_utils.create_optimizer(model.params, learning_rate=lr, weight_decay=0.01,
                                                 clip_gradient=1.0, frozen_keys=list(FROZEN_KEYS))
     state = train_utils.TrainState.create(rng=jax.random.PRNGKey(args.seed + 1), model=model, tx=tx)
