@@ -44,7 +44,7 @@ FROZEN_KEYS = ("*hf_model*",)          # Octo's recipe: the T5 language encoder 
 RANDOM_INIT = "octo-random"            # MODEL_ID asking for Octo-Small from octo's config with random weights
 OFFLINE_T5_DIRNAME = "t5-offline-bytes"  # octo's LanguageTokenizer builds a T5 encoder when the name contains "t5"
 T5_FORMAT = 2                          # bump when build_offline_t5 changes (the directory is rebuilt)
-SERVE_BATCH = 16                       # predict requests are padded to a multiple of this (one XLA compile)
+SERVE_BATCH = 16                       # predict requests go in chunks of at most this many frames
 PROTOCOL = 1
 
 
@@ -462,7 +462,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 class Predictor:
-    """Normalized action chunks for images + instructions, in padded batches of a fixed size (one compile)."""
+    """Normalized action chunks for images + instructions: chunks of at most ``batch_size`` frames, each padded to
+    the next power of two (XLA compiles once per size: at most log2(batch_size) + 1 compiles, little padding)."""
 
     def __init__(self, model, window: int, batch_size: int = SERVE_BATCH, seed: int = 0):
         import jax
@@ -480,13 +481,14 @@ class Predictor:
             im = images[i:i + self.batch_size]
             tx = list(texts[i:i + self.batch_size])
             k = len(tx)
-            if k < self.batch_size:
-                im = np.concatenate([im, np.repeat(im[-1:], self.batch_size - k, axis=0)])
-                tx += [tx[-1]] * (self.batch_size - k)
+            size = 1 << (k - 1).bit_length()
+            if k < size:
+                im = np.concatenate([im, np.repeat(im[-1:], size - k, axis=0)])
+                tx += [tx[-1]] * (size - k)
             # the current frame in the window's last slot; earlier slots are padding (masked) — see README
             w = self.window
             obs_im = np.repeat(im[:, None], w, axis=1)
-            pad = np.zeros((self.batch_size, w), bool)
+            pad = np.zeros((size, w), bool)
             pad[:, -1] = True
             obs = {IMAGE_KEY: obs_im, "timestep_pad_mask": pad, "pad_mask_dict": {IMAGE_KEY: pad.copy()}}
             self.key, sub = jax.random.split(self.key)
