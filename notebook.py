@@ -34,7 +34,7 @@
 # %% tags=["parameters"]
 # Parameters (papermill overrides these; "auto" lets the hardware decide; env FORCE_PATH=openvla|octo|tiny wins).
 POLICY = "auto"          # auto | openvla | openvla-4bit | octo | tiny
-MODEL_ID = "auto"        # hub id (openvla/openvla-7b) or a local checkpoint directory
+MODEL_ID = "auto"        # hub id (openvla/openvla-7b) or a local checkpoint directory; octo: hf://… or octo-random
 DATASET = "auto"         # auto | embedded | hub id (nvidia/bridge_lerobot_v3) | local LeRobot v3.0 root
 UNNORM_KEY = "auto"      # norm_stats key; auto → bridge_orig on Bridge, demo_world on the embedded world
 RUN_NAME = "auto"        # outputs/<kind>/<RUN_NAME>/; auto → <policy>-<dataset>
