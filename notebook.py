@@ -34,7 +34,7 @@
 # %% tags=["parameters"]
 # Parameters (papermill overrides these; "auto" lets the hardware decide; env FORCE_PATH=openvla|octo|tiny wins).
 POLICY = "auto"          # auto | openvla | openvla-4bit | octo | tiny
-MODEL_ID = "auto"        # hub id (openvla/openvla-7b) or a local checkpoint directory
+MODEL_ID = "auto"        # hub id (openvla/openvla-7b) or a local checkpoint directory; octo: hf://… or octo-random
 DATASET = "auto"         # auto | embedded | hub id (nvidia/bridge_lerobot_v3) | local LeRobot v3.0 root
 UNNORM_KEY = "auto"      # norm_stats key; auto → bridge_orig on Bridge, demo_world on the embedded world
 RUN_NAME = "auto"        # outputs/<kind>/<RUN_NAME>/; auto → <policy>-<dataset>
@@ -290,12 +290,49 @@ print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.c
 # %%
 from vla_bridge.models.policy import load_policy
 
-loaded = load_policy(cfg, action_stats, dataset_root=str(DATA_SOURCE) if cfg.dataset == "embedded" else None,
-                     pretrain_episodes=split.pretrain)
-model, processor = loaded.model, loaded.processor
-for note in loaded.notes:
-    print(note)
-print(f"model: {type(model).__name__} from {loaded.model_id}")
+OCTO = cfg.policy == "octo"  # Octo-Small runs in .venv-octo: see "4-Octo" below
+if OCTO:
+    from vla_bridge.data import octo_shards
+    from vla_bridge.models import octo as octo_path
+
+    print(f"Octo worker interpreter: {octo_path.check_octo_env()}")
+    shards = octo_shards.write_octo_shards(ds, split.train, action_stats, cfg.unnorm_key,
+                                           Path(cfg.data_dir) / "octo_shards", progress=True)
+    print(shards.describe())
+    print(f"model: Octo-Small from {cfg.model_id} (loaded, trained and served by the worker in section 7)")
+    loaded = model = processor = None
+else:
+    loaded = load_policy(cfg, action_stats, dataset_root=str(DATA_SOURCE) if cfg.dataset == "embedded" else None,
+                         pretrain_episodes=split.pretrain)
+    model, processor = loaded.model, loaded.processor
+    for note in loaded.notes:
+        print(note)
+    print(f"model: {type(model).__name__} from {loaded.model_id}")
+
+# %% [markdown]
+# ### 4-Octo. The Octo-Small path: what differs, and why it exists
+#
+# OpenVLA-7B needs about 15 GB of weights before any activation; even in 4-bit it wants a 12 GB card. On smaller GPUs
+# the fallback is **Octo-Small** (27 M parameters in its transformer and heads, JAX/Flax), fine-tuned end to end on
+# the same training episodes and evaluated with the same table. Its stack (numpy 1.24, jax 0.4.20, tensorflow 2.15,
+# Python ≤ 3.11) cannot share an environment with lerobot/torch, so it runs in `.venv-octo`
+# (`bash setup.sh --octo`) as a worker this notebook starts: the cell above wrote the training split as compact
+# shards (the primary camera at 256×256, actions normalized with the **same q01/q99 statistics** and chunked), and
+# the training and evaluation cells below hand off to that worker. What is different from OpenVLA:
+#
+# - **continuous actions from a diffusion head**, not tokens: the transformer's action readout conditions a small
+#   denoising network that turns noise into an action chunk in 20 steps; the loss is the denoising MSE — so there
+#   is no tokenization (section 5) and no token accuracy;
+# - **action chunks**: each prediction is the next 4 actions (the horizon); we execute the first and re-plan at every
+#   step, which is also what the per-frame open-loop metrics compare;
+# - **observation window**: Octo can attend to a history of frames; its fine-tuning recipe uses a window of 1;
+# - **no LoRA: a full fine-tune** of everything except the **frozen T5 language encoder** (AdamW, weight decay 0.01,
+#   warmup then cosine, gradient clip 1.0 — Octo's fine-tuning recipe), so section 6 does not apply;
+# - **checkpoints** are Octo's own layout (`config.json`, `example_batch.msgpack`, orbax parameters) plus our
+#   `dataset_statistics.json`; `base/` keeps the weights before fine-tuning for the baseline row.
+#
+# `MODEL_ID=octo-random` builds Octo-Small from its configuration with random weights and a small offline T5
+# stand-in (no hub needed): a check that the pipeline runs, not a policy.
 
 # %% [markdown]
 # ## 5. Action tokenization: how a language model emits robot actions
@@ -322,27 +359,30 @@ import numpy as np
 
 from vla_bridge import tokenization as tok
 
-action_tokenizer = tok.ActionTokenizer(processor.tokenizer)
-frame = batch[0]  # a real training frame from the stream above
-raw = np.asarray(frame["action"], dtype=np.float64)
-normalized = tok.normalize_with_stats(raw, action_stats)
-token_ids = action_tokenizer.encode(normalized)
-decoded = action_tokenizer.decode(token_ids)
-recovered = tok.unnormalize_with_stats(decoded, action_stats)
-q = tok.action_stats(action_stats)
-half_bin = (np.asarray(q["q99"]) - np.asarray(q["q01"])) / 255 / 2
-print(f"instruction : {frame['instruction']!r}")
-print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
-print(action_tokenizer)
-names = ds.meta.features["action"].get("names") or [f"a{i}" for i in range(len(raw))]
-print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
-for i, n in enumerate(names):
-    print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "
-          f"{recovered[i]:>10.5f} {abs(recovered[i] - raw[i]):>9.2e} {half_bin[i] if q['mask'][i] else 0.5:>8.1e}")
-ex = tok.make_training_example(frame["image"], frame["instruction"], raw, processor, action_tokenizer, action_stats)
-supervised = (ex["labels"] != tok.IGNORE_INDEX).nonzero().flatten().tolist()
-print(f"\ntraining sequence: {len(ex['input_ids'])} tokens, supervised positions {supervised} "
-      f"→ ids {ex['labels'][supervised].tolist()} (7 actions + EOS {processor.tokenizer.eos_token_id})")
+if OCTO:
+    print("skipped on POLICY=octo: Octo predicts continuous action chunks with a diffusion head, no action tokens")
+else:
+    action_tokenizer = tok.ActionTokenizer(processor.tokenizer)
+    frame = batch[0]  # a real training frame from the stream above
+    raw = np.asarray(frame["action"], dtype=np.float64)
+    normalized = tok.normalize_with_stats(raw, action_stats)
+    token_ids = action_tokenizer.encode(normalized)
+    decoded = action_tokenizer.decode(token_ids)
+    recovered = tok.unnormalize_with_stats(decoded, action_stats)
+    q = tok.action_stats(action_stats)
+    half_bin = (np.asarray(q["q99"]) - np.asarray(q["q01"])) / 255 / 2
+    print(f"instruction : {frame['instruction']!r}")
+    print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
+    print(action_tokenizer)
+    names = ds.meta.features["action"].get("names") or [f"a{i}" for i in range(len(raw))]
+    print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
+    for i, n in enumerate(names):
+        print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "
+              f"{recovered[i]:>10.5f} {abs(recovered[i] - raw[i]):>9.2e} {half_bin[i] if q['mask'][i] else 0.5:>8.1e}")
+    ex = tok.make_training_example(frame["image"], frame["instruction"], raw, processor, action_tokenizer, action_stats)
+    supervised = (ex["labels"] != tok.IGNORE_INDEX).nonzero().flatten().tolist()
+    print(f"\ntraining sequence: {len(ex['input_ids'])} tokens, supervised positions {supervised} "
+          f"→ ids {ex['labels'][supervised].tolist()} (7 actions + EOS {processor.tokenizer.eos_token_id})")
 
 # %% [markdown]
 # ## 6. LoRA: train 1–2 % of the weights
@@ -360,9 +400,13 @@ from peft import get_peft_model
 from vla_bridge.models.lora import trainable_parameters
 from vla_bridge.models.openvla import lora_config
 
-model = get_peft_model(model, lora_config(cfg.lora_rank, cfg.lora_alpha, 0.0, model=model))
-trainable, total, share = trainable_parameters(model)
-print(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} parameters = {share:.2f} %")
+if OCTO:
+    print("skipped on POLICY=octo: Octo-Small is fully fine-tuned (all but the frozen T5 encoder), no LoRA adapter")
+else:
+    model = get_peft_model(model, lora_config(cfg.lora_rank, cfg.lora_alpha, 0.0, model=model))
+    trainable, total, share = trainable_parameters(model)
+    print(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} parameters = "
+          f"{share:.2f} %")
 
 # %% [markdown]
 # ## 7. Fine-tune
@@ -385,13 +429,19 @@ train_cfg = TrainConfig(
     log_every=cfg.log_every, save_every=cfg.save_every, seed=cfg.seed, image_aug=cfg.image_aug,
     use_wandb=cfg.use_wandb, resume=cfg.resume, unnorm_key=cfg.unnorm_key,
 )
-fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),
-                                   seed=cfg.seed)
-result = train(model, processor, fit_stream, {cfg.unnorm_key: action_stats}, train_cfg)
+if OCTO:  # the worker in .venv-octo: same step budget, batch, learning rate, warmup, logging and checkpoint layout
+    if cfg.resume:
+        print("RESUME is not supported on the Octo path (its checkpoints hold parameters only): training from the start")
+    result = octo_path.train_octo(cfg, shards.dir)
+else:
+    fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),
+                                       seed=cfg.seed)
+    result = train(model, processor, fit_stream, {cfg.unnorm_key: action_stats}, train_cfg)
 print(f"{result.steps} optimizer steps, {result.frames_seen:,} frames in {result.seconds:.0f} s "
       f"({result.seconds / max(result.steps, 1):.2f} s/step); stopped: {result.stopped_reason}")
 print(f"log: {result.log_path}\nlast checkpoint: {result.last_checkpoint}")
-print(fit_stream.summary())
+if not OCTO:
+    print(fit_stream.summary())
 
 # %% [markdown]
 # ## 8. The loss curve
@@ -404,7 +454,7 @@ print(fit_stream.summary())
 from vla_bridge.training import loss_descent_check, read_log
 
 log = read_log(result.log_path)
-curve = plots.plot_loss_curve(log, cfg.path("figures") / "loss_curve.png")
+curve = (plots.plot_octo_loss_curve if OCTO else plots.plot_loss_curve)(log, cfg.path("figures") / "loss_curve.png")
 ipd.display(ipd.Image(filename=str(curve)))
 check = loss_descent_check(log, within_steps=500)
 print(f"loss over the first {check.get('steps')} steps: first tenth {check.get('first_tenth', float('nan')):.3f} → "
@@ -438,8 +488,17 @@ print(f"latest checkpoint holds: {ckpt_files}")
 # %%
 from vla_bridge import evaluation
 
-eval_report = evaluation.run_evaluation(model, processor, ds, split, cfg=cfg, action_stats=action_stats,
-                                        train_result=result, threads=2)
+if OCTO:  # the same evaluation, with the worker serving the fine-tuned and the before-fine-tuning weights
+    with octo_path.OctoServer(cfg.path("checkpoints") / "latest", base=cfg.path("checkpoints") / "base",
+                              hub_ok=cfg.hub == "yes") as octo_server:
+        octo_policies = {p: octo_path.OctoPolicy(octo_server, action_stats, w, p)
+                         for p, w in ((evaluation.POLICY_FINETUNED, "finetuned"), (evaluation.POLICY_BASE, "base"))}
+        eval_report = evaluation.run_evaluation(None, None, ds, split, cfg=cfg, action_stats=action_stats,
+                                                train_result=result, policy_objects=octo_policies,
+                                                model_info=octo_path.model_info(cfg, result, octo_server))
+else:
+    eval_report = evaluation.run_evaluation(model, processor, ds, split, cfg=cfg, action_stats=action_stats,
+                                            train_result=result, threads=2)
 ipd.display(ipd.Markdown(eval_report.markdown))
 print("\n".join(eval_report.headline()))
 print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
@@ -463,12 +522,17 @@ print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
 # %%
 from vla_bridge import probes
 
-probe_result = probes.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key, out_dir=cfg.path("eval"),
-                                 center_crop=cfg.image_aug, max_episodes=min(cfg.eval_episodes, 6), seed=cfg.seed,
-                                 verbose=False)
-ipd.display(ipd.Markdown(probe_result.table()))
-ipd.display(ipd.Markdown("\n".join(f"- {b}" for b in probe_result.bullets)))
-print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('probe_json')}")
+if OCTO:
+    probe_result = None
+    print("skipped on POLICY=octo: the probes read the VLA's first-action-token distribution (KL), which Octo's "
+          "diffusion head does not have")
+else:
+    probe_result = probes.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key, out_dir=cfg.path("eval"),
+                                     center_crop=cfg.image_aug, max_episodes=min(cfg.eval_episodes, 6),
+                                     seed=cfg.seed, verbose=False)
+    ipd.display(ipd.Markdown(probe_result.table()))
+    ipd.display(ipd.Markdown("\n".join(f"- {b}" for b in probe_result.bullets)))
+    print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('probe_json')}")
 
 # %% [markdown]
 # ### 10a. Watch it act
@@ -477,11 +541,15 @@ print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('
 # On Bridge: the demonstration's frames with the predicted (orange) and demonstrated (green) xy motion as arrows.
 
 # %%
-video = probes.rollout_video(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
-                             out_dir=Path(cfg.outputs_dir) / "videos" / cfg.run_name, center_crop=cfg.image_aug)
-print(f"{video.kind} on episode {video.episode} ({video.instruction!r}): {video.n_frames} frames, "
-      f"success={video.success}; saved {video.path}")
-ipd.display(ipd.Image(filename=str(video.strip_path)))
+if OCTO:
+    print("skipped on POLICY=octo: the rollout video drives the torch VLA through its processor; Octo's closed-loop "
+          "rollouts are in the evaluation above (per-episode records in eval.json)")
+else:
+    video = probes.rollout_video(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
+                                 out_dir=Path(cfg.outputs_dir) / "videos" / cfg.run_name, center_crop=cfg.image_aug)
+    print(f"{video.kind} on episode {video.episode} ({video.instruction!r}): {video.n_frames} frames, "
+          f"success={video.success}; saved {video.path}")
+    ipd.display(ipd.Image(filename=str(video.strip_path)))
 
 # %% [markdown]
 # ### 10b. Failure mining
@@ -514,7 +582,10 @@ from vla_bridge import ablations, report
 
 ablation_steps = max(20, cfg.max_steps // 4)
 ablation_eval = dict(episodes_per_task=4, max_tasks_per_group=2, groups=["heldout", "finetune_eval"], threads=2)
-if cfg.ablation_ranks:
+if OCTO:
+    rank_runs, holdout = [], {"skipped": "POLICY=octo: the rank sweep is a LoRA ablation and Octo is fully fine-tuned"}
+    print(holdout["skipped"])
+elif cfg.ablation_ranks:
     rank_runs = ablations.rank_sweep(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
                                      cfg.ablation_ranks, ablation_steps, ablation_eval)
     ipd.display(ipd.Markdown(ablations.format_rank_table(rank_runs)))

@@ -5,8 +5,11 @@
 #   bash setup.sh          system FFmpeg, .venv with the pinned set, Jupyter kernel, notebook.ipynb, data/ outputs/
 #   bash setup.sh --run    ... then execute notebook.py headless with papermill on the embedded default
 #   bash setup.sh --test   ... then run the test suite (pytest + the notebook headless with params/ci.json)
+#   bash setup.sh --octo   ... and .venv-octo, Octo-Small's own JAX environment (POLICY=octo; GPUs < 12 GB)
 #
 # Environment: PYTHON=/path/to/python3.x to choose the interpreter (3.10-3.12; 3.11 preferred).
+#   --octo: OCTO_SOURCE=/path/to/octo installs Octo from a local copy (offline) instead of GitHub at OCTO_COMMIT;
+#   OCTO_PYTHON=/path/to/python3.11 chooses its interpreter (3.10 or 3.11).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,12 +18,14 @@ VENV="$ROOT/.venv"
 KERNEL_NAME="openvla-bridge"
 DO_RUN=0
 DO_TEST=0
+DO_OCTO=0
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 for arg in "$@"; do
   case "$arg" in
     --run) DO_RUN=1 ;;
     --test) DO_TEST=1 ;;
+    --octo) DO_OCTO=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "setup.sh: unknown flag '$arg'" >&2; usage >&2; exit 2 ;;
   esac
@@ -153,6 +158,73 @@ step_done "in sync"
 step_start "data/ and outputs/"
 mkdir -p data outputs/notebooks
 step_done "ready"
+
+
+# ------------------------------------------------------------------------------------------------ 8. .venv-octo (--octo)
+# Octo-Small (JAX/Flax) needs numpy 1.24 / jax 0.4.20 / tensorflow 2.15 and Python <= 3.11: its own environment.
+# The notebook starts vla_bridge/octo_worker.py with .venv-octo/bin/python; nothing here touches .venv.
+OCTO_COMMIT="241fb3514b7c40957a86d869fecb7c7fc353f540"   # octo-models/octo main, 2024-07-30 (octo-small-1.5 era)
+if [[ "$DO_OCTO" -eq 1 ]]; then
+  OVENV="$ROOT/.venv-octo"
+  octo_py_ok() { "$1" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 11) else 1)' 2>/dev/null; }
+  step_start ".venv-octo: Python 3.10/3.11"
+  if [[ -n "${OCTO_PYTHON:-}" ]]; then
+    octo_py_ok "$OCTO_PYTHON" || die "OCTO_PYTHON=$OCTO_PYTHON is not Python 3.10 or 3.11 (Octo's tensorflow 2.15 / numpy 1.24.3 have no 3.12 wheels)"
+    OPY_BASE="$OCTO_PYTHON"
+  else
+    OPY_BASE=""
+    ocands=(python3.11 python3.10)
+    if command -v pyenv >/dev/null 2>&1; then
+      for v in 3.11 3.10; do for d in "$(pyenv root)"/versions/"$v".*; do [[ -x "$d/bin/python" ]] && ocands+=("$d/bin/python"); done; done
+    fi
+    for c in "${ocands[@]}"; do
+      exe="$(command -v "$c" 2>/dev/null || true)"
+      if [[ -n "$exe" ]] && octo_py_ok "$exe"; then OPY_BASE="$exe"; break; fi
+    done
+    [[ -n "$OPY_BASE" ]] || die "--octo needs Python 3.10 or 3.11 (3.12 has no tensorflow 2.15 wheels): install one (pyenv install 3.11) or set OCTO_PYTHON=/path/to/python3.11"
+  fi
+  step_done "$OPY_BASE ($(py_minor "$OPY_BASE"))"
+
+  if [[ -n "${OCTO_SOURCE:-}" ]]; then
+    [[ -f "$OCTO_SOURCE/octo/model/octo_model.py" ]] || die "OCTO_SOURCE=$OCTO_SOURCE is not a copy of octo-models/octo (no octo/model/octo_model.py); e.g. git clone https://github.com/octo-models/octo && git -C octo checkout $OCTO_COMMIT"
+    OCTO_SPEC="$(cd "$OCTO_SOURCE" && pwd)"
+    OCTO_ID="local:$OCTO_SPEC:$(cd "$OCTO_SPEC" && find octo -name '*.py' -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
+  else
+    OCTO_SPEC="git+https://github.com/octo-models/octo@$OCTO_COMMIT"
+    OCTO_ID="$OCTO_SPEC"
+  fi
+
+  step_start ".venv-octo: pinned JAX stack (requirements-octo.txt + constraints-octo.txt) and octo"
+  OSTAMP="$OVENV/.vla_bridge_octo_stamp"
+  OWANT="$( { cat requirements-octo.txt constraints-octo.txt; echo "$OCTO_ID"; py_minor "$OPY_BASE"; } | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$OVENV/bin/python" && -f "$OSTAMP" && "$(cat "$OSTAMP")" == "$OWANT" ]]; then
+    step_done "up to date"
+  else
+    if [[ ! -x "$OVENV/bin/python" ]] || ! octo_py_ok "$OVENV/bin/python"; then
+      rm -rf "$OVENV"
+      "$OPY_BASE" -m venv "$OVENV" || die "could not create .venv-octo with $OPY_BASE"
+    fi
+    echo "[setup]   installing the JAX stack (first time ~1-2 min and ~2 GB: tensorflow-cpu, jaxlib, transformers)"
+    PIPLOG="$(mktemp)"
+    if ! "$OVENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-octo.txt -c constraints-octo.txt >"$PIPLOG" 2>&1; then
+      grep -v "^WARNING: Location" "$PIPLOG" | tail -40 >&2
+      die "pip could not install requirements-octo.txt with constraints-octo.txt (its last messages are above)"
+    fi
+    # --no-deps: octo's own requirements (unpinned transformers, tensorflow, dlimp from GitHub, ...) fight the pins.
+    if ! "$OVENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$OCTO_SPEC" >"$PIPLOG" 2>&1; then
+      grep -v "^WARNING: Location" "$PIPLOG" | tail -20 >&2
+      die "could not install octo from $OCTO_SPEC (offline? set OCTO_SOURCE=/path/to/a/copy/of/octo-models/octo)"
+    fi
+    rm -f "$PIPLOG"
+    echo "$OWANT" > "$OSTAMP"
+    step_done "installed ($(du -sh "$OVENV" 2>/dev/null | cut -f1))"
+  fi
+
+  step_start ".venv-octo: import check (octo.model, octo.utils.train_utils with our dlimp stand-in)"
+  OCHECK="$(cd "$ROOT" && HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PYTHONPATH="$ROOT" "$OVENV/bin/python" -m vla_bridge.octo_worker check 2>&1)" \
+    || { echo "$OCHECK" | tail -20 >&2; die ".venv-octo does not import octo (messages above); rebuild with: rm -rf .venv-octo && bash setup.sh --octo"; }
+  step_done "$(echo "$OCHECK" | tail -1)"
+fi
 
 echo "[setup] ready in $(( $(date +%s) - T_ALL )) s. Activate with: source .venv/bin/activate"
 

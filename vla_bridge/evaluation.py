@@ -909,6 +909,8 @@ def run_evaluation(
     progress: bool = True,
     write: bool = True,
     keep_frames: bool = False,
+    policy_objects: Mapping[str, Any] | None = None,
+    model_info: Mapping[str, Any] | None = None,
 ) -> EvalReport:
     """Evaluate the fine-tuned model, the base model before LoRA and the mean-action baseline on every selected task.
 
@@ -927,6 +929,11 @@ def run_evaluation(
     notebook's statistics: whole dataset when meta/stats.json has them), else that streaming pass.
     ``keep_frames``: keep the decoded images in ``report.episodes`` (else only actions/states: ~50 KB per 128 px
     frame otherwise stay in memory).
+
+    ``policy_objects`` (a policy name → :class:`Policy` mapping, e.g. Octo's, which runs in its own environment)
+    replaces the VLA's batched predictor and the base-model switch: ``model``/``processor`` are then unused and
+    ``model_info`` describes the model in eval.json (the "base (before LoRA)" row is whatever policy is given under
+    that name: for Octo, the weights before fine-tuning). Metrics, closed loop and the table are the same code.
 
     Writes ``<out_dir>/eval.json`` and ``<out_dir>/table.md`` (unless ``write=False``) and returns an
     :class:`EvalReport` (its ``markdown`` is the table; it renders itself in a notebook).
@@ -960,7 +967,7 @@ def run_evaluation(
     from .data import world
 
     max_steps = int(max_steps or world.DEFAULT_MAX_STEPS)
-    if POLICY_BASE in policies and not hasattr(model, "disable_adapter"):
+    if policy_objects is None and POLICY_BASE in policies and not hasattr(model, "disable_adapter"):
         warnings.warn("the model is not PEFT-wrapped: the base-model baseline is skipped", stacklevel=2)
         policies.remove(POLICY_BASE)
 
@@ -984,10 +991,18 @@ def run_evaluation(
             mean_source = f"mean over the {len(split.train)} training episodes' frames"
     mean_action = np.asarray(mean_action, np.float64)
 
-    predictor = BatchedActionPredictor(model, processor, unnorm_key, center_crop, max_batch_size, threads=threads)
+    predictor = None
+    given = {_POLICY_ALIASES.get(k, k): v for k, v in (policy_objects or {}).items()}
+    if policy_objects is None:
+        predictor = BatchedActionPredictor(model, processor, unnorm_key, center_crop, max_batch_size,
+                                           threads=threads)
     pol_objs: dict[str, Any] = {}
     for p in policies:
-        if p == POLICY_FINETUNED:
+        if p in given:  # a policy from elsewhere (Octo's worker)
+            pol_objs[p] = given[p]
+        elif predictor is None and p != POLICY_MEAN:
+            continue    # no VLA here to build it from
+        elif p == POLICY_FINETUNED:
             pol_objs[p] = VLAPolicy(predictor, p, adapter=True)
         elif p == POLICY_BASE:
             pol_objs[p] = VLAPolicy(predictor, p, adapter=False)
@@ -1098,21 +1113,24 @@ def run_evaluation(
     timing["total_s"] = time.perf_counter() - t_start
     timing["open_loop_s_per_policy"] = open_loop_s
     timing["closed_loop_s_per_policy"] = closed_loop_s
-    timing["generate_calls"] = predictor.calls
+    timing["generate_calls"] = predictor.calls if predictor is not None else None
     timing["torch_threads"] = threads if threads is not None else torch.get_num_threads()
     payload = {
         "schema_version": SCHEMA_VERSION,
         "run_name": run_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": cfg.as_dict() if hasattr(cfg, "as_dict") else ({} if cfg is None else dict(cfg)),
-        "model": {**_model_info(model, processor, cfg, train_result), "unnorm_key": predictor.unnorm_key},
+        "model": ({**_model_info(model, processor, cfg, train_result), "unnorm_key": predictor.unnorm_key}
+                  if predictor is not None else {**dict(model_info or {}), "unnorm_key": unnorm_key}),
         "dataset": _dataset_info(ds, getattr(cfg, "dataset", None)),
         "split": _split_info(split, tasks),
         "evaluation": {"episodes_per_task": episodes_per_task, "max_tasks_per_group": max_tasks_per_group,
                        "groups": group_order, "policies": list(pol_objs), "closed_loop": bool(closed_loop),
                        "max_steps": max_steps if closed_loop else None, "replay_horizon": REPLAY_HORIZON,
                        "center_crop": bool(center_crop), "n_boot": n_boot, "ci_level": CI_LEVEL, "seed": seed,
-                       "camera": MAIN_CAMERA, "batched_inference": repr(predictor),
+                       "camera": MAIN_CAMERA,
+                       "batched_inference": repr(predictor) if predictor is not None else
+                       "; ".join(repr(p) for p in pol_objs.values()),
                        "metrics": {"mean_l1_action_error": "open-loop mean |predicted - demonstrated| over frames "
                                    "and action dimensions, de-normalized action units, per episode, then averaged",
                                    "replay_pose_drift_cm": f"|sum of the first {REPLAY_HORIZON} predicted xyz deltas -"
@@ -1123,7 +1141,8 @@ def run_evaluation(
             POLICY_MEAN: {"description": "the mean of the training split's actions, applied at every step "
                           "(open loop: as the prediction for every frame; closed loop: the constant action)",
                           "action": mean_action.tolist(), "source": mean_source},
-            POLICY_BASE: {"description": "the same model with its LoRA adapter disabled (the weights before "
+            POLICY_BASE: {"description": (model_info or {}).get("base_description") or
+                          "the same model with its LoRA adapter disabled (the weights before "
                           "fine-tuning), de-normalizing with the same statistics"},
         },
         "rows": rows,

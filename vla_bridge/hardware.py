@@ -346,9 +346,24 @@ def check_disk(path: str | os.PathLike, policy: str) -> CheckResult:
                        "" if ok else f"free {need - free:.1f} GB or point HF_HOME / the outputs dir to a bigger disk")
 
 
+OCTO_RANDOM_MODEL = "octo-random"  # MODEL_ID for a random-weight Octo-Small built from octo's config (offline checks)
+
+
+def check_octo_env(policy: str, root: str | os.PathLike | None = None) -> CheckResult:
+    """POLICY=octo runs in .venv-octo (its own JAX environment): it must exist."""
+    if policy != "octo":
+        return CheckResult("octo env", True, "not needed for this policy", required=False)
+    from .models.octo import SETUP_HINT, octo_python
+
+    py = octo_python(root)
+    if py.exists():
+        return CheckResult("octo env", True, f"{py} (Octo-Small's JAX environment)")
+    return CheckResult("octo env", False, f"{py} does not exist", SETUP_HINT)
+
+
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
     needs_hub = (dataset != EMBEDDED_DATASET and not Path(dataset).exists()) or (
-        policy != "tiny" and not _is_local_dir(model_id)
+        policy != "tiny" and not _is_local_dir(model_id) and not (policy == "octo" and model_id == OCTO_RANDOM_MODEL)
     )
     detail = f"hub {'reachable' if hub.value == 'yes' else 'unreachable'}: {hub.reason}"
     if needs_hub and hub.value != "yes":
@@ -365,6 +380,7 @@ def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outpu
         check_disk(outputs_dir, policy),
         check_timm(policy),
         check_bitsandbytes(policy),
+        check_octo_env(policy),
     ]
 
 

@@ -384,3 +384,34 @@ def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_octo_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, alpha: float = 0.2) -> Path:
+    """The Octo path's loss curve: the diffusion head's denoising loss (raw + EMA) and the learning-rate schedule,
+    from the same train_log.jsonl rows (Octo has no action tokens, so no token accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .training import smoothed
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in log]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.6))
+    if log:
+        loss = [r["loss"] for r in log]
+        ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, marker="." if len(log) < 20 else None,
+                     label="logged")
+        ax_loss.plot(steps, smoothed(loss, alpha), color="tab:blue", lw=2, label=f"EMA (α={alpha})")
+        ax_lr.plot(steps, [r["lr"] for r in log], color="tab:orange", lw=2, label="learning rate")
+    ax_loss.set(xlabel="optimizer step", ylabel="denoising MSE × action dim", title="Octo diffusion loss")
+    ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="warmup + cosine (Octo's recipe)")
+    for ax in (ax_loss, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

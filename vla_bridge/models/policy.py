@@ -39,8 +39,8 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = 
     """Load the base model for ``cfg.policy`` and register ``stats_entry`` under ``cfg.unnorm_key``."""
     notes: list[str] = []
     if cfg.policy == "octo":
-        raise PolicyLoadError("POLICY=octo runs in its own JAX environment, which this checkout does not have yet: "
-                              "set FORCE_PATH=tiny (CPU) or openvla (GPU ≥ 12 GB)")
+        raise PolicyLoadError("POLICY=octo runs in its own JAX environment through vla_bridge.models.octo "
+                              "(the notebook's Octo cells), not through load_policy")
     model_id = cfg.model_id
     if cfg.policy == "tiny":
         default_dir = Path(cfg.data_dir) / "tiny_vla_base"

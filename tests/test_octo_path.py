@@ -1,0 +1,68 @@
+"""The Octo path's main-environment side (always run, no .venv-octo needed): the actionable error when the Octo
+environment is missing, and the evaluation with policies from elsewhere (what Octo's worker plugs into)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vla_bridge import evaluation as ev
+from vla_bridge import hardware
+from vla_bridge.data import splits, stream
+from vla_bridge.models import octo
+
+
+def test_missing_octo_env_gives_the_setup_command(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLA_BRIDGE_OCTO_PYTHON", raising=False)
+    with pytest.raises(octo.OctoEnvError, match=r"bash setup.sh --octo.*OCTO_SOURCE="):
+        octo.check_octo_env(tmp_path)
+    res = hardware.check_octo_env("octo", tmp_path)
+    assert not res.ok and res.required and "bash setup.sh --octo" in res.fix
+    assert hardware.check_octo_env("tiny", tmp_path).ok
+    with pytest.raises(hardware.PreflightError, match="octo env"):
+        hardware.raise_on_failure([res])
+
+
+def test_octo_random_needs_no_hub():
+    no = hardware.Decision("no", "offline")
+    assert hardware.check_hub_for("embedded", "octo", "octo-random", no).ok
+    assert not hardware.check_hub_for("embedded", "octo", "hf://rail-berkeley/octo-small-1.5", no).ok
+
+
+def test_worker_train_args_carry_the_run_configuration(tmp_path):
+    from vla_bridge.config import resolve_run_config
+
+    cfg = resolve_run_config({"POLICY": "octo", "MODEL_ID": "octo-random", "MAX_STEPS": 7, "BATCH_SIZE": 3,
+                              "OUTPUTS_DIR": str(tmp_path / "out")}, env={},
+                             hw=hardware.detect_hardware(),
+                             hub=hardware.Decision("no", "offline"))
+    args = octo.worker_train_args(cfg, tmp_path / "shards")
+    got = dict(zip(args[1::2], args[2::2]))
+    assert args[0] == "train" and got["--init"] == "octo-random" and got["--max-steps"] == "7"
+    assert got["--batch-size"] == "3" and got["--run"] == cfg.run_name
+    assert got["--outputs"] == str((tmp_path / "out").resolve())
+
+
+def test_run_evaluation_with_policy_objects_keeps_the_layout(small, tmp_path):
+    """No VLA at all: the fine-tuned / base rows come from the given policies (as Octo's do), the mean-action
+    baseline is still added, and eval.json / table.md have the usual layout."""
+    ds = stream.open_dataset(str(small.root), seed=0)
+    split = splits.make_split(ds)
+    given = {"fine-tuned": ev.RandomPolicy(seed=1), "base": ev.ConstantPolicy(np.r_[np.zeros(6), 1.0], "base")}
+    rep = ev.run_evaluation(None, None, ds, split, unnorm_key="demo_world", out_dir=tmp_path, run_name="given",
+                            episodes_per_task=1, max_tasks_per_group=1, max_steps=5, progress=False,
+                            policy_objects=given, model_info={"class": "OctoModel", "base_description": "before"})
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["evaluation"]["policies"] == [ev.POLICY_FINETUNED, ev.POLICY_BASE, ev.POLICY_MEAN]
+    assert data["model"]["class"] == "OctoModel" and data["model"]["unnorm_key"] == "demo_world"
+    assert data["baselines"][ev.POLICY_BASE]["description"] == "before"
+    assert data["timing"]["generate_calls"] is None
+    rows = rep.rows(ev.POLICY_FINETUNED)
+    assert rows and all(r["n_episodes"] == 1 for r in rows)
+    assert all(k in rows[0] for k in ("mean_l1_action_error", "replay_pose_drift_cm", "success_rate"))
+    # the constant "base" and the random "fine-tuned" really were the ones evaluated
+    l1 = {p: [r["l1"] for r in data["per_episode"] if r["policy"] == p] for p in data["evaluation"]["policies"]}
+    assert l1[ev.POLICY_FINETUNED] != l1[ev.POLICY_BASE]
+    assert (tmp_path / "table.md").read_text().startswith("### Evaluation: given")
