@@ -4,7 +4,7 @@ Octo's own input pipeline is tf.data over RLDS; its environment has neither lero
 environment streams exactly the episodes OpenVLA / the tiny VLA train on (``split.train``), and writes:
 
 * ``images`` — the primary camera (``observation.images.image_0``), resized to Octo's 256×256 with the training
-  pipeline's own resize (:func:`vla_bridge.data.stream.to_uint8_hwc`), uint8;
+  pipeline's own resize (:func:`vla_bridge.images.to_uint8_hwc`), uint8;
 * ``actions`` — per frame, Octo's targets: for each of the ``window`` observation steps ending at the frame, the next
   ``horizon`` actions, **normalized with the project's q01/q99 rule** (:func:`vla_bridge.tokenization.
   normalize_actions`: one definition, the one OpenVLA's tokens use; the gripper passes through by its mask), with
@@ -117,7 +117,8 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
     with ``stats_entry`` (the notebook's action statistics) under ``out_root/<key>/``."""
     from ..evaluation import load_episodes
     from ..tokenization import action_stats, normalize_actions
-    from .stream import MAIN_CAMERA, to_uint8_hwc
+    from ..images import to_uint8_hwc
+    from .stream import MAIN_CAMERA
 
     t0 = time.perf_counter()
     eps = sorted(int(e) for e in episodes)

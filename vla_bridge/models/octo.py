@@ -257,15 +257,12 @@ class OctoPolicy:
         self.image_size, self.request_frames = int(image_size), int(request_frames)
 
     def act(self, images, instructions, envs=None, progress=None) -> np.ndarray:
-        from ..data.stream import to_uint8_hwc
-        from ..images import to_uint8_hwc as any_to_uint8
+        from ..images import to_uint8_hwc
         from ..tokenization import unnormalize_actions
 
         out = []
         for i in range(0, len(instructions), self.request_frames):
-            batch = [im if isinstance(im, np.ndarray) and im.dtype == np.uint8 else any_to_uint8(im)
-                     for im in images[i:i + self.request_frames]]
-            frames = np.stack([to_uint8_hwc(im, self.image_size) for im in batch])
+            frames = np.stack([to_uint8_hwc(im, self.image_size) for im in images[i:i + self.request_frames]])
             chunks = self.server.predict(frames, list(instructions[i:i + self.request_frames]), self.weights)
             out.append(chunks[:, 0, :].astype(np.float64))     # receding horizon: execute the first action
             # the diffusion head samples in [-5, 5] (octo's max_action); the targets were in [-1, 1] (normalized
