@@ -327,7 +327,8 @@ else:
 #   step, which is also what the per-frame open-loop metrics compare;
 # - **observation window**: Octo can attend to a history of frames; its fine-tuning recipe uses a window of 1;
 # - **no LoRA: a full fine-tune** of everything except the **frozen T5 language encoder** (AdamW, weight decay 0.01,
-#   warmup then cosine, gradient clip 1.0 — Octo's fine-tuning recipe), so section 6 does not apply;
+#   warmup then cosine, gradient clip 1.0, random-resized-crop and colour augmentation — Octo's fine-tuning recipe),
+#   so section 6 does not apply;
 # - **checkpoints** are Octo's own layout (`config.json`, `example_batch.msgpack`, orbax parameters) plus our
 #   `dataset_statistics.json`; `base/` keeps the weights before fine-tuning for the baseline row.
 #

@@ -126,3 +126,19 @@ def test_served_policy_predicts_denormalized_actions(trained):
     assert np.all(ft[:, :6] >= np.asarray(a["q01"][:6]) - 1e-9) and np.all(ft[:, :6] <= np.asarray(a["q99"][:6]) + 1e-9)
     assert np.all((ft[:, 6] >= a["min"][6]) & (ft[:, 6] <= a["max"][6]))
     assert not np.allclose(ft, base)                                    # two steps did change the weights
+
+
+def test_image_augmentation_keeps_shape_and_varies_with_the_rng():
+    r = _octo("""
+import json, numpy as np, vla_bridge.octo_worker as w
+x = np.zeros((3, 64, 64, 3), np.uint8); x[:, 16:48, 16:48] = (200, 40, 40)   # a red square on black
+a = w.augment_images(x, np.random.default_rng(0)); b = w.augment_images(x, np.random.default_rng(0))
+c = w.augment_images(x, np.random.default_rng(1))
+print(json.dumps({"shape": list(a.shape), "dtype": str(a.dtype), "same_seed": bool((a == b).all()),
+                  "other_seed": bool((a != c).any()), "changed": float(np.abs(a.astype(int) - x).mean()),
+                  "red_kept": bool((a[..., 0].astype(int) - a[..., 2]).max() > 100)}))
+""")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [3, 64, 64, 3] and out["dtype"] == "uint8"
+    assert out["same_seed"] and out["other_seed"] and out["changed"] > 0.5 and out["red_kept"]

@@ -13,7 +13,7 @@ Commands (each prints human-readable progress lines on stderr/stdout; ``serve`` 
 * ``check`` — import octo with the stand-ins below and print versions (``bash setup.sh --octo`` runs it).
 * ``train`` — build or load Octo-Small, fine-tune it on the shards with Octo's fine-tuning recipe (AdamW with weight
   decay 0.01 on kernels, linear warmup then cosine decay, global-norm clip 1.0, frozen T5 encoder ``*hf_model*``,
-  diffusion loss), log ``train_log.jsonl``, write atomic checkpoints ``step_XXXXXX/`` and ``latest/`` (octo's own
+  diffusion loss, random-resized-crop + colour augmentation of the camera), log ``train_log.jsonl``, write atomic checkpoints ``step_XXXXXX/`` and ``latest/`` (octo's own
   ``save_pretrained`` layout plus our ``dataset_statistics.json``) and the weights before fine-tuning as ``base/``.
 * ``serve`` — load ``latest/`` (and ``base/``) and answer predict requests: images + instructions in, normalized
   action chunks out, in fixed-size padded batches so XLA compiles ``sample_actions`` once.
@@ -262,6 +262,32 @@ class ShardData:
                 "action": self.actions[idx], "action_pad_mask": act_mask}
 
 
+def augment_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Octo's fine-tuning augmentation of the primary camera, in numpy/PIL instead of tf.image: a random resized
+    crop (area 80–100 %, aspect 0.9–1.1, resized back), then brightness ±0.1, contrast ×0.9–1.1, saturation
+    ×0.9–1.1 and hue ±0.05 of a turn, each drawn per image. (N, H, W, 3) uint8 in and out."""
+    from PIL import Image
+
+    out = np.empty_like(images)
+    n, h, w = images.shape[:3]
+    for i in range(n):
+        area = rng.uniform(0.8, 1.0) * h * w
+        ratio = np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
+        ch = int(round(min(h, np.sqrt(area / ratio))))
+        cw = int(round(min(w, np.sqrt(area * ratio))))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        im = Image.fromarray(images[i][y:y + ch, x:x + cw]).resize((w, h), Image.BILINEAR)
+        hsv = np.asarray(im.convert("HSV"), np.int16)
+        hsv[..., 0] = (hsv[..., 0] + int(round(rng.uniform(-0.05, 0.05) * 256))) % 256
+        f = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), np.float32) / 255.0
+        f = f + rng.uniform(-0.1, 0.1)
+        f = (f - f.mean()) * rng.uniform(0.9, 1.1) + f.mean()
+        grey = f.mean(axis=-1, keepdims=True)
+        f = (f - grey) * rng.uniform(0.9, 1.1) + grey
+        out[i] = np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
 def make_tasks(model, texts: Sequence[str]) -> dict:
     """Language-conditioned tasks (goal image absent and masked), through the model's own text processor."""
     return model.create_tasks(texts=list(texts))
@@ -379,7 +405,7 @@ def train(args: argparse.Namespace) -> dict:
     log_dir = Path(args.outputs) / "logs" / args.run
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    extra = {"init": args.init, "shards": str(args.shards), "unnorm_key": data.unnorm_key,
+    extra = {"init": args.init, "shards": str(args.shards), "unnorm_key": data.unnorm_key, "image_aug": args.image_aug,
              "window": data.window, "horizon": data.horizon, "normalization": data.manifest.get("normalization")}
     save_checkpoint(model, 0, ckpt_dir / "base", {**extra, "what": "weights before fine-tuning"})
 
@@ -417,6 +443,10 @@ def train(args: argparse.Namespace) -> dict:
             order = np.concatenate([order, rng.permutation(len(data))])
         idx, order = order[:args.batch_size], order[args.batch_size:]
         b = data.batch(idx)
+        if args.image_aug:
+            obs_im = b["observation"][IMAGE_KEY]
+            flat = augment_images(obs_im.reshape(-1, *obs_im.shape[2:]), rng)
+            b["observation"][IMAGE_KEY] = flat.reshape(obs_im.shape)
         batch = {"observation": b["observation"], "task": make_tasks(state.model, b["texts"]),
                  "action": b["action"], "action_pad_mask": b["action_pad_mask"]}
         if step == 1:
@@ -585,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--save-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-image-aug", dest="image_aug", action="store_false",
+                   help="no crop / colour augmentation (Octo's recipe has it; IMAGE_AUG=False turns it off)")
     s = sub.add_parser("serve", help="answer predict requests on stdin/stdout (framed)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--base", default=None)

@@ -117,7 +117,7 @@ def worker_train_args(cfg: Any, shards_dir: str | os.PathLike) -> list[str]:
             "--init", init if init.startswith("hf://") or init == RANDOM_INIT else str(Path(init).resolve()),
             "--max-steps", str(cfg.max_steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.learning_rate),
             "--warmup", str(cfg.warmup_steps), "--log-every", str(cfg.log_every), "--save-every", str(cfg.save_every),
-            "--seed", str(cfg.seed)]
+            "--seed", str(cfg.seed)] + ([] if cfg.image_aug else ["--no-image-aug"])
 
 
 def train_octo(cfg: Any, shards_dir: str | os.PathLike, echo: Callable[[str], None] | None = _echo_default
