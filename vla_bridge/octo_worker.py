@@ -533,13 +533,16 @@ def _read_exact(stream, n: int) -> bytes:
     while len(buf) < n:
         chunk = stream.read(n - len(buf))
         if not chunk:
-            raise EOFError("client closed the pipe")
+            raise EOFError("the other end closed the pipe (if that is the Octo worker, it crashed: see its lines "
+                           "above)")
         buf += chunk
     return bytes(buf)
 
 
 def write_frame(stream, header: dict, payload: bytes = b"") -> None:
-    """One protocol frame: 4-byte big-endian header length, JSON header, 8-byte payload length, payload."""
+    """One protocol frame: 4-byte big-endian header length, JSON header, 8-byte payload length, payload.
+    Both ends use these two functions: the worker here, ``models.octo.OctoServer`` in the main environment
+    (this module imports only the standard library and numpy at the top, so the main environment can import it)."""
     h = json.dumps(header).encode()
     stream.write(_struct.pack(">I", len(h)) + h + _struct.pack(">Q", len(payload)) + payload)
     stream.flush()

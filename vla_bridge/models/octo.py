@@ -30,9 +30,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..config import PROJECT_ROOT
+from ..octo_worker import RANDOM_INIT, read_frame, write_frame   # stdlib + numpy only: safe in this environment
 
 OCTO_VENV = ".venv-octo"
-RANDOM_INIT = "octo-random"         # MODEL_ID for a random-weight Octo-Small (offline checks); = octo_worker's
 SETUP_HINT = "run `bash setup.sh --octo` (offline: OCTO_SOURCE=/path/to/a/copy/of/octo-models/octo bash setup.sh --octo)"
 REQUEST_FRAMES = 64                 # frames per predict request (the worker pads to its own batch size)
 
@@ -138,32 +138,6 @@ def train_octo(cfg: Any, shards_dir: str | os.PathLike, echo: Callable[[str], No
 # ============================================================================================== serving
 
 
-def _pack(header: dict, payload: bytes = b"") -> bytes:
-    import struct
-
-    h = json.dumps(header).encode()
-    return struct.pack(">I", len(h)) + h + struct.pack(">Q", len(payload)) + payload
-
-
-def _read_exact(stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = stream.read(n - len(buf))
-        if not chunk:
-            raise EOFError("the Octo worker closed its output (it crashed: see the lines above)")
-        buf += chunk
-    return bytes(buf)
-
-
-def _unpack(stream) -> tuple[dict, bytes]:
-    import struct
-
-    (hn,) = struct.unpack(">I", _read_exact(stream, 4))
-    header = json.loads(_read_exact(stream, hn))
-    (pn,) = struct.unpack(">Q", _read_exact(stream, 8))
-    return header, (_read_exact(stream, pn) if pn else b"")
-
-
 class OctoServer:
     """``octo_worker serve`` as a long-lived subprocess; ``predict`` returns normalized chunks (N, horizon, D)."""
 
@@ -188,7 +162,7 @@ class OctoServer:
         self.calls = 0
         self.seconds = 0.0
         try:
-            hello, _ = _unpack(self.proc.stdout)
+            hello, _ = read_frame(self.proc.stdout)
         except EOFError:
             self.proc.wait(timeout=30)
             raise RuntimeError("the Octo worker did not start:\n" + "\n".join(self._log[-25:])) from None
@@ -213,10 +187,9 @@ class OctoServer:
         if self.proc.poll() is not None:
             raise RuntimeError("the Octo worker has exited:\n" + "\n".join(self._log[-25:]))
         t0 = time.perf_counter()
-        self.proc.stdin.write(_pack({"op": "predict", "weights": weights, "shape": list(images.shape),
-                                     "instructions": [str(s) for s in instructions]}, images.tobytes()))
-        self.proc.stdin.flush()
-        header, payload = _unpack(self.proc.stdout)
+        write_frame(self.proc.stdin, {"op": "predict", "weights": weights, "shape": list(images.shape),
+                                      "instructions": [str(s) for s in instructions]}, images.tobytes())
+        header, payload = read_frame(self.proc.stdout)
         if not header.get("ok"):
             raise RuntimeError(f"the Octo worker could not predict: {header.get('error')}")
         self.calls += 1
@@ -226,8 +199,7 @@ class OctoServer:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write(_pack({"op": "close"}))
-                self.proc.stdin.flush()
+                write_frame(self.proc.stdin, {"op": "close"})
                 self.proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
