@@ -455,7 +455,7 @@ if not OCTO:
 from vla_bridge.training import loss_descent_check, read_log
 
 log = read_log(result.log_path)
-curve = (plots.plot_octo_loss_curve if OCTO else plots.plot_loss_curve)(log, cfg.path("figures") / "loss_curve.png")
+curve = plots.plot_loss_curve(log, cfg.path("figures") / "loss_curve.png", octo=OCTO)
 ipd.display(ipd.Image(filename=str(curve)))
 check = loss_descent_check(log, within_steps=500)
 print(f"loss over the first {check.get('steps')} steps: first tenth {check.get('first_tenth', float('nan')):.3f} → "

@@ -141,8 +141,11 @@ def plot_data_figures(ds, episodes: Sequence[int], out_dir: str | os.PathLike, n
     }
 
 
-def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, alpha: float = 0.2) -> Path:
-    """Loss (raw + EMA-smoothed) and action-token accuracy against the optimizer step, from train_log.jsonl rows."""
+def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, alpha: float = 0.2,
+                    octo: bool = False) -> Path:
+    """The loss (raw + EMA-smoothed) against the optimizer step from train_log.jsonl rows, beside the VLA's
+    action-token accuracy — or, with ``octo``, beside the learning-rate schedule: Octo's diffusion head has no action
+    tokens, its loss is the denoising error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,18 +156,27 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in log]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(11, 3.6))
     if log:
         loss = [r["loss"] for r in log]
-        acc = [r["action_accuracy"] for r in log]
-        ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="logged (mean over LOG_EVERY steps)")
+        raw_style = dict(marker="." if len(log) < 20 else None, label="logged") if octo else \
+            dict(label="logged (mean over LOG_EVERY steps)")
+        ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, **raw_style)
         ax_loss.plot(steps, smoothed(loss, alpha), color="tab:blue", lw=2, label=f"EMA (α={alpha})")
-        ax_acc.plot(steps, acc, color="tab:green", alpha=0.35, lw=1, label="logged")
-        ax_acc.plot(steps, smoothed(acc, alpha), color="tab:green", lw=2, label=f"EMA (α={alpha})")
-    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy on the 8 supervised tokens", title="training loss")
-    ax_acc.set(xlabel="optimizer step", ylabel="share of action tokens exactly right", title="action-token accuracy",
-               ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+        if octo:
+            ax_right.plot(steps, [r["lr"] for r in log], color="tab:orange", lw=2, label="learning rate")
+        else:
+            acc = [r["action_accuracy"] for r in log]
+            ax_right.plot(steps, acc, color="tab:green", alpha=0.35, lw=1, label="logged")
+            ax_right.plot(steps, smoothed(acc, alpha), color="tab:green", lw=2, label=f"EMA (α={alpha})")
+    if octo:
+        ax_loss.set(xlabel="optimizer step", ylabel="denoising MSE × action dim", title="Octo diffusion loss")
+        ax_right.set(xlabel="optimizer step", ylabel="learning rate", title="warmup + cosine (Octo's recipe)")
+    else:
+        ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy on the 8 supervised tokens", title="training loss")
+        ax_right.set(xlabel="optimizer step", ylabel="share of action tokens exactly right",
+                     title="action-token accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_right):
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -380,37 +392,6 @@ def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
         ax.set_xticklabels([str(r) for r in ranks])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_octo_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, alpha: float = 0.2) -> Path:
-    """The Octo path's loss curve: the diffusion head's denoising loss (raw + EMA) and the learning-rate schedule,
-    from the same train_log.jsonl rows (Octo has no action tokens, so no token accuracy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .training import smoothed
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    steps = [r["step"] for r in log]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.6))
-    if log:
-        loss = [r["loss"] for r in log]
-        ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, marker="." if len(log) < 20 else None,
-                     label="logged")
-        ax_loss.plot(steps, smoothed(loss, alpha), color="tab:blue", lw=2, label=f"EMA (α={alpha})")
-        ax_lr.plot(steps, [r["lr"] for r in log], color="tab:orange", lw=2, label="learning rate")
-    ax_loss.set(xlabel="optimizer step", ylabel="denoising MSE × action dim", title="Octo diffusion loss")
-    ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="warmup + cosine (Octo's recipe)")
-    for ax in (ax_loss, ax_lr):
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
