@@ -228,6 +228,10 @@ class EvaluationPredictor:
         logits = logits.detach().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
         return np.asarray(acts, dtype=np.float64), logits.astype(np.float32)
 
+    def predict(self, images: Sequence[Any], instructions: Sequence[str]) -> np.ndarray:
+        """Actions only (the closed loop's per-step call: no logits gathered)."""
+        return np.asarray(self.inner.predict(list(images), list(instructions)), dtype=np.float64)
+
     def __repr__(self) -> str:
         return f"EvaluationPredictor({self.inner!r})"
 
@@ -296,6 +300,8 @@ class PredictorPolicy:
         self.predictor, self.name = predictor, name
 
     def act(self, images, instructions, envs=None, progress=None) -> np.ndarray:
+        if hasattr(self.predictor, "predict"):
+            return self.predictor.predict(images, instructions)
         return self.predictor.run(list(images), list(instructions))[0]
 
 
