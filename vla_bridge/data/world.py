@@ -13,7 +13,8 @@ Conventions (the same as the LeRobot conversions of BridgeData V2 and OpenVLA's 
 * ``observation.state``: float32[8] = x, y, z (end effector, metres), roll, pitch, yaw (radians),
   pad (always 0.0), gripper (1.0 = fully open, 0.0 = closed).
 * ``action``: float32[7] = dx, dy, dz (metres per step; the expert moves at most ``EXPERT_MAX_STEP`` =
-  0.03 m per step plus small noise), droll, dpitch, dyaw (radians per step, small), gripper
+  0.03 m per step plus small noise), droll, dpitch, dyaw (radians per step; the expert only yaws - its roll and
+  pitch commands are 0, since a wrist tilt of a few degrees is next to invisible from the cameras), gripper
   (ABSOLUTE command: 1.0 = open, 0.0 = close, as in Bridge / bridge_orig; values > 0.5 mean open).
   The env clips dxyz per axis to +-``ACTION_XYZ_LIMIT`` and rotations to +-``ACTION_ROT_LIMIT``
   (``ACTION_LOW``/``ACTION_HIGH`` are those bounds), then clips the pose to the workspace.
@@ -77,7 +78,7 @@ __all__ = [
     "sample_task_seeds", "default_blank_task_prob", "is_blank_episode",
 ]
 
-WORLD_VERSION = "1.1.0"
+WORLD_VERSION = "1.2.0"
 FPS = 5
 
 IMAGE_KEYS = ("observation.images.image_0", "observation.images.image_1")
@@ -93,7 +94,6 @@ ACTION_XYZ_LIMIT = 0.04     # env clip per axis, metres per step
 ACTION_ROT_LIMIT = 0.25     # env clip per axis, radians per step
 EXPERT_MAX_STEP = 0.03      # the expert's per-axis xyz step limit (metres per step)
 EXPERT_MAX_YAW_STEP = 0.12  # the expert's yaw step limit (radians per step)
-EXPERT_MAX_TILT_STEP = 0.03 # the expert's roll/pitch step limit (radians per step)
 ACTUATION_NOISE = 0.001     # std (m) of the env's execution error on each commanded xyz step
 ACTION_LOW = np.array([-ACTION_XYZ_LIMIT] * 3 + [-ACTION_ROT_LIMIT] * 3 + [0.0], dtype=np.float32)
 ACTION_HIGH = np.array([ACTION_XYZ_LIMIT] * 3 + [ACTION_ROT_LIMIT] * 3 + [1.0], dtype=np.float32)
@@ -994,30 +994,37 @@ class TabletopEnv:
 # Scripted expert
 # ----------------------------------------------------------------------------------------------------
 class Expert:
-    """Scripted pick-and-place expert acting from the env's internal state (5 Hz, Bridge conventions).
+    """Scripted pick-and-place expert (5 Hz, Bridge conventions): a *reactive* controller.
 
-    Phases: approach (above the object, wrist turning towards the object's orientation) -> descend ->
-    grasp (close) -> lift -> carry (above the target) -> lower -> release (open) -> retreat (up) -> finished.
-    It re-tries if a grasp misses.
+    Each action is a function of what the camera shows at that step - where the gripper is relative to the
+    instructed object (or, once it holds it, to the instructed target), its height, whether it holds the object,
+    whether the gripper is open, and whether the object already rests on the target - not of a hidden phase
+    counter. That is what makes the demonstrations learnable by a policy that sees only the image and the
+    instruction, and it makes the expert recover from its own (and the env's) execution errors. The phase names
+    (``phase``) are labels for the reader, recomputed every step:
 
-    Motion model, chosen so that the action is a *deterministic* function of what the cameras show (a policy can
-    learn it) while the episodes still vary: each phase moves only the axes it needs (descend/lift/lower/retreat: z
-    only; carry: x and y only), every moving axis goes at the speed limit (``EXPERT_MAX_STEP`` per axis) until it is
-    within one step of its goal, the wrist yaws towards the grasp orientation at up to ``EXPERT_MAX_YAW_STEP``, and
-    it tilts (pitch while reaching down, roll while carrying) at up to ``EXPERT_MAX_TILT_STEP``. The recorded action
-    is the command; the randomness is the env's actuation noise (``TabletopEnv.actuation_noise``), which is what
-    makes the arm need corrections. ``noise`` is kept for API compatibility and switches that actuation noise off
-    when False.
+    approach (xy to the object at hover height) -> descend (xy keeps servoing) -> grasp (close) -> lift (straight
+    up while low) -> carry (xy to the target at carry height) -> lower -> release (open) -> retreat (up) ->
+    finished. A missed grasp re-opens and approaches again; a wrong object is dropped; a release off the target
+    picks the object up again.
+
+    Motion: the xy command is the remaining xy error clipped to ``EXPERT_MAX_STEP`` per axis (so it saturates far
+    away and is proportional near the goal), z likewise towards the phase's height, the wrist yaws towards the
+    object's grasp orientation at up to ``EXPERT_MAX_YAW_STEP`` while reaching, and the wrist does not tilt (roll and
+    pitch commands are 0). The recorded action is the command; the randomness is the env's actuation noise
+    (``TabletopEnv.actuation_noise``) and a small per-episode placement offset. ``noise=False`` switches the
+    actuation noise off.
     """
 
     HOVER_Z = 0.085
     CARRY_Z = 0.10
-    TOL = 0.006
-    REACH_PITCH = 0.12   # wrist pitch while reaching down to grasp or place (rad)
-    CARRY_ROLL = 0.06    # wrist roll while carrying (rad)
+    LIFT_Z = 0.06        # while holding and below this height, lift straight up before moving sideways
+    TOL = 0.006          # "there" along z (m)
+    XY_NEAR = 0.012      # xy error (per axis) below which the arm goes down to grasp / place height
+    XY_TOL = 0.008       # xy error (per axis) below which it closes / opens
+    RETREAT_DZ = 0.05    # after a successful release, rise this far above the placing height
 
-    def __init__(self, env: TabletopEnv, seed: int | None = None, noise: bool = True,
-                 xyz_noise: float | None = None, rot_noise: float | None = None):
+    def __init__(self, env: TabletopEnv, seed: int | None = None, noise: bool = True):
         self.env = env
         base = list(env._expert_seed) if seed is None else [int(seed), 0]
         self.rng = np.random.default_rng(base + [1])
@@ -1028,7 +1035,6 @@ class Expert:
         self.finished = False
         r, a = 0.009 * math.sqrt(self.rng.random()), self.rng.uniform(-math.pi, math.pi)
         self.place_offset = np.array([r * math.cos(a), r * math.sin(a)])
-        self._retreat_goal: np.ndarray | None = None
 
     def _grasp_yaw(self) -> float:
         env = self.env
@@ -1039,103 +1045,65 @@ class Expert:
             return yaw
         return yaw + ((o.yaw - yaw + per / 2) % per - per / 2)
 
-    _AXES = {"xyz": (0, 1, 2), "xy": (0, 1), "z": (2,), "": ()}
-    _TILT = {"descend": (0.0, REACH_PITCH), "grasp": (0.0, REACH_PITCH), "lower": (0.0, REACH_PITCH),
-             "release": (0.0, REACH_PITCH), "carry": (CARRY_ROLL, 0.0)}
-
-    def _move(self, goal: np.ndarray, gripper: float, yaw_goal: float | None = None, axes: str = "xyz") -> np.ndarray:
+    def _command(self, xy_goal: np.ndarray | None, z_goal: float | None, gripper: float,
+                 yaw_goal: float | None = None) -> np.ndarray:
         env = self.env
         d = np.zeros(3)
-        for i in self._AXES[axes]:
-            d[i] = float(np.clip(goal[i] - env.pos[i], -EXPERT_MAX_STEP, EXPERT_MAX_STEP))
+        if xy_goal is not None:
+            d[:2] = np.clip(xy_goal - env.pos[:2], -EXPERT_MAX_STEP, EXPERT_MAX_STEP)
+        if z_goal is not None:
+            d[2] = float(np.clip(z_goal - env.pos[2], -EXPERT_MAX_STEP, EXPERT_MAX_STEP))
         rot = np.zeros(3)
-        tilt_goal = np.array(self._TILT.get(self.phase, (0.0, 0.0)))
-        rot[:2] = np.clip(tilt_goal - env.rot[:2], -EXPERT_MAX_TILT_STEP, EXPERT_MAX_TILT_STEP)
         if yaw_goal is not None:
             rot[2] = float(np.clip(yaw_goal - env.rot[2], -EXPERT_MAX_YAW_STEP, EXPERT_MAX_YAW_STEP))
         return np.array([*d, *rot, gripper], dtype=np.float32)
 
-    def _close(self, goal: np.ndarray, axes: str = "xyz") -> bool:
-        idx = list(self._AXES[axes])
-        return bool(np.max(np.abs(goal[idx] - self.env.pos[idx])) < self.TOL)
-
     def act(self) -> np.ndarray:
         env = self.env
         o, t = env.instructed_object, env.instructed_target
-        holding = env.held == env.obj_index
-        if self.phase in ("lift", "carry", "lower") and not holding:
-            self.phase = "recover"
-        grasp_z = o.z + max(0.008, 0.5 * FAMILY_SPECS[o.family].height)
+        pos = env.pos
+        spec = FAMILY_SPECS[o.family]
+        grasp_z = o.z + max(0.008, 0.5 * spec.height)
         place_xy = np.array([t.x, t.y]) + self.place_offset
-        place_z = TARGET_SPECS[t.kind].height + 0.5 * FAMILY_SPECS[o.family].height + 0.012
-        for _ in range(12):
-            ph = self.phase
-            if ph == "finished":
+        place_z = TARGET_SPECS[t.kind].height + 0.5 * spec.height + 0.012
+        if env.held is not None and env.held != env.obj_index:      # holding the wrong object: drop it
+            self.phase = "drop"
+            return self._command(None, pos[2] + 0.02, 1.0)
+        if env.held == env.obj_index:
+            err = place_xy - pos[:2]
+            near = np.max(np.abs(err)) < self.XY_NEAR
+            if not near and pos[2] < self.LIFT_Z:
+                self.phase = "lift"
+                return self._command(None, self.CARRY_Z, 0.0)
+            if not near:
+                self.phase = "carry"
+                return self._command(place_xy, self.CARRY_Z, 0.0)
+            if np.max(np.abs(err)) < self.XY_TOL and abs(pos[2] - place_z) < self.TOL:
+                self.phase = "release"
+                return self._command(None, None, 1.0)
+            self.phase = "lower"
+            return self._command(place_xy, place_z, 0.0)
+        if _in_target_region(t.kind, t.x, t.y, t.yaw, o.x, o.y):    # the object rests on the target: done
+            top = place_z + self.RETREAT_DZ
+            if pos[2] >= min(top, WORKSPACE_HIGH[2]) - self.TOL:
+                self.phase = "finished"
                 self.finished = True
-                return self._move(env.pos.copy(), 1.0, axes="")
-            if ph == "recover":
-                if env.held is not None or env.gripper <= 0.5:
-                    return self._move(env.pos + np.array([0, 0, 0.02]), 1.0, axes="z")
-                goal = np.array([env.pos[0], env.pos[1], max(self.HOVER_Z, env.pos[2])])
-                if self._close(goal, "z"):
-                    self.phase = "approach"
-                    continue
-                return self._move(goal, 1.0, axes="z")
-            if ph == "approach":
-                goal = np.array([o.x, o.y, max(self.HOVER_Z, grasp_z + 0.04)])
-                if self._close(goal):
-                    self.phase = "descend"
-                    continue
-                return self._move(goal, 1.0, self._grasp_yaw())
-            if ph == "descend":
-                goal = np.array([o.x, o.y, grasp_z])
-                if self._close(goal, "z"):
-                    self.phase = "grasp"
-                    continue
-                return self._move(goal, 1.0, self._grasp_yaw(), axes="z")
-            if ph == "grasp":
-                if holding:
-                    self.phase = "lift"
-                    continue
-                if env.gripper <= 0.5:  # closed on nothing: re-try
-                    self.phase = "recover"
-                    continue
-                return self._move(env.pos.copy(), 0.0, axes="")
-            if ph == "lift":
-                goal = np.array([env.pos[0], env.pos[1], self.CARRY_Z])
-                if env.pos[2] > self.CARRY_Z - self.TOL:
-                    self.phase = "carry"
-                    continue
-                return self._move(goal, 0.0, axes="z")
-            if ph == "carry":
-                goal = np.array([place_xy[0], place_xy[1], self.CARRY_Z])
-                if self._close(goal, "xy"):
-                    self.phase = "lower"
-                    continue
-                return self._move(goal, 0.0, axes="xy")
-            if ph == "lower":
-                goal = np.array([place_xy[0], place_xy[1], place_z])
-                if self._close(goal, "z"):
-                    self.phase = "release"
-                    continue
-                return self._move(goal, 0.0, axes="z")
-            if ph == "release":
-                if not holding:
-                    if env.success:
-                        self.phase = "retreat"
-                        self._retreat_goal = env.pos + np.array([0.0, 0.0, 0.05])
-                    else:
-                        self.phase = "recover"
-                    continue
-                return self._move(env.pos.copy(), 1.0, axes="")
-            if ph == "retreat":
-                goal = self._retreat_goal
-                if self._close(goal, "z") or env.pos[2] >= WORKSPACE_HIGH[2] - 1e-6:
-                    self.phase = "finished"
-                    continue
-                return self._move(goal, 1.0, axes="z")
-            raise RuntimeError(f"unknown phase {ph}")
-        raise RuntimeError("expert phase machine did not settle")  # pragma: no cover
+                return self._command(None, None, 1.0)
+            self.phase = "retreat"
+            return self._command(None, top, 1.0)
+        if env.gripper <= 0.5:                                       # closed on nothing: re-open first
+            self.phase = "reopen"
+            return self._command(None, None, 1.0)
+        err = np.array([o.x, o.y]) - pos[:2]
+        yaw = self._grasp_yaw()
+        if np.max(np.abs(err)) >= self.XY_NEAR:
+            self.phase = "approach"
+            return self._command(np.array([o.x, o.y]), max(self.HOVER_Z, grasp_z + 0.04), 1.0, yaw)
+        if np.max(np.abs(err)) < self.XY_TOL and abs(pos[2] - grasp_z) < self.TOL:
+            self.phase = "grasp"
+            return self._command(None, None, 0.0, yaw)
+        self.phase = "descend"
+        return self._command(np.array([o.x, o.y]), grasp_z, 1.0, yaw)
 
 
 def expert_action(env: TabletopEnv) -> np.ndarray:
