@@ -738,8 +738,8 @@ class EvalReport:
                     c = compare_metric(metric, ft[metric], rows[p][metric])
                     verdict = ("better" if c["better"] else "not better") + (", CIs do not overlap" if c["separated"]
                                                                              else ", CIs overlap")
-                    cmp.append(f"{p} {_fmt(rows[p][metric], kind)} ({verdict})")
-                parts.append(f"{metric} {_fmt(ft[metric], kind)} vs " + "; ".join(cmp))
+                    cmp.append(f"{p} {format_metric(rows[p][metric], kind)} ({verdict})")
+                parts.append(f"{metric} {format_metric(ft[metric], kind)} vs " + "; ".join(cmp))
             out.append(f"{ft['title']} ({ft['n_tasks']} tasks, {ft['n_episodes']} episodes): " + " | ".join(parts))
         return out
 
@@ -758,12 +758,15 @@ def compare_metric(metric: str, finetuned: Mapping[str, Any], baseline: Mapping[
             "separated": ci_separated(finetuned, baseline)}
 
 
-def _fmt(m: Mapping[str, Any], kind: str) -> str:
+def format_metric(m: Mapping[str, Any] | None, kind: str = "l1", missing: str = "–") -> str:
+    """One metric summary ``{"mean", "ci"}`` as text: ``kind`` "rate" -> "75 % [50, 92]", "cm" -> "3.1 [2.0, 4.4]",
+    anything else -> 4 decimals; ``missing`` when there is no finite mean. (The one formatter of table.md, the
+    headline and the reflection.)"""
+    if not m or m.get("mean") is None or not np.isfinite(m["mean"]):
+        return missing
     mean, (lo, hi) = m["mean"], m["ci"]
-    if mean is None or not np.isfinite(mean):
-        return "–"
     if kind == "rate":
-        return f"{100 * mean:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+        return f"{100 * mean:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
     if kind == "cm":
         return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
     return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
@@ -781,14 +784,14 @@ def format_table(data: Mapping[str, Any]) -> str:
              "|---|---|---:|---:|---|---|---|"]
     for g in data["groups"]:
         lines.append(f"| {g['title']} | {g['policy']} | {g['n_tasks']} | {g['n_episodes']} | "
-                     f"{_fmt(g['mean_l1_action_error'], 'l1')} | {_fmt(g['replay_pose_drift_cm'], 'cm')} | "
-                     f"{_fmt(g['success_rate'], 'rate')} |")
+                     f"{format_metric(g['mean_l1_action_error'], 'l1')} | {format_metric(g['replay_pose_drift_cm'], 'cm')} | "
+                     f"{format_metric(g['success_rate'], 'rate')} |")
     lines += ["", "| task_name | group | policy | n_episodes | mean_l1_action_error | replay_pose_drift_cm | "
                   "success_rate |", "|---|---|---|---:|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['task_name']} | {r['group']} | {r['policy']} | {r['n_episodes']} | "
-                     f"{_fmt(r['mean_l1_action_error'], 'l1')} | {_fmt(r['replay_pose_drift_cm'], 'cm')} | "
-                     f"{_fmt(r['success_rate'], 'rate')} |")
+                     f"{format_metric(r['mean_l1_action_error'], 'l1')} | {format_metric(r['replay_pose_drift_cm'], 'cm')} | "
+                     f"{format_metric(r['success_rate'], 'rate')} |")
     t = data.get("timing", {})
     if t:
         lines += ["", f"Evaluation wall time {t.get('total_s', float('nan')):.0f} s "
@@ -1170,7 +1173,7 @@ __all__ = [
     "POLICY_FINETUNED", "POLICY_BASE", "POLICY_MEAN", "DEFAULT_POLICIES", "GROUP_TITLES",
     "l1_action_error", "integrate_xyz", "replay_drift_cm", "gripper_events", "gripper_events_match",
     "proxy_success", "bootstrap_ci", "summarize", "BatchedActionPredictor", "per_frame_predict", "Policy",
-    "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode", "run_closed_loop",
+    "format_metric", "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode", "run_closed_loop",
     "EvalTask", "select_eval_tasks", "EpisodeData", "load_episodes", "training_mean_action", "EvalReport",
     "ci_separated", "compare_metric", "format_table", "run_evaluation",
 ]

@@ -7,10 +7,10 @@ number is missing (a step was skipped) the sentence says so instead of inventing
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
-from .evaluation import CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, ci_separated, compare_metric
+from .evaluation import (CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, ci_separated, compare_metric,
+                         format_metric)
 
 # Scale of OpenVLA-7B's own training, for the comparison the reflection makes (Kim et al., 2024, "OpenVLA").
 OPENVLA_PRETRAIN_EPISODES = 970_000
@@ -18,17 +18,11 @@ OPENVLA_PRETRAIN_GPU_HOURS = 21_500   # 64 A100s for 14 days
 
 
 def _pct(m: Mapping[str, Any] | None) -> str:
-    if not m or m.get("mean") is None or not math.isfinite(m["mean"]):
-        return "n/a"
-    lo, hi = m["ci"]
-    return f"{100 * m['mean']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
+    return format_metric(m, "rate", missing="n/a")
 
 
-def _num(m: Mapping[str, Any] | None, digits: int = 4) -> str:
-    if not m or m.get("mean") is None or not math.isfinite(m["mean"]):
-        return "n/a"
-    lo, hi = m["ci"]
-    return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+def _num(m: Mapping[str, Any] | None) -> str:
+    return format_metric(m, "l1", missing="n/a")
 
 
 def comparison(report, group: str, metric: str, baseline: str) -> dict[str, Any] | None:
