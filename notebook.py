@@ -44,7 +44,7 @@ BATCH_SIZE = "auto"      # auto → 4 (GPU, OpenVLA) / 16 (CPU, tiny)
 GRAD_ACCUM = "auto"      # auto → 2 (GPU) / 1 (CPU)
 LEARNING_RATE = 5e-4
 WARMUP_STEPS = 50
-PRETRAIN_STEPS = "auto"  # tiny path only: steps of the cached base's pretraining (auto → 400)
+PRETRAIN_STEPS = "auto"  # tiny path only: action-stage steps of the cached base's pretraining (auto → 600)
 LORA_RANK = 32
 LORA_ALPHA = 16
 LOG_EVERY = 10
@@ -283,6 +283,11 @@ print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.c
 # (`processor(prompt, image)`, `model(..., labels=)`, `predict_action(..., unnorm_key=)`, `config.norm_stats`), so
 # from the next cell on the code cannot tell them apart. Its "pretrained base" is trained once on the embedded
 # world's *pretraining* tasks and cached under `data/`, the way OpenVLA-7B arrives pretrained on Open X-Embodiment.
+# OpenVLA's vision encoders were themselves pretrained on web images; the tiny ViT has nothing of the kind, so its
+# pretraining borrows ground truth the world gives for free (`vla_bridge/pretrain.py`): first the ViT alone learns
+# per-patch labels (what object / target is under each patch, where the gripper is), then the whole model learns the
+# action tokens with OpenVLA's loss while a small head also regresses where the instructed object and target are
+# relative to the gripper. Those heads are dropped when the base is saved — fine-tuning below sees a plain VLA.
 #
 # Then the fine-tuning dataset's q01/q99 statistics are registered under `UNNORM_KEY`, so that `predict_action`
 # de-normalizes with exactly the statistics the training below normalizes with.
@@ -302,8 +307,7 @@ if OCTO:
     print(f"model: Octo-Small from {cfg.model_id} (loaded, trained and served by the worker in section 7)")
     loaded = model = processor = None
 else:
-    loaded = load_policy(cfg, action_stats, dataset_root=str(DATA_SOURCE) if cfg.dataset == "embedded" else None,
-                         pretrain_episodes=split.pretrain)
+    loaded = load_policy(cfg, action_stats)
     model, processor = loaded.model, loaded.processor
     for note in loaded.notes:
         print(note)

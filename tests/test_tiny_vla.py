@@ -261,7 +261,7 @@ def test_lora_targets_match_openvla_naming():
     for expected in ["language_model.lm_head", "language_model.model.layers.0.self_attn.q_proj",
                      "language_model.model.layers.0.mlp.down_proj", "projector.fc1", "projector.fc2",
                      "vision_backbone.featurizer.blocks.0.attn.qkv", "vision_backbone.featurizer.blocks.0.mlp.fc1",
-                     "vision_backbone.featurizer.patch_embed.proj"]:
+                     "vision_backbone.featurizer.patch_embed.convs.0"]:  # the conv stem
         assert expected in names
     targets = lora_target_modules(model)
     assert "lm_head" not in targets

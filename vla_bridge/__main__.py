@@ -55,18 +55,11 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
-    from .data.build import ensure_demo_dataset
-    from .data.splits import make_split
-    from .pretrain import PretrainParams, ensure_tiny_base
+    from .pretrain import PretrainParams, describe_base, ensure_tiny_base
 
-    root = ensure_demo_dataset(args.data_dir).root
-    split = make_split(root)
     params = PretrainParams(steps=args.steps) if args.steps else PretrainParams()
-    path, info = ensure_tiny_base(f"{args.data_dir}/tiny_vla_base", root, split.pretrain, args.unnorm_key, params,
-                                  force=args.force)
-    how = "reused" if info.get("reused") else f"pretrained in {info['seconds']:.0f} s"
-    print(f"{path}: {how}; {info['params']['steps']} steps on {info['pretrain_episodes']} episodes, loss "
-          f"{info['first_loss']:.3f} → {info['last_loss']:.3f}, action-token accuracy {info['last_action_accuracy']:.3f}")
+    path, info = ensure_tiny_base(f"{args.data_dir}/tiny_vla_base", args.unnorm_key, params, force=args.force)
+    print(f"{path}: {describe_base(info)}")
     return 0
 
 

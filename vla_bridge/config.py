@@ -33,7 +33,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "GRAD_ACCUM": "auto",        # auto → 2 on GPU, 1 on CPU
     "LEARNING_RATE": 5e-4,
     "WARMUP_STEPS": 50,
-    "PRETRAIN_STEPS": "auto",    # tiny path only: steps of the cached base's pretraining (auto → 400)
+    "PRETRAIN_STEPS": "auto",    # tiny path only: action-stage steps of the cached base's pretraining (auto → 600)
     "LORA_RANK": 32,
     "LORA_ALPHA": 16,
     "LOG_EVERY": 10,
@@ -129,7 +129,7 @@ def _slug(text: str) -> str:
 def _auto_training(policy: str) -> dict[str, Any]:
     if policy == "tiny":
         return {"MAX_STEPS": 300, "BATCH_SIZE": 16, "GRAD_ACCUM": 1, "EVAL_EPISODES": 4, "ABLATION_RANKS": [8, 16, 32, 64],
-                "PRETRAIN_STEPS": 400}
+                "PRETRAIN_STEPS": 600}
     if policy == "octo":
         return {"MAX_STEPS": 1000, "BATCH_SIZE": 32, "GRAD_ACCUM": 1, "EVAL_EPISODES": 10, "ABLATION_RANKS": [],
                 "PRETRAIN_STEPS": 0}

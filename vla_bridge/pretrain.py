@@ -1,13 +1,27 @@
-"""The tiny VLA's "pretrained base": trained once on the embedded world's pretraining split, cached under data/.
+"""The tiny VLA's "pretrained base": trained once on the embedded world's pretraining tasks, cached under data/.
 
-OpenVLA-7B arrives pretrained on 970k Open X-Embodiment episodes (Bridge among them), and the tutorial then
-LoRA-fine-tunes it on a Bridge slice. The tiny path mirrors that story in miniature: a randomly initialised tiny
-VLA is trained (all weights, no LoRA) on the world's *pretraining* tasks, saved like a hub checkpoint
-(``config.json`` with ``norm_stats``, ``model.safetensors``, tokenizer and processor files), and the notebook then
-LoRA-fine-tunes that base on the *fine-tuning* tasks, exactly as it would OpenVLA-7B.
+OpenVLA-7B arrives pretrained on 970k Open X-Embodiment episodes (Bridge among them) over vision encoders that were
+themselves pretrained on web images, and the tutorial then LoRA-fine-tunes it on a Bridge slice. The tiny path
+mirrors that story in miniature: a randomly initialised tiny VLA is trained (all weights, no LoRA) on the world's
+*pretraining* tasks, saved like a hub checkpoint (``config.json`` with ``norm_stats``, ``model.safetensors``,
+tokenizer and processor files), and the notebook then LoRA-fine-tunes that base on the *fine-tuning* tasks, exactly
+as it would OpenVLA-7B.
 
-The cache key covers the model/tokenization/training code, the dataset's build key and the pretraining
-parameters, so the base is rebuilt only when one of them changes. ``python -m vla_bridge pretrain-tiny``.
+Because the tiny model has no pretrained vision encoder, its pretraining gets help the world gives for free
+(``vla_bridge.data.world_labels``), in two stages over frames rendered from the world generator:
+
+1. **vision stage** (``vision_steps``): the ViT alone learns dense per-patch labels - what colour / family / target
+   is under each patch, where the gripper is and the patch-to-gripper offset on the table, the gripper's height,
+   opening and whether it holds the object (a stand-in for the pretrained encoders OpenVLA starts from);
+2. **action stage** (``steps``): the whole model learns the next-action tokens with OpenVLA's loss (the same
+   ``make_training_example`` / collator as fine-tuning), while the per-patch loss stays on and a small head on the
+   language model's last prompt position regresses the privileged state (offsets to the instructed object and
+   target, height, opening, holding), which makes the language model ground the instruction in the image.
+
+The auxiliary heads are dropped when the base is saved: the base is a plain tiny VLA and fine-tuning, evaluation and
+probes see only what they would see with OpenVLA. The cache key covers the model / tokenization / training /
+label code, the world's version and the pretraining parameters, so the base is rebuilt only when one of them
+changes. ``python -m vla_bridge pretrain-tiny``.
 """
 
 from __future__ import annotations
@@ -16,44 +30,54 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 BASE_MARKER = "vla_bridge_pretrain.json"
 
 
 @dataclasses.dataclass
 class PretrainParams:
-    steps: int = 400
+    episodes: int = 600            # generated pretraining episodes (world generator, pretraining tasks)
+    vision_steps: int = 300        # stage 1: ViT + per-patch heads
+    steps: int = 600               # stage 2: the whole model, action tokens + auxiliary losses
+    vision_batch_size: int = 32
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 50
-    image_aug: bool = True
+    aux_weight: float = 1.0        # weight of the per-patch and privileged losses in stage 2
+    image_aug: bool = True         # stage 2: half of each batch gets the fine-tuning crop + jitter
     seed: int = 0
     image_size: int = 128
     threads: int = 2
 
 
 def _code_hash() -> str:
-    from . import tokenization, training
+    from . import images, tokenization, training
+    from .data import world, world_labels
     from .models import tiny_vla
 
     h = hashlib.sha256()
-    for mod in (tiny_vla, tokenization, training):
+    h.update(world.WORLD_VERSION.encode())
+    for mod in (tiny_vla, tokenization, training, images, world_labels):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(PretrainParams).encode())
+    h.update(inspect.getsource(AuxHeads).encode())
+    h.update(inspect.getsource(pretrain_base).encode())
     return h.hexdigest()[:12]
 
 
-def base_cache_key(dataset_key: str, params: PretrainParams, unnorm_key: str) -> str:
-    payload = json.dumps({"code": _code_hash(), "dataset": dataset_key, "params": dataclasses.asdict(params),
-                          "unnorm_key": unnorm_key}, sort_keys=True)
+def base_cache_key(params: PretrainParams, unnorm_key: str) -> str:
+    payload = json.dumps({"code": _code_hash(), "params": dataclasses.asdict(params), "unnorm_key": unnorm_key},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -62,57 +86,195 @@ def read_base_info(path: str | os.PathLike) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def ensure_tiny_base(out_dir: str | os.PathLike, dataset_root: str | os.PathLike, pretrain_episodes: list[int],
-                     unnorm_key: str, params: PretrainParams | None = None, force: bool = False,
-                     progress: bool = True) -> tuple[Path, dict]:
-    """Return ``(path, info)`` of a tiny base pretrained on ``pretrain_episodes``; train it when missing or stale."""
-    from .data.build import load_build_info
-    from .data.stats import compute_action_stats, norm_stats_entry
-    from .data.stream import TrainingStream
+class AuxHeads(nn.Module):
+    """The pretraining-only heads: one linear map per patch feature (colour, family, target, gripper logits;
+    patch-to-gripper offset; height / opening / holding) and a small MLP on the language model's last prompt
+    position (the privileged state). Losses: cross-entropy for the classes (the rare gripper patch weighted 10x),
+    smooth L1 (beta 0.1, x4) for the regressions."""
+
+    def __init__(self, vision_width: int, llm_width: int) -> None:
+        from .data.world_labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES
+
+        super().__init__()
+        self.sizes = [N_CLASSES["color"], N_CLASSES["family"], N_CLASSES["target"], N_CLASSES["gripper"], 2,
+                      len(STATE_NAMES)]
+        self.patch = nn.Linear(vision_width, sum(self.sizes))
+        self.privileged = nn.Sequential(nn.Linear(llm_width, llm_width), nn.GELU(),
+                                        nn.Linear(llm_width, len(PRIVILEGED_NAMES)))
+
+    def patch_loss(self, feats: torch.Tensor, labels: dict, keep: torch.Tensor | None = None) -> dict:
+        """``feats`` (B, G*G, vision_width); ``labels`` batched world_labels fields; ``keep`` (B,) bool."""
+        if keep is not None:
+            feats, labels = feats[keep], {k: v[keep] for k, v in labels.items()}
+        b, n, _ = feats.shape
+        g = int(round(math.sqrt(n)))
+        color, family, target, grip, offset, state = self.patch(feats).reshape(b, g, g, -1).split(self.sizes, -1)
+        ce = lambda logits, y, **kw: F.cross_entropy(logits.permute(0, 3, 1, 2), y, **kw)  # noqa: E731
+        reg = lambda x, y: 4.0 * F.smooth_l1_loss(x, y, beta=0.1)  # noqa: E731
+        return {"color": ce(color, labels["color"]), "family": ce(family, labels["family"]),
+                "target": ce(target, labels["target"]),
+                "gripper": ce(grip, labels["gripper"], weight=torch.tensor([1.0, 10.0], device=feats.device)),
+                "offset": reg(offset, labels["offset"]),
+                "state": reg(state, labels["state"][:, None, None, :].expand(-1, g, g, -1))}
+
+    def privileged_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 4.0 * F.smooth_l1_loss(self.privileged(hidden), target, beta=0.1)
+
+
+def _label_batch(frames: dict, idx: np.ndarray) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(frames[k][idx]))
+            for k in ("color", "family", "target", "gripper", "offset", "state", "privileged")}
+
+
+def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: PretrainParams,
+                  progress: bool = True) -> list[dict]:
+    """Run the two pretraining stages on ``frames`` (:func:`world_labels.labelled_frames`) in place; return the
+    log (one row per 10 steps: stage, step, loss, action-token accuracy in stage 2, auxiliary loss, lr)."""
+    from .images import train_transform
+    from .tokenization import ActionCollator, ActionTokenizer, make_training_example, num_image_patches
+    from .training import lr_lambda
+
+    rng = np.random.default_rng([params.seed, 11])
+    torch.manual_seed(params.seed)
+    n = len(frames["action"])
+    vit = model.vision_backbone
+    heads = AuxHeads(model.config.vision_width, model.config.text_config.hidden_size)
+    processor_mean = torch.tensor(processor.image_processor.mean).view(1, 3, 1, 1)
+    processor_std = torch.tensor(processor.image_processor.std).view(1, 3, 1, 1)
+    log: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=params.vision_steps + params.steps, desc="pretraining the tiny base", unit="step",
+                   mininterval=1.0)
+
+    def pixels(images: np.ndarray) -> torch.Tensor:   # the processor's normalisation, batched (same image size)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - processor_mean) / processor_std
+
+    model.train()
+    # -- stage 1: the vision tower and the per-patch heads ------------------------------------------------------
+    params1 = list(vit.parameters()) + list(heads.patch.parameters())
+    opt = torch.optim.AdamW(params1, lr=params.learning_rate, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(30, params.vision_steps // 5), params.vision_steps))
+    for step in range(params.vision_steps):
+        idx = rng.integers(0, n, params.vision_batch_size)
+        parts = heads.patch_loss(vit(pixels(frames["image"][idx])), _label_batch(frames, idx))
+        loss = sum(parts.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params1, 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 0 or step == params.vision_steps - 1:
+            log.append({"stage": "vision", "step": step + 1, "aux_loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(stage="vision", aux=f"{loss.item():.2f}")
+
+    # -- stage 2: action tokens (OpenVLA's loss) + the auxiliary losses -----------------------------------------
+    atok = ActionTokenizer(processor.tokenizer)
+    collate = ActionCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    n_patches = num_image_patches(model)
+    grabbed: dict[str, torch.Tensor] = {}
+    hooks = [vit.register_forward_hook(lambda m, i, o: grabbed.__setitem__("patches", o)),
+             model.language_model.model.norm.register_forward_hook(lambda m, i, o: grabbed.__setitem__("hidden", o))]
+    params2 = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params2, lr=params.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(params.warmup_steps, params.steps))
+    try:
+        for step in range(params.steps):
+            idx = rng.integers(0, n, params.batch_size)
+            aug = (rng.random(len(idx)) < 0.5) if params.image_aug else np.zeros(len(idx), bool)
+            examples = [make_training_example(train_transform(frames["image"][i], rng, bool(a)),
+                                              str(frames["instruction"][i]), frames["action"][i], processor, atok,
+                                              norm_entry) for i, a in zip(idx, aug)]
+            batch = collate(examples)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"], labels=batch["labels"])
+            labels = _label_batch(frames, idx)
+            first = (batch["labels"] != -100).float().argmax(1)          # first supervised (action) position
+            hidden = grabbed["hidden"][torch.arange(len(idx)), first - 1 + n_patches]
+            keep = torch.from_numpy(~aug)                                  # per-patch labels: un-cropped images
+            patch = heads.patch_loss(grabbed["patches"], labels, keep) if bool(keep.any()) else {}
+            aux = sum(patch.values()) + heads.privileged_loss(hidden, labels["privileged"])
+            loss = out.loss + params.aux_weight * aux
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at pretraining step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params2, 1.0)
+            opt.step()
+            sched.step()
+            if step % 10 == 0 or step == params.steps - 1:
+                with torch.no_grad():
+                    logits = out.logits[:, n_patches:-1]
+                    target = batch["labels"][:, 1:]
+                    mask = target != -100
+                    acc = float((logits.argmax(-1)[mask] == target[mask]).float().mean())
+                log.append({"stage": "action", "step": step + 1, "loss": out.loss.item(), "action_accuracy": acc,
+                            "aux_loss": aux.item(), "lr": sched.get_last_lr()[0]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(stage="action", loss=f"{out.loss.item():.3f}")
+    finally:
+        for h in hooks:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return log
+
+
+def describe_base(info: dict) -> str:
+    """One line about a base from its marker: built or reused, budget, loss and action-token accuracy."""
+    how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
+    p = info["params"]
+    return (f"tiny base: {how} ({p['vision_steps']} vision + {p['steps']} action steps on {info['frames']} frames "
+            f"of {info['pretrain_episodes']} generated pretraining episodes; action loss {info['first_loss']:.2f} → "
+            f"{info['last_loss']:.2f}, action-token accuracy {info['last_action_accuracy']:.2f})")
+
+
+def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: PretrainParams | None = None,
+                     force: bool = False, progress: bool = True) -> tuple[Path, dict]:
+    """Return ``(path, info)`` of the tiny base (see the module docstring); train it when missing or stale."""
+    from .data import world
+    from .data.stats import norm_stats_entry, stats_from_arrays
+    from .data.world_labels import labelled_frames
     from .models.tiny_vla import build_tiny_vla
-    from .training import TrainConfig, loss_descent_check, train
 
     params = params or PretrainParams()
+    if params.episodes <= 0 or params.steps <= 0 or params.vision_steps < 0:
+        raise ValueError(f"pretraining needs episodes > 0 and steps > 0 (got {params.episodes}, {params.steps})")
     out = Path(out_dir)
-    build = load_build_info(dataset_root) or {}
-    key = base_cache_key(str(build.get("key", Path(dataset_root).name)), params, unnorm_key)
+    key = base_cache_key(params, unnorm_key)
     info = read_base_info(out)
     if info and info.get("key") == key and not force:
         info["reused"] = True
         return out, info
-    if not pretrain_episodes:
-        raise ValueError("the pretraining split is empty: rebuild the embedded dataset with pretrain episodes")
 
     t0 = time.time()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(params.threads)
     try:
-        stream = TrainingStream(dataset_root, episodes=pretrain_episodes, image_size=params.image_size,
-                                seed=params.seed)
-        stats = norm_stats_entry(compute_action_stats(stream.ds, pretrain_episodes, source="stream"))
-        norm_stats = {unnorm_key: stats}
-        model, processor = build_tiny_vla(norm_stats=norm_stats, image_size=params.image_size, seed=params.seed)
-        with tempfile.TemporaryDirectory(prefix="tiny_pretrain_") as scratch:
-            cfg = TrainConfig(run_name="tiny_base", outputs_dir=scratch, max_steps=params.steps,
-                              batch_size=params.batch_size, grad_accum=1, learning_rate=params.learning_rate,
-                              warmup_steps=params.warmup_steps, log_every=10, save_every=10**9, seed=params.seed,
-                              image_aug=params.image_aug, unnorm_key=unnorm_key, save_full_model=True,
-                              progress=progress)
-            result = train(model, processor, stream, norm_stats, cfg)
-            check = loss_descent_check(result.history, within_steps=params.steps)
-            log_rows = result.history
+        frames = labelled_frames(params.episodes, params.seed, "pretrain", params.image_size, progress=progress)
+        stats = norm_stats_entry(stats_from_arrays(frames["action"], num_trajectories=params.episodes))
+        model, processor = build_tiny_vla(norm_stats={unnorm_key: stats}, image_size=params.image_size,
+                                          seed=params.seed)
+        t_data = time.time() - t0
+        log_rows = pretrain_base(model, processor, frames, stats, params, progress=progress)
+        action_rows = [r for r in log_rows if r["stage"] == "action"]
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-        info = {"key": key, "dataset_root": str(dataset_root), "dataset_key": build.get("key"),
-                "params": dataclasses.asdict(params), "unnorm_key": unnorm_key,
-                "pretrain_episodes": len(pretrain_episodes), "frames_seen": result.frames_seen,
-                "seconds": round(time.time() - t0, 1), "first_loss": log_rows[0]["loss"] if log_rows else None,
-                "last_loss": log_rows[-1]["loss"] if log_rows else None,
-                "last_action_accuracy": log_rows[-1]["action_accuracy"] if log_rows else None,
-                "loss_check": check, "log": log_rows}
+        info = {"key": key, "world_version": world.WORLD_VERSION, "params": dataclasses.asdict(params),
+                "unnorm_key": unnorm_key, "pretrain_episodes": params.episodes, "frames": len(frames["action"]),
+                "seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1),
+                "first_loss": action_rows[0]["loss"], "last_loss": action_rows[-1]["loss"],
+                "last_action_accuracy": action_rows[-1]["action_accuracy"], "log": log_rows}
         (tmp / BASE_MARKER).write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -100,14 +100,23 @@ def stats_from_stream(ds, episodes: Sequence[int] | None = None, batch_size: int
         eps.update(int(x) for x in e[keep])
     if not acts:
         raise ValueError("no frames in the requested episodes: cannot compute action statistics")
-    a = np.concatenate(acts)
+    return stats_from_arrays(np.concatenate(acts), np.concatenate(states) if states else None, len(eps),
+                             source=f"streaming pass over {len(eps)} episodes (parquet columns)")
+
+
+def stats_from_arrays(actions: np.ndarray, states: np.ndarray | None = None, num_trajectories: int = 0,
+                      source: str = "arrays") -> dict[str, Any]:
+    """The norm_stats entry of in-memory ``actions`` (N, D) (and ``states``): exact quantiles, the gripper mask."""
+    a = np.asarray(actions, dtype=np.float64)
+    if a.ndim != 2 or not len(a):
+        raise ValueError(f"actions must be a non-empty (N, D) array, got shape {a.shape}")
     action = _exact(a)
     action["mask"] = action_mask(a.shape[1])
     entry: dict[str, Any] = {"action": action}
-    if states:
-        entry["proprio"] = _exact(np.concatenate(states))
-    entry.update(num_transitions=int(a.shape[0]), num_trajectories=len(eps),
-                 source=f"streaming pass over {len(eps)} episodes (parquet columns)", quantiles_exact=True)
+    if states is not None:
+        entry["proprio"] = _exact(np.asarray(states, dtype=np.float64))
+    entry.update(num_transitions=int(a.shape[0]), num_trajectories=int(num_trajectories), source=source,
+                 quantiles_exact=True)
     return entry
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
 
@@ -34,8 +34,7 @@ class LoadedPolicy:
     precision: str = "fp32"   # how load_openvla loaded it (fp32 | bf16 | 4bit); the ablations reload the same way
 
 
-def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = None,
-                pretrain_episodes: Sequence[int] | None = None, progress: bool = True) -> LoadedPolicy:
+def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> LoadedPolicy:
     """Load the base model for ``cfg.policy`` and register ``stats_entry`` under ``cfg.unnorm_key``."""
     notes: list[str] = []
     if cfg.policy == "octo":
@@ -45,17 +44,11 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], dataset_root: str | None = 
     if cfg.policy == "tiny":
         default_dir = Path(cfg.data_dir) / "tiny_vla_base"
         if Path(model_id) == default_dir:
-            if dataset_root is None or pretrain_episodes is None:
-                raise PolicyLoadError("the tiny base is built from the embedded dataset's pretraining split: "
-                                      "pass dataset_root and pretrain_episodes (DATASET must be 'embedded')")
-            from ..pretrain import PretrainParams, ensure_tiny_base
+            from ..pretrain import PretrainParams, describe_base, ensure_tiny_base
 
-            path, info = ensure_tiny_base(default_dir, dataset_root, list(pretrain_episodes), cfg.unnorm_key,
+            path, info = ensure_tiny_base(default_dir, cfg.unnorm_key,
                                           PretrainParams(steps=cfg.pretrain_steps, seed=cfg.seed), progress=progress)
-            how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
-            notes.append(f"tiny base: {how} ({info['params']['steps']} steps on {info['pretrain_episodes']} "
-                         f"pretraining episodes; loss {info['first_loss']:.2f} → {info['last_loss']:.2f}, "
-                         f"action-token accuracy {info['last_action_accuracy']:.2f})")
+            notes.append(describe_base(info))
             model_id = str(path)
         precision = "fp32"
     elif cfg.policy == "openvla-4bit":

@@ -298,6 +298,7 @@ class TinyVLAProcessor:
 # ======================================================================================================================
 # Model
 # ======================================================================================================================
+VISION_STEMS = ("conv", "patch")   # the tiny ViT's patch embedding: a conv stem (default) or linear patches
 _DEFAULT_TEXT_CONFIG: Dict[str, Any] = dict(
     vocab_size=1088, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -319,6 +320,7 @@ class TinyVLAConfig(PretrainedConfig):
         vision_depth: int = 4,
         vision_heads: int = 3,
         vision_mlp_ratio: float = 4.0,
+        vision_stem: str = "conv",
         text_config: Optional[Union[Dict[str, Any], LlamaConfig]] = None,
         llm_attn_implementation: str = "sdpa",
         tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
@@ -335,6 +337,9 @@ class TinyVLAConfig(PretrainedConfig):
         self.use_fused_vision_backbone = False
         self.vision_width, self.vision_depth = int(vision_width), int(vision_depth)
         self.vision_heads, self.vision_mlp_ratio = int(vision_heads), float(vision_mlp_ratio)
+        if vision_stem not in VISION_STEMS:
+            raise ValueError(f"vision_stem={vision_stem!r}: expected one of {', '.join(VISION_STEMS)}")
+        self.vision_stem = vision_stem
         if isinstance(text_config, LlamaConfig):
             text_config = text_config.to_dict()
         if text_config is None:  # a tiny Llama, not LlamaConfig()'s 7B defaults
@@ -370,10 +375,46 @@ def _patch_features(featurizer: nn.Module, block_index: int, pixel_values: torch
     return x[:, featurizer.num_prefix_tokens:]
 
 
+class ConvStem(nn.Module):
+    """A convolutional patch embedding for the timm ViT (``embed_layer``): four stride-2 3x3 convolutions
+    (3 -> 32 -> 64 -> 128 -> width, GroupNorm + GELU between them) turn a 128 px image into the same 8 x 8 grid of
+    tokens a 16 px patch embedding gives - the "hybrid" ViT of the original ViT paper in miniature.
+
+    Why not the plain linear patch embedding: trained from scratch on a CPU budget, the convolutions localise
+    objects and the gripper within a patch far better (measured on the embedded world after 500 steps of dense
+    supervision: 1.3 / 0.9 cm error of the patch-to-gripper offset at object patches vs 3.0 / 2.1 cm). OpenVLA's
+    ViTs do not need this: they arrive pretrained. The convolutions keep PyTorch's default initialisation
+    (``_keep_init``); LoRA's ``all-linear`` does not touch them (as it does not touch OpenVLA's patch embedding)."""
+
+    def __init__(self, img_size: int = 128, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 192,
+                 **_: Any) -> None:
+        super().__init__()
+        n_convs = int(round(np.log2(patch_size)))
+        if 2 ** n_convs != patch_size or img_size % patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size dividing image_size, got {patch_size}")
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.dynamic_img_pad, self.flatten, self.output_fmt = False, True, "NLC"   # what timm's ViT reads
+        widths = [in_chans] + [min(32 * 2 ** i, embed_dim) for i in range(n_convs - 1)] + [embed_dim]
+        layers: List[nn.Module] = []
+        for i in range(n_convs):
+            conv = nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)
+            conv._keep_init = True
+            layers.append(conv)
+            if i < n_convs - 1:
+                layers += [nn.GroupNorm(8, widths[i + 1]), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x).flatten(2).transpose(1, 2)
+
+
 class TinyVisionBackbone(nn.Module):
     """`featurizer` = a timm VisionTransformer (random init) whose forward returns the patch features of the
     second-to-last block, as Prismatic patches its featurizers (``get_intermediate_layers(n={depth - 2})``).
-    The last block stays in the module, unused, as in OpenVLA."""
+    The last block stays in the module, unused, as in OpenVLA. ``config.vision_stem``: "conv" (default, a
+    :class:`ConvStem` patch embedding) or "patch" (timm's linear 16 px patch embedding)."""
 
     def __init__(self, config: TinyVLAConfig) -> None:
         super().__init__()
@@ -381,10 +422,11 @@ class TinyVisionBackbone(nn.Module):
 
         if config.vision_depth < 2:
             raise ValueError("vision_depth must be >= 2 (features come from the second-to-last block)")
+        stem = {"embed_layer": ConvStem} if getattr(config, "vision_stem", "patch") == "conv" else {}
         self.featurizer = VisionTransformer(
             img_size=config.image_size, patch_size=config.patch_size, in_chans=3, num_classes=0,
             embed_dim=config.vision_width, depth=config.vision_depth, num_heads=config.vision_heads,
-            mlp_ratio=config.vision_mlp_ratio, class_token=True, global_pool="token",
+            mlp_ratio=config.vision_mlp_ratio, class_token=True, global_pool="token", **stem,
         )
         # Like upstream: featurizer(pixel_values) itself yields the second-to-last block's patch features.
         self.featurizer.forward = partial(_patch_features, self.featurizer, config.vision_depth - 2)
@@ -449,6 +491,8 @@ class TinyVLAForActionPrediction(PreTrainedModel):
     # ---- PreTrainedModel boilerplate (delegation to the LLM, as upstream) ----------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if getattr(module, "_keep_init", False):
+            return
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.weight.data.normal_(mean=0.0, std=std)
             if module.bias is not None:
@@ -676,6 +720,7 @@ def build_tiny_vla(
     vision_width: int = 192,
     vision_depth: int = 4,
     vision_heads: int = 3,
+    vision_stem: str = "conv",
     hidden_size: int = 256,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -700,7 +745,8 @@ def build_tiny_vla(
     )
     config = TinyVLAConfig(
         image_size=image_size, patch_size=patch_size, vision_width=vision_width, vision_depth=vision_depth,
-        vision_heads=vision_heads, text_config=text_config, llm_attn_implementation=llm_attn_implementation,
+        vision_heads=vision_heads, vision_stem=vision_stem, text_config=text_config,
+        llm_attn_implementation=llm_attn_implementation,
         tokenizer_vocab_size=tokenizer.vocab_size, space_token_id=tokenizer.convert_tokens_to_ids(SPACE_TOKEN),
         pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, n_action_bins=N_ACTION_BINS,
         norm_stats=norm_stats, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -724,6 +770,7 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
 
 
 __all__ = [
+    "VISION_STEMS", "ConvStem",
     "TOKENIZER_VOCAB_SIZE", "PAD_TO_MULTIPLE_OF", "build_tokenizer", "TinyVLAImageProcessor", "TinyVLAProcessor",
     "TinyVLAConfig", "TinyVLAForActionPrediction", "TinyVLACausalLMOutputWithPast", "build_tiny_vla",
     "count_parameters",
