@@ -649,12 +649,15 @@ class EpisodeData:
     instruction: str          # the task string as shown (what the policy is told)
     images: list              # uint8 HxWx3, main camera, dataset resolution
     actions: np.ndarray       # (T, 7) demonstrated
-    states: np.ndarray        # (T, 8)
+    states: np.ndarray        # (T, 8) (zeros when the dataset has no observation.state)
+    other: list | None = None  # uint8 HxWx3 frames of ``other_camera`` when asked for and present
 
 
 def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
-                  progress: bool = False) -> dict[int, EpisodeData]:
-    """Every frame of ``episodes`` from the opened stream ``ds`` (main camera decoded to uint8 HxWx3)."""
+                  progress: bool = False, other_camera: str | None = None) -> dict[int, EpisodeData]:
+    """Every frame of ``episodes`` from the opened stream ``ds`` (``camera``, default the main one, decoded to uint8
+    HxWx3; ``other_camera`` too when given and present in every frame). The one decoder of evaluation episodes:
+    the evaluation, the probes, the benchmark and the Octo shards use it."""
     from .data.stream import MAIN_CAMERA, collect_episodes
     from .images import to_uint8_hwc
 
@@ -675,7 +678,9 @@ def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
                 images=[to_uint8_hwc(f[camera]) for f in frames],
                 actions=np.stack([np.asarray(f["action"], np.float64) for f in frames]),
                 states=np.stack([np.asarray(f["observation.state"], np.float64) for f in frames])
-                if "observation.state" in frames[0] else np.zeros((len(frames), 8)))
+                if "observation.state" in frames[0] else np.zeros((len(frames), 8)),
+                other=[to_uint8_hwc(f[other_camera]) for f in frames]
+                if other_camera and all(other_camera in f for f in frames) else None)
         if bar is not None:
             bar.update(len(part))
     if bar is not None:

@@ -247,7 +247,7 @@ class EpisodeData:
     images: np.ndarray                  # image_0, (T, H, W, 3) uint8 (every frame_stride-th frame)
     other: np.ndarray | None            # image_1 or None when missing / black
     actions: np.ndarray                 # (T, D) demonstration
-    states: np.ndarray | None
+    states: np.ndarray                  # (T, 8) (zeros when the dataset has none)
     meta: dict                          # world sidecar row (seed, canonical_task, ...) or {}
 
 
@@ -262,28 +262,26 @@ def world_sidecar(ds) -> dict[int, dict] | None:
 
 def load_episodes(ds, episodes_by_group: Mapping[str, Sequence[int]], frame_stride: int = 1,
                   sidecar: Mapping[int, dict] | None = None, split=None) -> list[EpisodeData]:
-    """Decode the episodes' frames once (image_0, image_1, action, state), keeping every ``frame_stride``-th."""
-    from .data.stream import collect_episodes
+    """Decode the episodes once (``evaluation.load_episodes``: image_0 and image_1, actions, states) and group them,
+    keeping every ``frame_stride``-th frame; image_1 becomes None when it is missing or black."""
+    from .evaluation import load_episodes as decode
 
     want = sorted({int(e) for eps in episodes_by_group.values() for e in eps})
     if not want:
         return []
-    frames = collect_episodes(ds, want)
+    decoded = decode(ds, want, MAIN_CAMERA, other_camera=OTHER_CAMERA)
+    keep = slice(None, None, max(1, int(frame_stride)))
     out = []
     for group, eps in episodes_by_group.items():
         for e in eps:
-            frs = frames[int(e)][::max(1, int(frame_stride))]
-            img0 = np.stack([to_uint8_hwc(f[MAIN_CAMERA]) for f in frs])
+            d = decoded[int(e)]
             other = None
-            if all(OTHER_CAMERA in f for f in frs):
-                cand = np.stack([to_uint8_hwc(f[OTHER_CAMERA]) for f in frs])
+            if d.other is not None:
+                cand = np.stack(d.other[keep])
                 other = None if is_missing_or_black(cand) else cand
-            acts = np.stack([np.asarray(f["action"], dtype=np.float64) for f in frs])
-            states = (np.stack([np.asarray(f["observation.state"], dtype=np.float64) for f in frs])
-                      if "observation.state" in frs[0] else None)
-            task = str(frs[0].get("task", "") or (split.tasks.get(int(e), "") if split is not None else ""))
-            out.append(EpisodeData(int(e), group, task, img0, other, acts, states,
-                                   dict((sidecar or {}).get(int(e), {}))))
+            task = d.instruction or (split.tasks.get(int(e), "") if split is not None else "")
+            out.append(EpisodeData(int(e), group, task, np.stack(d.images[keep]), other, d.actions[keep],
+                                   d.states[keep], dict((sidecar or {}).get(int(e), {}))))
     return out
 
 
