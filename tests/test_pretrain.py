@@ -95,3 +95,16 @@ def test_ensure_tiny_base_builds_saves_and_reuses(tmp_path):
     assert not other["reused"] and other["key"] != info["key"]
     with pytest.raises(ValueError, match="episodes > 0"):
         pretrain.ensure_tiny_base(tmp_path / "x", "demo_world", _small_params(steps=0), progress=False)
+
+
+def test_dart_perturbation_keeps_clean_labels():
+    clean = WL.labelled_frames(3, 7, "pretrain", image_size=64)
+    noisy = WL.labelled_frames(3, 7, "pretrain", image_size=64, perturb=0.005)
+    again = WL.labelled_frames(3, 7, "pretrain", image_size=64, perturb=0.005)
+    assert all(np.array_equal(noisy[k], again[k]) for k in noisy)              # deterministic
+    n = min(len(clean["action"]), len(noisy["action"]))
+    assert not np.array_equal(clean["privileged"][:n], noisy["privileged"][:n])  # it visits other states
+    # the recorded actions are the expert's commands at the visited states: per-axis speed limit, no noise
+    assert np.all(np.abs(noisy["action"][:, :3]) <= W.EXPERT_MAX_STEP + 1e-7)
+    saturated = np.isclose(np.abs(noisy["action"][:, :2]), W.EXPERT_MAX_STEP)
+    assert saturated.mean() > 0.2

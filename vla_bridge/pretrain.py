@@ -47,6 +47,7 @@ BASE_MARKER = "vla_bridge_pretrain.json"
 @dataclasses.dataclass
 class PretrainParams:
     episodes: int = 600            # generated pretraining episodes (world generator, pretraining tasks)
+    perturb: float = 0.005         # DART noise (m) on the executed steps; labels stay the expert's clean commands
     vision_steps: int = 300        # stage 1: ViT + per-patch heads
     steps: int = 600               # stage 2: the whole model, action tokens + auxiliary losses
     vision_batch_size: int = 32
@@ -258,7 +259,9 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(params.threads)
     try:
-        frames = labelled_frames(params.episodes, params.seed, "pretrain", params.image_size, progress=progress)
+        grid = params.image_size // 16   # build_tiny_vla's patch size: one label cell per image token
+        frames = labelled_frames(params.episodes, params.seed, "pretrain", params.image_size, progress=progress,
+                                 perturb=params.perturb, grid=grid)
         stats = norm_stats_entry(stats_from_arrays(frames["action"], num_trajectories=params.episodes))
         model, processor = build_tiny_vla(norm_stats={unnorm_key: stats}, image_size=params.image_size,
                                           seed=params.seed)

@@ -97,10 +97,15 @@ def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
 
 
 def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_size: int = W.DEFAULT_IMAGE_SIZE,
-                    progress: bool = False) -> dict[str, np.ndarray]:
+                    progress: bool = False, perturb: float = 0.0, grid: int = GRID) -> dict[str, np.ndarray]:
     """Every frame of ``n_episodes`` expert episodes of ``split`` (``world.sample_task_seeds(n, seed, split)``):
     ``image`` (N, S, S, 3) uint8 image_0, ``action`` (N, 7) float32, ``instruction`` (N,) str, ``episode`` (N,)
-    int64, and the :func:`scene_labels` fields stacked. Deterministic in its arguments."""
+    int64, and the :func:`scene_labels` fields stacked (on a ``grid`` x ``grid`` patch grid: the model's).
+    Deterministic in its arguments.
+
+    ``perturb`` > 0 (metres): DART-style noise - the executed xyz step is the expert's plus N(0, perturb) per axis
+    while the *recorded* action stays the expert's clean command, so the data also covers states slightly off the
+    expert's path, each labelled with the correction (the reactive expert can label any state)."""
     if n_episodes <= 0:
         raise ValueError(f"n_episodes must be positive, got {n_episodes}")
     cols: dict[str, list] = {k: [] for k in ("image", "action", "instruction", "episode", "color", "family",
@@ -116,17 +121,21 @@ def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_s
         env = W.TabletopEnv(image_size=image_size)
         obs = env.reset(task, ep_seed, prompt=prompt)
         expert = W.Expert(env)
+        noise = np.random.default_rng([int(seed), k, 5])
         while env.t < env.max_steps:
             action = expert.act()
             if expert.finished:
                 break
-            for name, value in scene_labels(env).items():
+            for name, value in scene_labels(env, grid).items():
                 cols[name].append(value)
             cols["image"].append(obs[W.IMAGE_KEYS[0]])
             cols["action"].append(action)
             cols["instruction"].append(prompt)
             cols["episode"].append(k)
-            obs, _done, _success, _info = env.step(action)
+            executed = action.copy()
+            if perturb > 0:
+                executed[:3] += noise.normal(0.0, perturb, 3)
+            obs, _done, _success, _info = env.step(executed)
         if bar is not None:
             bar.update(1)
     if bar is not None:
