@@ -127,12 +127,21 @@ def _label_batch(frames: dict, idx: np.ndarray) -> dict:
             for k in ("color", "family", "target", "gripper", "offset", "state", "privileged")}
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params: list) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: PretrainParams,
                   progress: bool = True) -> list[dict]:
     """Run the two pretraining stages on ``frames`` (:func:`world_labels.labelled_frames`) in place; return the
     log (one row per 10 steps: stage, step, loss, action-token accuracy in stage 2, auxiliary loss, lr)."""
     from .images import train_transform
-    from .tokenization import ActionCollator, ActionTokenizer, make_training_example, num_image_patches
+    from .tokenization import (ActionCollator, ActionTokenizer, action_metrics, make_training_example,
+                               num_image_patches)
     from .training import lr_lambda
 
     rng = np.random.default_rng([params.seed, 11])
@@ -140,8 +149,6 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
     n = len(frames["action"])
     vit = model.vision_backbone
     heads = AuxHeads(model.config.vision_width, model.config.text_config.hidden_size)
-    processor_mean = torch.tensor(processor.image_processor.mean).view(1, 3, 1, 1)
-    processor_std = torch.tensor(processor.image_processor.std).view(1, 3, 1, 1)
     log: list[dict] = []
     bar = None
     if progress:
@@ -150,10 +157,6 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
         bar = tqdm(total=params.vision_steps + params.steps, desc="pretraining the tiny base", unit="step",
                    mininterval=1.0)
 
-    def pixels(images: np.ndarray) -> torch.Tensor:   # the processor's normalisation, batched (same image size)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - processor_mean) / processor_std
-
     model.train()
     # -- stage 1: the vision tower and the per-patch heads ------------------------------------------------------
     params1 = list(vit.parameters()) + list(heads.patch.parameters())
@@ -161,13 +164,9 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(30, params.vision_steps // 5), params.vision_steps))
     for step in range(params.vision_steps):
         idx = rng.integers(0, n, params.vision_batch_size)
-        parts = heads.patch_loss(vit(pixels(frames["image"][idx])), _label_batch(frames, idx))
-        loss = sum(parts.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params1, 1.0)
-        opt.step()
-        sched.step()
+        pixel_values = processor.image_processor(list(frames["image"][idx]))["pixel_values"]
+        loss = sum(heads.patch_loss(vit(pixel_values), _label_batch(frames, idx)).values())
+        _optimizer_step(opt, sched, loss, params1)
         if step % 10 == 0 or step == params.vision_steps - 1:
             log.append({"stage": "vision", "step": step + 1, "aux_loss": loss.item(), "lr": sched.get_last_lr()[0]})
         if bar is not None:
@@ -203,19 +202,12 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
             loss = out.loss + params.aux_weight * aux
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at pretraining step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params2, 1.0)
-            opt.step()
-            sched.step()
+            _optimizer_step(opt, sched, loss, params2)
             if step % 10 == 0 or step == params.steps - 1:
-                with torch.no_grad():
-                    logits = out.logits[:, n_patches:-1]
-                    target = batch["labels"][:, 1:]
-                    mask = target != -100
-                    acc = float((logits.argmax(-1)[mask] == target[mask]).float().mean())
-                log.append({"stage": "action", "step": step + 1, "loss": out.loss.item(), "action_accuracy": acc,
-                            "aux_loss": aux.item(), "lr": sched.get_last_lr()[0]})
+                m = action_metrics(out.logits.detach(), batch["labels"], n_patches, atok)
+                log.append({"stage": "action", "step": step + 1, "loss": out.loss.item(),
+                            "action_accuracy": m["action_accuracy"], "aux_loss": aux.item(),
+                            "lr": sched.get_last_lr()[0]})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stage="action", loss=f"{out.loss.item():.3f}")
