@@ -777,6 +777,12 @@ def format_metric(m: Mapping[str, Any] | None, kind: str = "l1", missing: str = 
     return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
+def _metric_cells(row: Mapping[str, Any]) -> str:
+    """The table's three metric cells of a group or task row."""
+    return (f"{format_metric(row['mean_l1_action_error'], 'l1')} | "
+            f"{format_metric(row['replay_pose_drift_cm'], 'cm')} | {format_metric(row['success_rate'], 'rate')}")
+
+
 def format_table(data: Mapping[str, Any]) -> str:
     """Markdown: the group summary, then one row per (task, policy)."""
     succ = data["success_definition"]
@@ -788,15 +794,11 @@ def format_table(data: Mapping[str, Any]) -> str:
              "| group | policy | tasks | n_episodes | mean_l1_action_error | replay_pose_drift_cm | success_rate |",
              "|---|---|---:|---:|---|---|---|"]
     for g in data["groups"]:
-        lines.append(f"| {g['title']} | {g['policy']} | {g['n_tasks']} | {g['n_episodes']} | "
-                     f"{format_metric(g['mean_l1_action_error'], 'l1')} | {format_metric(g['replay_pose_drift_cm'], 'cm')} | "
-                     f"{format_metric(g['success_rate'], 'rate')} |")
+        lines.append(f"| {g['title']} | {g['policy']} | {g['n_tasks']} | {g['n_episodes']} | {_metric_cells(g)} |")
     lines += ["", "| task_name | group | policy | n_episodes | mean_l1_action_error | replay_pose_drift_cm | "
                   "success_rate |", "|---|---|---|---:|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['task_name']} | {r['group']} | {r['policy']} | {r['n_episodes']} | "
-                     f"{format_metric(r['mean_l1_action_error'], 'l1')} | {format_metric(r['replay_pose_drift_cm'], 'cm')} | "
-                     f"{format_metric(r['success_rate'], 'rate')} |")
+        lines.append(f"| {r['task_name']} | {r['group']} | {r['policy']} | {r['n_episodes']} | {_metric_cells(r)} |")
     t = data.get("timing", {})
     if t:
         lines += ["", f"Evaluation wall time {t.get('total_s', float('nan')):.0f} s "
@@ -1178,7 +1180,8 @@ __all__ = [
     "POLICY_FINETUNED", "POLICY_BASE", "POLICY_MEAN", "DEFAULT_POLICIES", "GROUP_TITLES",
     "l1_action_error", "integrate_xyz", "replay_drift_cm", "gripper_events", "gripper_events_match",
     "proxy_success", "bootstrap_ci", "summarize", "BatchedActionPredictor", "per_frame_predict", "Policy",
-    "format_metric", "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode", "run_closed_loop",
+    "format_metric", "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode",
+    "run_closed_loop",
     "EvalTask", "select_eval_tasks", "EpisodeData", "load_episodes", "training_mean_action", "EvalReport",
     "ci_separated", "compare_metric", "format_table", "run_evaluation",
 ]
