@@ -74,7 +74,7 @@ __all__ = [
     "ACTION_XYZ_LIMIT", "ACTION_ROT_LIMIT", "EXPERT_MAX_STEP", "FAMILIES", "HELDOUT_FAMILY", "ALL_FAMILIES",
     "COLORS", "UNSEEN_COLOR", "ALL_COLORS", "TARGETS", "HELDOUT_TRIPLES", "SPLIT_NAMES", "TaskSplits",
     "task_catalog", "SPLITS", "task_string", "parse_task", "paraphrases", "canonical_task", "TabletopEnv",
-    "Expert", "expert_action", "Episode", "run_expert", "generate_episode", "generate_episodes",
+    "Expert", "expert_action", "grasp_height", "Episode", "run_expert", "generate_episode", "generate_episodes",
     "sample_task_seeds", "default_blank_task_prob", "is_blank_episode",
 ]
 
@@ -993,6 +993,11 @@ class TabletopEnv:
 # ----------------------------------------------------------------------------------------------------
 # Scripted expert
 # ----------------------------------------------------------------------------------------------------
+def grasp_height(o: _Obj) -> float:
+    """The fingertip height at which the expert closes on object ``o`` (half its height, at least 8 mm up)."""
+    return o.z + max(0.008, 0.5 * FAMILY_SPECS[o.family].height)
+
+
 class Expert:
     """Scripted pick-and-place expert (5 Hz, Bridge conventions): a *reactive* controller.
 
@@ -1063,7 +1068,7 @@ class Expert:
         o, t = env.instructed_object, env.instructed_target
         pos = env.pos
         spec = FAMILY_SPECS[o.family]
-        grasp_z = o.z + max(0.008, 0.5 * spec.height)
+        grasp_z = grasp_height(o)
         place_xy = np.array([t.x, t.y]) + self.place_offset
         place_z = TARGET_SPECS[t.kind].height + 0.5 * spec.height + 0.012
         if env.held is not None and env.held != env.obj_index:      # holding the wrong object: drop it

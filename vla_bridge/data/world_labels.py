@@ -87,7 +87,7 @@ def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
     offset = np.clip(np.where(np.isfinite(offset), offset, 0.0), -_CLIP, _CLIP).astype(np.float32)
     holding = float(env.held == env.obj_index)
     o, t = env.instructed_object, env.instructed_target
-    grasp_z = o.z + max(0.008, 0.5 * W.FAMILY_SPECS[o.family].height)
+    grasp_z = W.grasp_height(o)
     privileged = np.array([(o.x - env.pos[0]) / UNIT, (o.y - env.pos[1]) / UNIT, (grasp_z - env.pos[2]) / UNIT,
                            (t.x - env.pos[0]) / UNIT, (t.y - env.pos[1]) / UNIT, env.pos[2] / UNIT, env.gripper,
                            holding], np.float32)
