@@ -1,5 +1,7 @@
 """The tiny VLA offers OpenVLA's HF interface: tokenizer layout, forward, generate, predict_action, save/load, PEFT."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,16 @@ def test_lora_adapter_save_and_reload(overfit, tmp_path):
     # the adapter changed the model: the bare base predicts something else
     with reloaded.disable_adapter():
         assert not np.array_equal(reloaded.predict_action(**inputs, unnorm_key="demo_world"), expected)
+
+
+def test_vision_stem_is_saved_and_an_older_config_loads_as_patch(tmp_path):
+    from vla_bridge.models.tiny_vla import ConvStem, TinyVLAConfig
+
+    model, _ = build_tiny_vla(norm_stats=STATS, seed=0, **SMALL)
+    assert isinstance(model.vision_backbone.featurizer.patch_embed, ConvStem)
+    model.config.save_pretrained(tmp_path)
+    assert TinyVLAConfig.from_pretrained(tmp_path).vision_stem == "conv"
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["vision_stem"]                                  # a config saved before the conv stem existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert TinyVLAConfig.from_pretrained(tmp_path).vision_stem == "patch"

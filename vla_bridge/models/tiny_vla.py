@@ -320,7 +320,7 @@ class TinyVLAConfig(PretrainedConfig):
         vision_depth: int = 4,
         vision_heads: int = 3,
         vision_mlp_ratio: float = 4.0,
-        vision_stem: str = "conv",
+        vision_stem: str = "patch",     # a saved config without the field predates the conv stem
         text_config: Optional[Union[Dict[str, Any], LlamaConfig]] = None,
         llm_attn_implementation: str = "sdpa",
         tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
@@ -422,7 +422,7 @@ class TinyVisionBackbone(nn.Module):
 
         if config.vision_depth < 2:
             raise ValueError("vision_depth must be >= 2 (features come from the second-to-last block)")
-        stem = {"embed_layer": ConvStem} if getattr(config, "vision_stem", "patch") == "conv" else {}
+        stem = {"embed_layer": ConvStem} if config.vision_stem == "conv" else {}
         self.featurizer = VisionTransformer(
             img_size=config.image_size, patch_size=config.patch_size, in_chans=3, num_classes=0,
             embed_dim=config.vision_width, depth=config.vision_depth, num_heads=config.vision_heads,
