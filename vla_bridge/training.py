@@ -7,12 +7,17 @@ What it does, in upstream's terms (openvla/vla-scripts/finetune.py):
 - bf16 autocast on a GPU (through accelerate), fp32 on a CPU;
 - every ``log_every`` optimizer steps one JSON line in ``outputs/logs/<run>/train_log.jsonl``: step, loss,
   action_accuracy, l1 (de-normalized action units; ``l1_normalized`` is upstream's [-1, 1] figure), lr;
-- checkpoints every ``save_every`` steps and at the end in ``outputs/checkpoints/<run>/step_XXXXXX/`` and
-  ``latest/`` (adapter weights + config, ``training_state.pt``, ``dataset_statistics.json``), each written to a
-  temporary directory and renamed, so a kill never leaves half a checkpoint;
-- ``resume=True`` continues from ``latest/``: optimizer, scheduler, step, RNG states and the data position, so the
-  resumed run matches an uninterrupted one;
-- a NaN/inf loss stops training with a message; the last good checkpoint stays.
+- checkpoints every ``save_every`` steps and at the end in ``outputs/checkpoints/<run>/step_XXXXXX/`` (adapter
+  weights + config, ``training_state.pt``, ``dataset_statistics.json``, ``checkpoint.json`` with the run's
+  parameters), each written to a temporary directory and renamed into place; ``latest`` is a symlink to the newest
+  one, swapped with one ``os.replace``, so a kill at any moment leaves every visible checkpoint complete;
+- ``resume=True`` continues from the newest complete ``step_*`` (``latest``'s target, or a newer one a kill left
+  unpublished): optimizer, scheduler, step, RNG states and the data position, so the resumed run matches an
+  uninterrupted one. A resume whose parameters would change the run (rank, alpha, learning rate, schedule, batch,
+  seed, ...) is refused with the old-vs-new difference; logging, saving and evaluation settings may change;
+- a non-finite loss, a loss that diverges (back at the uniform distribution's ln(vocabulary) or far above where
+  it started) or non-finite / absurd weights stop training with a :class:`TrainingError`; no such weights are
+  ever written, so ``latest`` stays the last good checkpoint.
 
 Data arrive through a :class:`FrameSource`: ``iterate(start)`` yields raw frames (dicts with ``image``,
 ``instruction``, ``action``) in a deterministic order, starting after the first ``start`` frames.
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,10 +45,34 @@ from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_
 
 STATE_FILE = "training_state.pt"
 STATS_FILE = "dataset_statistics.json"
+META_FILE = "checkpoint.json"     # step, frames_seen, saved_at and the run's parameters: small, read without torch
+LATEST = "latest"                 # a symlink to the newest step_XXXXXX/
+STEP_DIR = re.compile(r"step_\d{6,}")
+LEFTOVER = re.compile(r"\..+\.(tmp|old)-\d+")   # what a killed writer leaves behind
+
+# TrainConfig fields that define the run, by their notebook names: RESUME refuses to change them (the adapter's
+# LORA_RANK / LORA_ALPHA / LORA_DROPOUT / LORA_TARGETS are read from the model and checked too). Everything else
+# (LOG_EVERY, SAVE_EVERY, USE_WANDB, progress, ...) may change between a run and its resume.
+RUN_DEFINING = {"max_steps": "MAX_STEPS", "batch_size": "BATCH_SIZE", "grad_accum": "GRAD_ACCUM",
+                "learning_rate": "LEARNING_RATE", "warmup_steps": "WARMUP_STEPS", "max_grad_norm": "MAX_GRAD_NORM",
+                "weight_decay": "WEIGHT_DECAY", "seed": "SEED", "image_aug": "IMAGE_AUG", "unnorm_key": "UNNORM_KEY",
+                "save_full_model": "SAVE_FULL_MODEL"}
+
+# Divergence: the smoothed loss back at a uniform distribution over the vocabulary (ln V) after starting well below
+# it, or far above the first step's loss. Weights beyond MAX_ABS_WEIGHT are treated as blown up, like NaN.
+UNIFORM_FRACTION = 0.9        # loss ≥ 0.9·ln V counts as "back at uniform" ...
+UNIFORM_START_BELOW = 0.75    # ... when the run started below 0.75·ln V
+RISE_FACTOR = 3.0             # or the loss is ≥ 3× the first step's
+LOSS_EMA_ALPHA = 0.2          # the smoothing of `smoothed` (the loss curve's line)
+MAX_ABS_WEIGHT = 1e4
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or had to stop; the message says why and what to do."""
+
+
+class WeightsError(TrainingError):
+    """The weights are non-finite or blown up: they are not written as a checkpoint."""
 
 
 class FrameSource(Protocol):
@@ -91,6 +121,7 @@ class TrainResult:
     stopped_reason: str
     seconds: float
     history: list[dict]
+    resumed_from: Path | None = None
 
 
 def lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
@@ -130,7 +161,12 @@ def _set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
 
 
 def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory through ``write(tmp)`` and rename it into place; replace ``final`` if it exists."""
+    """Write a directory through ``write(tmp)`` and rename it into place; replace ``final`` if it exists.
+
+    Only a complete directory ever carries the final name. Replacing an existing ``final`` takes two renames (it is
+    moved aside first); a kill between them leaves ``final`` absent and its old copy in ``.<name>.old-<pid>``, which
+    the next write (or :func:`clean_leftovers`) removes.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -145,21 +181,139 @@ def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+def _publish_latest(ckpt_dir: Path, step_dir: Path) -> None:
+    """Point ``latest`` at ``step_dir`` with one atomic ``os.replace`` of a relative symlink."""
+    link = ckpt_dir / f".{LATEST}.tmp-{os.getpid()}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(step_dir.name, link)
+    latest = ckpt_dir / LATEST
+    if latest.is_dir() and not latest.is_symlink():  # a copied latest/ from before the symlink layout
+        latest.rename(ckpt_dir / f".{LATEST}.old-{os.getpid()}")
+    os.replace(link, latest)
+
+
+def clean_leftovers(ckpt_dir: Path) -> list[str]:
+    """Remove the ``.*.tmp-<pid>`` / ``.*.old-<pid>`` entries a killed writer left in ``ckpt_dir``; their names."""
+    removed = []
+    for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
+        if LEFTOVER.fullmatch(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def weights_problem(params) -> str | None:
+    """Why the parameters are unusable — non-finite, or beyond ``MAX_ABS_WEIGHT`` (a blown-up run) — or None."""
+    worst = 0.0
+    for p in params:
+        d = p.detach()
+        if not torch.isfinite(d).all():
+            return "the weights hold NaN/inf"
+        worst = max(worst, float(d.abs().max()))
+    if worst > MAX_ABS_WEIGHT:
+        return f"a weight reached |w| = {worst:.3g} (> {MAX_ABS_WEIGHT:g}): the run blew up"
+    return None
+
+
+def divergence(loss: float, first_loss: float, uniform_loss: float) -> str | None:
+    """Why ``loss`` (smoothed) says the run diverged, or None: back at ln(vocabulary) after starting well below it,
+    or ≥ ``RISE_FACTOR`` × the first step's loss."""
+    if first_loss < UNIFORM_START_BELOW * uniform_loss and loss >= UNIFORM_FRACTION * uniform_loss:
+        return (f"the loss rose from {first_loss:.3f} to {loss:.3f}, the level of a uniform guess over the "
+                f"vocabulary (ln V = {uniform_loss:.3f}): the model no longer predicts anything")
+    if first_loss > 0 and loss >= RISE_FACTOR * first_loss:
+        return f"the loss rose from {first_loss:.3f} to {loss:.3f} (≥ {RISE_FACTOR:g}× where it started)"
+    return None
+
+
+def run_parameters(model, cfg: TrainConfig) -> dict[str, Any]:
+    """The parameters that define the run, by their notebook names: ``RUN_DEFINING`` plus the adapter's."""
+    out = {name: getattr(cfg, field) for field, name in RUN_DEFINING.items()}
+    lora = (getattr(model, "peft_config", None) or {}).get("default")
+    if lora is not None:
+        out.update(_adapter_parameters(lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules))
+    return out
+
+
+def _adapter_parameters(r, alpha, dropout, targets) -> dict[str, Any]:
+    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    return {"LORA_RANK": r, "LORA_ALPHA": alpha, "LORA_DROPOUT": dropout, "LORA_TARGETS": targets}
+
+
 def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np_rng: np.random.Generator,
-                    norm_stats: Mapping[str, Any], cfg: TrainConfig) -> Path:
-    """``step_XXXXXX/`` then ``latest/``: weights (adapter or full), training_state.pt, dataset_statistics.json."""
+                    norm_stats: Mapping[str, Any], cfg: TrainConfig, extra_state: Mapping[str, Any] | None = None,
+                    ) -> Path:
+    """``step_XXXXXX/`` (weights — adapter or full —, training_state.pt, dataset_statistics.json, checkpoint.json),
+    then ``latest`` → it. The weights are checked first: NaN/inf or blown-up weights are never written."""
+    bad = weights_problem(p for p in model.parameters() if p.requires_grad)
+    if bad:
+        raise WeightsError(f"{bad}; the step-{step} checkpoint was not written")
+    meta = {"step": step, "frames_seen": frames_seen, "saved_at": time.time(), "run": run_parameters(model, cfg)}
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         model.save_pretrained(str(tmp))
         torch.save({"step": step, "frames_seen": frames_seen, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(np_rng),
-                    "config": dataclasses.asdict(cfg)}, tmp / STATE_FILE)
+                    "config": dataclasses.asdict(cfg), **(extra_state or {})}, tmp / STATE_FILE)
         save_dataset_statistics_beside(tmp, norm_stats)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
     step_dir = _atomic_dir_write(cfg.checkpoint_dir / f"step_{step:06d}", write)
-    _atomic_dir_write(cfg.checkpoint_dir / "latest", lambda tmp: shutil.copytree(step_dir, tmp))
+    _publish_latest(cfg.checkpoint_dir, step_dir)
+    clean_leftovers(cfg.checkpoint_dir)
     return step_dir
+
+
+def _checkpoint_meta(ckpt: Path) -> dict | None:
+    """A complete checkpoint's ``checkpoint.json`` (older ones: step and time from the state file), else None."""
+    weights = ("adapter_model.safetensors", "model.safetensors")
+    if not (ckpt / STATE_FILE).is_file() or not any((ckpt / w).is_file() for w in weights):
+        return None
+    if (ckpt / META_FILE).is_file():
+        return json.loads((ckpt / META_FILE).read_text())
+    return {"step": int(ckpt.name.split("_")[1]), "saved_at": (ckpt / STATE_FILE).stat().st_mtime}
+
+
+def resume_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint RESUME continues from: the most recently saved complete ``step_*`` (None if there is none).
+
+    That is ``latest``'s target, or a newer step a kill left before ``latest`` was switched to it.
+    """
+    found = []
+    for p in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
+        meta = _checkpoint_meta(p) if STEP_DIR.fullmatch(p.name) and p.is_dir() else None
+        if meta is not None:
+            found.append((float(meta["saved_at"]), int(meta["step"]), p))
+    return max(found)[2] if found else None
+
+
+def _saved_run_parameters(ckpt: Path, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The run parameters a checkpoint was trained with (older checkpoints: from its state and adapter config)."""
+    meta = _checkpoint_meta(ckpt) or {}
+    if "run" in meta:
+        return meta["run"]
+    saved = state.get("config", {})
+    out = {name: saved[field] for field, name in RUN_DEFINING.items() if field in saved}
+    adapter = ckpt / "adapter_config.json"
+    if adapter.is_file():
+        a = json.loads(adapter.read_text())
+        out.update(_adapter_parameters(a.get("r"), a.get("lora_alpha"), a.get("lora_dropout"), a.get("target_modules")))
+    return out
+
+
+def check_resume_parameters(saved: Mapping[str, Any], now: Mapping[str, Any], ckpt: Path) -> None:
+    """Refuse a resume whose run-defining parameters differ from the checkpoint's, with a one-line old-vs-new diff."""
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if diff:
+        old = ", ".join(f"{k}={saved[k]!r}" for k in diff)
+        new = ", ".join(f"{k}={now[k]!r}" for k in diff)
+        raise TrainingError(f"RESUME refused: {ckpt} was trained with {old}; this run asks for {new} — set them back "
+                            f"to continue it, or RESUME=False (or another RUN_NAME) to start a new run")
 
 
 def _load_weights_into(model, ckpt: Path, full_model: bool) -> None:
@@ -200,6 +354,8 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
 
     ``norm_stats`` is the OpenVLA-layout dict ``{unnorm_key: {"action": {q01, q99, mask, ...}}}`` whose entry
     normalizes the actions here; it is saved with each checkpoint so inference de-normalizes identically.
+    Raises :class:`TrainingError` when the run cannot start or resume, or had to stop (non-finite loss, divergence,
+    blown-up weights); the checkpoints written before stay, and none holds bad weights.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -209,6 +365,16 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     stats_entry = norm_stats[cfg.unnorm_key]
     set_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
+
+    step, frames_seen, first_loss, resumed_from, state = 0, 0, None, None, None
+    clean_leftovers(cfg.checkpoint_dir)
+    if cfg.resume:
+        resumed_from = resume_checkpoint(cfg.checkpoint_dir)
+        if resumed_from is None:
+            raise TrainingError(f"RESUME=True but {cfg.checkpoint_dir} holds no complete checkpoint: train once "
+                                f"without RESUME first")
+        state = torch.load(resumed_from / STATE_FILE, map_location="cpu", weights_only=False)
+        check_resume_parameters(_saved_run_parameters(resumed_from, state), run_parameters(model, cfg), resumed_from)
 
     mp = cfg.mixed_precision
     if mp is None:
@@ -229,18 +395,14 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     collator = ActionCollator(pad_token_id=int(processor.tokenizer.pad_token_id))
     n_patches = num_image_patches(model)
 
-    step, frames_seen = 0, 0
-    if cfg.resume:
-        latest = cfg.checkpoint_dir / "latest"
-        if not (latest / STATE_FILE).exists():
-            raise TrainingError(f"RESUME=True but {latest} has no {STATE_FILE}: train once without RESUME first")
-        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-        _load_weights_into(model, latest, cfg.save_full_model)
+    if state is not None:
+        _load_weights_into(model, resumed_from, cfg.save_full_model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, frames_seen = int(state["step"]), int(state["frames_seen"])
+        first_loss = state.get("first_loss")
         _set_rng_state(state["rng"], np_rng)
-        print(f"resumed from {latest} at step {step} ({frames_seen} frames seen)")
+        print(f"resumed from {resumed_from} at step {step} ({frames_seen} frames seen)")
         if step >= cfg.max_steps:
             print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
 
@@ -255,7 +417,8 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     stream = frames.iterate(frames_seen)
     history: list[dict] = []
     window: dict[str, list[float]] = {"loss": [], "action_accuracy": [], "l1": [], "l1_normalized": []}
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = resumed_from
+    loss_ema: float | None = None
     stopped = "max_steps"
     t0 = time.time()
 
@@ -274,64 +437,82 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
                                                   stats_entry))
         return collator(examples)
 
+    def stop(at_step: int, why: str) -> TrainingError:
+        good = last_ckpt or "none (none was written yet)"
+        return TrainingError(f"training stopped at step {at_step}: {why}; the last good checkpoint is {good} — "
+                             f"lower LEARNING_RATE (now {cfg.learning_rate:g}) or check the data")
+
     # pixel_values go in the vision backbone's dtype (bf16 for OpenVLA loaded in bf16), as upstream does.
     pix_dtype = torch.bfloat16 if mp == "bf16" else next(
         (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True,
                mininterval=3.0)
-    while step < cfg.max_steps:
-        micro_losses = []
-        for _ in range(cfg.grad_accum):
-            batch = next_batch()
-            with accelerator.autocast():
-                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            pixel_values=batch["pixel_values"].to(device, dtype=pix_dtype), labels=batch["labels"].to(device))
-            loss = out.loss
-            if not torch.isfinite(loss):
-                stopped = (f"non-finite loss ({loss.item()}) at step {step + 1}: stopped; the last good checkpoint is "
-                           f"{last_ckpt or 'none (none was written yet)'} — lower LEARNING_RATE or check the data")
-                break
-            accelerator.backward(loss / cfg.grad_accum)
-            micro_losses.append(float(loss.detach()))
-            m = action_metrics(out.logits.detach().float(), batch["labels"], n_patches, action_tok, stats_entry)
-            window["action_accuracy"].append(m["action_accuracy"])
-            window["l1_normalized"].append(m["l1"])
-            window["l1"].append(m.get("l1_denorm", float("nan")))
-        if stopped != "max_steps":
+    try:
+        while step < cfg.max_steps:
+            micro_losses = []
+            for _ in range(cfg.grad_accum):
+                batch = next_batch()
+                with accelerator.autocast():
+                    out = model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device),
+                                pixel_values=batch["pixel_values"].to(device, dtype=pix_dtype),
+                                labels=batch["labels"].to(device))
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    raise stop(step + 1, f"non-finite loss ({loss.item()})")
+                accelerator.backward(loss / cfg.grad_accum)
+                micro_losses.append(float(loss.detach()))
+                m = action_metrics(out.logits.detach().float(), batch["labels"], n_patches, action_tok, stats_entry)
+                window["action_accuracy"].append(m["action_accuracy"])
+                window["l1_normalized"].append(m["l1"])
+                window["l1"].append(m.get("l1_denorm", float("nan")))
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            print(stopped)
-            break
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window["loss"].append(float(np.mean(micro_losses)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", acc=f"{window['action_accuracy'][-1]:.2f}")
+            step_loss = float(np.mean(micro_losses))
+            first_loss = step_loss if first_loss is None else first_loss
+            loss_ema = step_loss if loss_ema is None else LOSS_EMA_ALPHA * step_loss + (1 - LOSS_EMA_ALPHA) * loss_ema
+            uniform_loss = math.log(out.logits.shape[-1])
+            why = divergence(loss_ema, first_loss, uniform_loss)
+            if why:
+                raise stop(step + 1, f"diverged — {why}")
+            step += 1
+            window["loss"].append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{window['action_accuracy'][-1]:.2f}")
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            row = {"step": step, **{k: float(np.nanmean(v)) if v else float("nan") for k, v in window.items()},
-                   "lr": float(scheduler.get_last_lr()[0]), "frames_seen": frames_seen,
-                   "elapsed_s": round(time.time() - t0, 2)}
-            with cfg.log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            history.append(row)
-            if wb is not None:
-                wb.log(row, step=step)
-            if on_log is not None:
-                on_log(row)
-            window = {k: [] for k in window}
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            last_ckpt = save_checkpoint(model, optimizer, scheduler, step, frames_seen, np_rng, norm_stats, cfg)
-        if cfg.stop_after is not None and step >= cfg.stop_after:
-            stopped = f"stop_after={cfg.stop_after}"
-            break
-    bar.close()
-    if wb is not None:
-        wb.finish()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                row = {"step": step, **{k: float(np.nanmean(v)) if v else float("nan") for k, v in window.items()},
+                       "lr": float(scheduler.get_last_lr()[0]), "frames_seen": frames_seen,
+                       "elapsed_s": round(time.time() - t0, 2)}
+                with cfg.log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                history.append(row)
+                if wb is not None:
+                    wb.log(row, step=step)
+                if on_log is not None:
+                    on_log(row)
+                window = {k: [] for k in window}
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                # a checkpoint replaces `latest`: the last step's own loss must pass the divergence check too
+                why = divergence(step_loss, first_loss, uniform_loss)
+                if why:
+                    raise stop(step, f"diverged — {why}; its checkpoint was not written")
+                try:
+                    last_ckpt = save_checkpoint(model, optimizer, scheduler, step, frames_seen, np_rng, norm_stats,
+                                                cfg, {"first_loss": first_loss})
+                except WeightsError as exc:
+                    raise stop(step, str(exc)) from None
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                stopped = f"stop_after={cfg.stop_after}"
+                break
+    finally:
+        bar.close()
+        if wb is not None:
+            wb.finish()
     return TrainResult(steps=step, frames_seen=frames_seen, log_path=cfg.log_path, last_checkpoint=last_ckpt,
-                       stopped_reason=stopped, seconds=time.time() - t0, history=history)
+                       stopped_reason=stopped, seconds=time.time() - t0, history=history, resumed_from=resumed_from)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
