@@ -400,15 +400,13 @@ else:
 # OpenVLA-7B, vs 1.45 % with the head).
 
 # %%
-from peft import get_peft_model
-
 from vla_bridge.models.lora import trainable_parameters
-from vla_bridge.models.openvla import lora_config
+from vla_bridge.models.openvla import attach_lora
 
 if OCTO:
     print("skipped on POLICY=octo: Octo-Small is fully fine-tuned (all but the frozen T5 encoder), no LoRA adapter")
 else:
-    model = get_peft_model(model, lora_config(cfg.lora_rank, cfg.lora_alpha, 0.0, model=model))
+    model = attach_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)  # seeded: SEED fixes the adapter's init
     trainable, total, share = trainable_parameters(model)
     print(f"LoRA r={cfg.lora_rank}, alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} parameters = "
           f"{share:.2f} %")

@@ -38,14 +38,12 @@ class AblationRun:
         return dataclasses.asdict(self)
 
 
-def _fresh_lora_model(model_id: str, precision: str, rank: int, alpha: int, unnorm_key: str, stats_entry):
-    from peft import get_peft_model
-
-    from .models.openvla import load_openvla, lora_config, register_dataset_statistics
+def _fresh_lora_model(model_id: str, precision: str, rank: int, alpha: int, unnorm_key: str, stats_entry, seed: int):
+    from .models.openvla import attach_lora, load_openvla, register_dataset_statistics
 
     processor, base = load_openvla(model_id, precision=precision, verbose=False)
     register_dataset_statistics(base, unnorm_key, stats_entry)
-    return get_peft_model(base, lora_config(rank, alpha, 0.0, model=base)), processor
+    return attach_lora(base, rank, alpha, seed), processor
 
 
 def _train_and_eval(name: str, rank: int, cfg, model_id: str, precision: str, stats_entry, data_source,
@@ -56,7 +54,8 @@ def _train_and_eval(name: str, rank: int, cfg, model_id: str, precision: str, st
     from .models.openvla import model_image_size
     from .training import TrainConfig, train
 
-    model, processor = _fresh_lora_model(model_id, precision, rank, cfg.lora_alpha, cfg.unnorm_key, stats_entry)
+    model, processor = _fresh_lora_model(model_id, precision, rank, cfg.lora_alpha, cfg.unnorm_key, stats_entry,
+                                         cfg.seed)
     trainable, _, _ = trainable_parameters(model)
     tcfg = TrainConfig(run_name=f"{cfg.run_name}-ablation-{name}", outputs_dir=cfg.outputs_dir, max_steps=steps,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate,

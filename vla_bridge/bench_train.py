@@ -19,13 +19,11 @@ def peak_rss_mb() -> float:
 
 def bench_train(data_dir: str = "data", steps: int = 30, batch_size: int = 16, rank: int = 32, threads: int = 2,
                 warmup: int = 5, image_size: int = 128) -> dict:
-    from peft import get_peft_model
-
     from .data.build import ensure_demo_dataset
     from .data.splits import make_split
     from .data.stats import compute_action_stats, norm_stats_entry
     from .data.stream import TrainingStream
-    from .models.openvla import lora_config
+    from .models.openvla import attach_lora
     from .models.tiny_vla import build_tiny_vla
     from .training import TrainConfig, train
 
@@ -35,7 +33,7 @@ def bench_train(data_dir: str = "data", steps: int = 30, batch_size: int = 16, r
     stream = TrainingStream(root, episodes=split.train, image_size=image_size, seed=0)
     stats = {"demo_world": norm_stats_entry(compute_action_stats(stream.ds, split.train))}
     model, processor = build_tiny_vla(norm_stats=stats, image_size=image_size)
-    model = get_peft_model(model, lora_config(rank, 16, model=model))
+    model = attach_lora(model, rank, 16, seed=0)
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(run_name="bench", outputs_dir=out, max_steps=steps, batch_size=batch_size, grad_accum=1,

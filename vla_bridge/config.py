@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -49,6 +50,16 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "DEMO_EPISODES": "auto",     # embedded dataset size: auto → the tiny VLA's default; a total N, or "split=n,..."
     "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 1000
 }
+
+# What a parameter whose default is "auto" takes besides "auto" (text, unless listed). Every other parameter takes
+# its default's type; a float parameter also takes an integer, an integer parameter a whole float (1e3).
+AUTO_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "MAX_STEPS": (int,), "BATCH_SIZE": (int,), "GRAD_ACCUM": (int,), "PRETRAIN_STEPS": (int,), "EVAL_EPISODES": (int,),
+    "STREAM_BATCHES": (int,), "ABLATION_RANKS": (list, str), "DEMO_EPISODES": (int, str, dict),
+}
+_TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "text", list: "a list",
+               dict: "a mapping"}
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 EMBEDDED_UNNORM_KEY = "demo_world"
 BRIDGE_UNNORM_KEY = "bridge_orig"
@@ -112,13 +123,74 @@ class RunConfig:
         return "\n".join(f"{k:>19}: {v}" for k, v in rows)
 
 
+def param_types(name: str) -> tuple[type, ...]:
+    """The types parameter ``name`` takes (besides "auto" where that is its default)."""
+    default = DEFAULT_PARAMS[name]
+    return AUTO_PARAM_TYPES.get(name, (str,)) if default == "auto" else (type(default),)
+
+
+def check_param(name: str, value: Any) -> Any:
+    """``value`` if its type fits parameter ``name`` (an int for a float parameter, a whole float for an integer
+    one, converted), else a one-line :class:`PreflightError`."""
+    auto = DEFAULT_PARAMS[name] == "auto"
+    if auto and value == "auto":
+        return value
+    types = param_types(name)
+    if isinstance(value, bool) == (bool in types):
+        if float in types and isinstance(value, int):
+            return float(value)
+        if int in types and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, types):
+            return value
+    wanted = " or ".join(_TYPE_WORDS[t] for t in types) + (" or 'auto'" if auto else "")
+    raise PreflightError(f"{name}={value!r} must be {wanted}, not {type(value).__name__}")
+
+
+def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`check_param` on each known parameter (unknown names are the caller's to report)."""
+    return {k: check_param(k, v) if k in DEFAULT_PARAMS else v for k, v in params.items()}
+
+
+def parse_param(name: str, text: str) -> Any:
+    """A ``-p NAME=VALUE`` value as a person writes it: True/true, False/false, None/null, numbers (1e-4, nan), JSON
+    lists ([8, 16]); it stays text where the parameter takes text (RUN_NAME=123). A value of the wrong type is a
+    one-line :class:`PreflightError`."""
+    value = _WORDS.get(text.strip().lower(), text)
+    if value is text:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                pass
+    if name not in DEFAULT_PARAMS:
+        return value
+    try:
+        return check_param(name, value)
+    except PreflightError:
+        if str in param_types(name):
+            return text
+        raise
+
+
 def _as_int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise PreflightError(f"{name}={value!r} must be an integer or 'auto'")
     try:
         out = int(value)
     except (TypeError, ValueError):
         raise PreflightError(f"{name}={value!r} must be an integer or 'auto'") from None
     if out < minimum:
         raise PreflightError(f"{name}={out} must be ≥ {minimum}")
+    return out
+
+
+def _as_positive_float(name: str, value: Any) -> float:
+    out = float(value)
+    if not math.isfinite(out) or out <= 0:
+        raise PreflightError(f"{name}={value!r} must be a finite number > 0")
     return out
 
 
@@ -150,10 +222,16 @@ def resolve_run_config(
     unknown = set(params or {}) - set(DEFAULT_PARAMS)
     if unknown:
         raise PreflightError(f"unknown parameter(s) {sorted(unknown)}; known: {', '.join(DEFAULT_PARAMS)}")
-    p.update(params or {})
+    p.update(check_params(params or {}))
+    # every number is checked here, before the hardware probe and long before any data or model is loaded
+    learning_rate = _as_positive_float("LEARNING_RATE", p["LEARNING_RATE"])
+    hub_timeout = _as_positive_float("HUB_TIMEOUT_S", p["HUB_TIMEOUT_S"])
+    for name in ("STREAM_BATCHES", "DEMO_EPISODES"):
+        if isinstance(p[name], int):
+            _as_int(name, p[name], 1)
 
     hw = hwmod.detect_hardware() if hw is None else hw
-    hub = hwmod.check_hub(float(p["HUB_TIMEOUT_S"]), env=dict(env)) if hub is None else hub
+    hub = hwmod.check_hub(hub_timeout, env=dict(env)) if hub is None else hub
     hub_ok = hub.value == "yes"
     model_req = str(p["MODEL_ID"])
     pol = hwmod.choose_policy(hw, hub_ok, str(p["POLICY"]), env.get("FORCE_PATH"), bnb_available, model_req)
@@ -165,6 +243,11 @@ def resolve_run_config(
     unnorm = str(p["UNNORM_KEY"])
     if unnorm == "auto":
         unnorm = EMBEDDED_UNNORM_KEY if ds.value == hwmod.EMBEDDED_DATASET else BRIDGE_UNNORM_KEY
+    elif ds.value == hwmod.EMBEDDED_DATASET and unnorm != EMBEDDED_UNNORM_KEY:
+        raise PreflightError(f"UNNORM_KEY={unnorm!r}: the embedded demo world's action statistics are named "
+                             f"{EMBEDDED_UNNORM_KEY!r} — set UNNORM_KEY='auto' (or {EMBEDDED_UNNORM_KEY!r})")
+    elif not unnorm.strip():
+        raise PreflightError("UNNORM_KEY='' must name the dataset's statistics (e.g. 'bridge_orig'), or be 'auto'")
 
     auto = _auto_training(pol.value)
     resolved = {k: (auto[k] if p[k] == "auto" else p[k]) for k in auto}
@@ -197,18 +280,18 @@ def resolve_run_config(
         max_steps=_as_int("MAX_STEPS", resolved["MAX_STEPS"], 1),
         batch_size=_as_int("BATCH_SIZE", resolved["BATCH_SIZE"], 1),
         grad_accum=_as_int("GRAD_ACCUM", resolved["GRAD_ACCUM"], 1),
-        learning_rate=float(p["LEARNING_RATE"]),
+        learning_rate=learning_rate,
         warmup_steps=_as_int("WARMUP_STEPS", p["WARMUP_STEPS"]),
-        pretrain_steps=_as_int("PRETRAIN_STEPS", resolved["PRETRAIN_STEPS"]),
+        pretrain_steps=_as_int("PRETRAIN_STEPS", resolved["PRETRAIN_STEPS"], 1 if pol.value == "tiny" else 0),
         lora_rank=_as_int("LORA_RANK", p["LORA_RANK"], 1),
         lora_alpha=_as_int("LORA_ALPHA", p["LORA_ALPHA"], 1),
         log_every=_as_int("LOG_EVERY", p["LOG_EVERY"], 1),
         save_every=_as_int("SAVE_EVERY", p["SAVE_EVERY"], 1),
-        image_aug=bool(p["IMAGE_AUG"]),
+        image_aug=p["IMAGE_AUG"],
         eval_episodes=_as_int("EVAL_EPISODES", resolved["EVAL_EPISODES"], 1),
         ablation_ranks=ranks,
-        use_wandb=bool(p["USE_WANDB"]),
-        resume=bool(p["RESUME"]),
+        use_wandb=p["USE_WANDB"],
+        resume=p["RESUME"],
         device=device,
         precision=precision,
         hub=hub.value,

@@ -303,14 +303,26 @@ def check_lerobot() -> CheckResult:
     return CheckResult("lerobot", True, f"lerobot {v}: LeRobotDataset and StreamingLeRobotDataset import")
 
 
+def _first_statement(exc: BaseException, limit: int = 160) -> str:
+    """The exception's first line, without a trailing fragment that only introduces the next lines: torchcodec's
+    "Could not load libtorchcodec. Likely causes:" becomes "Could not load libtorchcodec"."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0].strip()
+    if line.endswith(":"):
+        line = line.rsplit(". ", 1)[0] if ". " in line else line[:-1]
+    return line.rstrip(" .")[:limit]
+
+
 def check_torchcodec() -> CheckResult:
     """torchcodec is lerobot's video decoder; without FFmpeg's shared libraries the stream yields zero frames."""
     try:
         importlib.import_module("torchcodec.decoders")
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return CheckResult(
-            "torchcodec", False, f"torchcodec cannot load ({msg}); video streams would silently yield ZERO frames",
+            "torchcodec", False,
+            f"torchcodec cannot load ({_first_statement(exc)}); video streams would silently yield ZERO frames",
             f"install system FFmpeg: {ffmpeg_install_hint()}",
         )
     return CheckResult("torchcodec", True, f"torchcodec {package_versions(('torchcodec',))['torchcodec']} loads FFmpeg")

@@ -667,7 +667,8 @@ def probe_bullets(summary: Mapping[str, Any], max_bullets: int = 10) -> list[str
     other-scene reference and how far each image probe moves the policy relative to it; closed-loop success with
     and without each probe; skipped episodes; where the unperturbed policy does best and worst; which group the
     most damaging probe hurts most; which action dimension it moves most. Cut to ``max_bullets``."""
-    rows = [r for r in summary["rows"] if r.get("n_frames")]
+    measured = [r for r in summary["rows"] if r.get("n_frames")]
+    rows = [r for r in measured if all(math.isfinite(r[k]) for k in ("kl", "dl1_rel", "l1_base", "l1_probe"))]
     groups = summary.get("groups", {})
     cl = summary.get("closed_loop", {})
     deg = float(summary.get("config", {}).get("hue_shift_deg", HUE_SHIFT_DEG))
@@ -684,6 +685,9 @@ def probe_bullets(summary: Mapping[str, Any], max_bullets: int = 10) -> list[str
                           f"{allg['demo_distinct_per_episode']:.1f} in the demonstrations; within-episode spread "
                           f"{spread:.0%} of the demonstrations'): it has collapsed towards one action per "
                           "instruction, so a probe that barely moves it is being ignored, not handled."))
+    if len(rows) < len(measured):  # a NaN is not a finding
+        ranked.append((0, f"{len(measured) - len(rows)} of {len(measured)} probe measurements came out non-finite "
+                          "(NaN/inf): the policy's outputs are broken there, and nothing is concluded from them."))
     # 1. one verdict per probe
     for r in pooled:
         ranked.append((1, _probe_sentence(r, deg)))

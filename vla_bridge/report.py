@@ -7,6 +7,7 @@ number is missing (a step was skipped) the sentence says so instead of inventing
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 from .evaluation import (CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, ci_separated, compare_metric,
@@ -31,7 +32,13 @@ def comparison(report, group: str, metric: str, baseline: str) -> dict[str, Any]
         ft, base = report.group(group, POLICY_FINETUNED)[metric], report.group(group, baseline)[metric]
     except KeyError:
         return None
+    if not (_finite(ft.get("mean")) and _finite(base.get("mean"))):
+        return None  # a NaN is not a finding: the sentence says "not measured"
     return compare_metric(metric, ft, base)
+
+
+def _finite(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
 def _verdict(c: Mapping[str, Any] | None, fmt) -> str:
@@ -55,8 +62,10 @@ def format_holdout(holdout: Mapping[str, Any]) -> str:
 
 
 def _probe_row(probe_result, probe: str, group: str = "all") -> Mapping[str, Any] | None:
+    """The probe's row for ``group`` when it measured finite numbers on some frames (a NaN is not a finding)."""
     for r in getattr(probe_result, "rows", []) or []:
-        if r.get("probe") == probe and r.get("group") == group and r.get("n_frames"):
+        if (r.get("probe") == probe and r.get("group") == group and r.get("n_frames")
+                and _finite(r.get("kl"), r.get("dl1_rel", 0.0))):
             return r
     return None
 
@@ -141,6 +150,10 @@ def reflection(report, probe_result, overlap: Mapping[str, Any], train_result, c
     if holdout and "skipped" not in holdout and not holdout.get("n_episodes"):
         parts.append(f"**Object-level holdout.** The run without '{holdout['family']}' trained, but no evaluated "
                      "episode carries that family, so it measured nothing.")
+    elif holdout and "skipped" not in holdout and not _finite(*holdout["main_run"].values(),
+                                                             *holdout["object_holdout_run"].values()):
+        parts.append(f"**Object-level holdout.** The run without '{holdout['family']}' gave non-finite numbers, so "
+                     "it is not reported.")
     elif holdout and "skipped" not in holdout:
         a, b = holdout["main_run"], holdout["object_holdout_run"]
         parts.append(f"**Object-level holdout.** Without any '{holdout['family']}' episode in fine-tuning, its tasks "

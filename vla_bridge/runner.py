@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import DEFAULT_PARAMS, PROJECT_ROOT
+from .config import DEFAULT_PARAMS, PROJECT_ROOT, check_params, parse_param
+from .hardware import PreflightError
 
 
 def load_params_file(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -33,16 +34,17 @@ def load_params_file(path: str | os.PathLike | None) -> dict[str, Any]:
 
 
 def parse_kv(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it can be (numbers, true/false, lists), else a string."""
+    """``NAME=VALUE`` pairs, each VALUE parsed as a person writes it (:func:`vla_bridge.config.parse_param`:
+    True/False/None in either case, numbers, lists) and checked against the parameter's type."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise SystemExit(f"error: parameter {pair!r} must look like NAME=VALUE")
         k, v = pair.split("=", 1)
         try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+            out[k] = parse_param(k, v)
+        except PreflightError as exc:
+            raise SystemExit(f"error: {exc}") from None
     return out
 
 
@@ -70,6 +72,10 @@ def execute_notebook(
         unknown = sorted(set(parameters) - set(DEFAULT_PARAMS))
         if unknown:
             raise SystemExit(f"error: unknown notebook parameter(s) {unknown}; known: {', '.join(DEFAULT_PARAMS)}")
+        try:
+            parameters = check_params(parameters)
+        except PreflightError as exc:
+            raise SystemExit(f"error: {exc}") from None
     src = Path(source)
     if not src.is_file():
         raise SystemExit(f"error: notebook {src} does not exist")

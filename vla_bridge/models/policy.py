@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import EMBEDDED_UNNORM_KEY
 from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
 
 
@@ -46,8 +47,10 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
         if Path(model_id) == default_dir:
             from ..pretrain import PretrainParams, describe_base, ensure_tiny_base
 
-            path, info = ensure_tiny_base(default_dir, cfg.unnorm_key,
-                                          PretrainParams(steps=cfg.pretrain_steps, seed=cfg.seed), progress=progress)
+            # pretrained on the embedded world under its own key and seed: UNNORM_KEY and SEED (the fine-tuning's)
+            # must not select, re-pretrain and overwrite another base
+            path, info = ensure_tiny_base(default_dir, EMBEDDED_UNNORM_KEY, PretrainParams(steps=cfg.pretrain_steps),
+                                          progress=progress)
             notes.append(describe_base(info))
             model_id = str(path)
         precision = "fp32"
