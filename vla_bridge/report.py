@@ -126,6 +126,9 @@ def reflection(report, probe_result, overlap: Mapping[str, Any], train_result, c
         if extra:
             txt += " For comparison, " + "; ".join(extra) + "."
         parts.append("**What it relies on.** " + txt)
+    elif any(r.get("probe") == "other_scene" and r.get("n_frames") for r in getattr(probe_result, "rows", []) or []):
+        parts.append("**What it relies on.** The scene-swap probe gave non-finite numbers (NaN): the policy's "
+                     "outputs are broken, and nothing is concluded from them.")
 
     ov = []
     for g in held:

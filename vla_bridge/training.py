@@ -375,6 +375,8 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
                                 f"without RESUME first")
         state = torch.load(resumed_from / STATE_FILE, map_location="cpu", weights_only=False)
         check_resume_parameters(_saved_run_parameters(resumed_from, state), run_parameters(model, cfg), resumed_from)
+        if (cfg.checkpoint_dir / LATEST).resolve() != resumed_from.resolve():
+            _publish_latest(cfg.checkpoint_dir, resumed_from)  # a kill came between the rename and the switch
 
     mp = cfg.mixed_precision
     if mp is None:
@@ -438,7 +440,8 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
         return collator(examples)
 
     def stop(at_step: int, why: str) -> TrainingError:
-        good = last_ckpt or "none (none was written yet)"
+        latest = cfg.checkpoint_dir / LATEST
+        good = last_ckpt or (f"{latest.resolve()} (from before this run)" if latest.exists() else "none yet")
         return TrainingError(f"training stopped at step {at_step}: {why}; the last good checkpoint is {good} — "
                              f"lower LEARNING_RATE (now {cfg.learning_rate:g}) or check the data")
 
