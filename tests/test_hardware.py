@@ -168,6 +168,22 @@ def test_torchcodec_unavailable_gives_ffmpeg_fix(monkeypatch):
     assert "torchcodec" in str(exc.value) and "ffmpeg" in str(exc.value).lower() and _one_line(str(exc.value))
 
 
+def test_torchcodec_message_has_no_dangling_fragment(monkeypatch):
+    """torchcodec's real error: a first line that only introduces a list of causes on the following lines."""
+    real = hwm.importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.startswith("torchcodec"):
+            raise RuntimeError("Could not load libtorchcodec. Likely causes:\n  1. FFmpeg is not properly installed "
+                               "in your environment. We support versions 4, 5, 6 and 7.\n  2. The PyTorch version ...")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(hwm.importlib, "import_module", fake)
+    r = hwm.check_torchcodec()
+    assert r.detail.startswith("torchcodec cannot load (Could not load libtorchcodec); video streams"), r.detail
+    assert "causes" not in r.detail and ":)" not in r.detail
+
+
 def test_lerobot_missing_or_old(monkeypatch):
     real_version = hwm.md.version
 

@@ -167,6 +167,14 @@ def test_bullets_are_generated_from_the_numbers():
     assert probes.probe_verdict(_row("all", "color_shift", 0.1, 0.05, 0.5)) == "improves"
 
 
+def test_nan_probe_numbers_are_not_reported_as_findings():
+    s = copy.deepcopy(_summary())
+    for r in s["rows"]:
+        r.update(kl=float("nan"), dl1_rel=float("nan"), l1_probe=float("nan"), l1_ratio=float("nan"))
+    text = "\n".join(probes.probe_bullets(s))
+    assert "came out non-finite (NaN/inf)" in text and "barely" not in text and "KL nan" not in text
+
+
 # ------------------------------------------------------------------------------------------------------ failures
 
 

@@ -86,3 +86,18 @@ def test_format_holdout():
          "object_holdout_run": {"success_rate": 0.125, "mean_l1_action_error": 0.03}, "note": "n"}
     text = report.format_holdout(h)
     assert "'cup'" in text and "80 of 100" in text and "success 50%" in text and "success 12%" in text
+
+
+def test_nan_metrics_are_not_reported_as_findings():
+    nan = float("nan")
+    r = _report(_m(nan, nan, nan), _m(0.1, 0.0, 0.25))
+    assert report.comparison(r, "finetune_eval", "success_rate", POLICY_BASE) is None
+    broken = _Probes()
+    broken.rows = [{"group": "all", "probe": "other_scene", "n_frames": 40, "kl": nan, "dl1_rel": nan},
+                   {"group": "all", "probe": "color_shift", "n_frames": 40, "kl": nan, "dl1_rel": nan}]
+    holdout = {"family": "cup", "n_episodes": 8, "main_run": {"success_rate": 0.5, "mean_l1_action_error": 0.02},
+               "object_holdout_run": {"success_rate": nan, "mean_l1_action_error": nan}}
+    text = report.reflection(r, broken, {"groups": {}}, _Train(), _Cfg(), holdout=holdout)
+    assert "nan" not in text.lower().replace("(nan)", "")
+    assert "barely reads the scene" not in text and "non-finite numbers (NaN)" in text
+    assert "closed-loop success not measured against the base model" in text

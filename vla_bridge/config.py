@@ -57,6 +57,10 @@ AUTO_PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "MAX_STEPS": (int,), "BATCH_SIZE": (int,), "GRAD_ACCUM": (int,), "PRETRAIN_STEPS": (int,), "EVAL_EPISODES": (int,),
     "STREAM_BATCHES": (int,), "ABLATION_RANKS": (list, str), "DEMO_EPISODES": (int, str, dict),
 }
+# The smallest value of each integer parameter (PRETRAIN_STEPS: 1 on the tiny path, which pretrains with it).
+INT_MINIMUMS = {"SEED": 0, "MAX_STEPS": 1, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "WARMUP_STEPS": 0, "PRETRAIN_STEPS": 0,
+                "LORA_RANK": 1, "LORA_ALPHA": 1, "LOG_EVERY": 1, "SAVE_EVERY": 1, "EVAL_EPISODES": 1,
+                "STREAM_BATCHES": 1, "DEMO_EPISODES": 1}
 _TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "text", list: "a list",
                dict: "a mapping"}
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
@@ -226,9 +230,11 @@ def resolve_run_config(
     # every number is checked here, before the hardware probe and long before any data or model is loaded
     learning_rate = _as_positive_float("LEARNING_RATE", p["LEARNING_RATE"])
     hub_timeout = _as_positive_float("HUB_TIMEOUT_S", p["HUB_TIMEOUT_S"])
-    for name in ("STREAM_BATCHES", "DEMO_EPISODES"):
+    for name, minimum in INT_MINIMUMS.items():
         if isinstance(p[name], int):
-            _as_int(name, p[name], 1)
+            _as_int(name, p[name], minimum)
+    for rank in p["ABLATION_RANKS"] if isinstance(p["ABLATION_RANKS"], list) else []:
+        _as_int("ABLATION_RANKS entry", rank, 1)
 
     hw = hwmod.detect_hardware() if hw is None else hw
     hub = hwmod.check_hub(hub_timeout, env=dict(env)) if hub is None else hub
@@ -276,19 +282,19 @@ def resolve_run_config(
         model_id=model_id,
         unnorm_key=unnorm,
         run_name=_slug(run_name),
-        seed=_as_int("SEED", p["SEED"]),
-        max_steps=_as_int("MAX_STEPS", resolved["MAX_STEPS"], 1),
-        batch_size=_as_int("BATCH_SIZE", resolved["BATCH_SIZE"], 1),
-        grad_accum=_as_int("GRAD_ACCUM", resolved["GRAD_ACCUM"], 1),
+        seed=_as_int("SEED", p["SEED"], INT_MINIMUMS["SEED"]),
+        max_steps=_as_int("MAX_STEPS", resolved["MAX_STEPS"], INT_MINIMUMS["MAX_STEPS"]),
+        batch_size=_as_int("BATCH_SIZE", resolved["BATCH_SIZE"], INT_MINIMUMS["BATCH_SIZE"]),
+        grad_accum=_as_int("GRAD_ACCUM", resolved["GRAD_ACCUM"], INT_MINIMUMS["GRAD_ACCUM"]),
         learning_rate=learning_rate,
-        warmup_steps=_as_int("WARMUP_STEPS", p["WARMUP_STEPS"]),
+        warmup_steps=_as_int("WARMUP_STEPS", p["WARMUP_STEPS"], INT_MINIMUMS["WARMUP_STEPS"]),
         pretrain_steps=_as_int("PRETRAIN_STEPS", resolved["PRETRAIN_STEPS"], 1 if pol.value == "tiny" else 0),
-        lora_rank=_as_int("LORA_RANK", p["LORA_RANK"], 1),
-        lora_alpha=_as_int("LORA_ALPHA", p["LORA_ALPHA"], 1),
-        log_every=_as_int("LOG_EVERY", p["LOG_EVERY"], 1),
-        save_every=_as_int("SAVE_EVERY", p["SAVE_EVERY"], 1),
+        lora_rank=_as_int("LORA_RANK", p["LORA_RANK"], INT_MINIMUMS["LORA_RANK"]),
+        lora_alpha=_as_int("LORA_ALPHA", p["LORA_ALPHA"], INT_MINIMUMS["LORA_ALPHA"]),
+        log_every=_as_int("LOG_EVERY", p["LOG_EVERY"], INT_MINIMUMS["LOG_EVERY"]),
+        save_every=_as_int("SAVE_EVERY", p["SAVE_EVERY"], INT_MINIMUMS["SAVE_EVERY"]),
         image_aug=p["IMAGE_AUG"],
-        eval_episodes=_as_int("EVAL_EPISODES", resolved["EVAL_EPISODES"], 1),
+        eval_episodes=_as_int("EVAL_EPISODES", resolved["EVAL_EPISODES"], INT_MINIMUMS["EVAL_EPISODES"]),
         ablation_ranks=ranks,
         use_wandb=p["USE_WANDB"],
         resume=p["RESUME"],
