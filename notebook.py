@@ -419,8 +419,10 @@ else:
 # OpenVLA's augmentation (a random crop of 90 % of the area, mild colour jitter); evaluation will use the matching
 # center crop. Every `LOG_EVERY` steps a line goes to `train_log.jsonl` (loss, action-token accuracy, L1 of the
 # de-normalized teacher-forced actions, learning rate); every `SAVE_EVERY` steps and at the end an atomic
-# checkpoint (adapter, optimizer/scheduler/RNG/data position, dataset statistics). `RESUME=True` continues from
-# `latest/` and reproduces the uninterrupted run.
+# checkpoint (adapter, optimizer/scheduler/RNG/data position, dataset statistics, the run's parameters); `latest`
+# points at the newest. `RESUME=True` continues from the newest complete checkpoint and reproduces the uninterrupted
+# run; it refuses parameters that would change the run (README, Troubleshooting). A NaN, a diverging loss or
+# blown-up weights stop this cell with a one-line error, and no such weights are ever checkpointed.
 
 # %%
 from vla_bridge.models.openvla import model_image_size
