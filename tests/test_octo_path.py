@@ -66,3 +66,31 @@ def test_run_evaluation_with_policy_objects_keeps_the_layout(small, tmp_path):
     l1 = {p: [r["l1"] for r in data["per_episode"] if r["policy"] == p] for p in data["evaluation"]["policies"]}
     assert l1[ev.POLICY_FINETUNED] != l1[ev.POLICY_BASE]
     assert (tmp_path / "table.md").read_text().startswith("### Evaluation: given")
+
+
+class _FakeServer:
+    """OctoServer's interface without a worker: chunks whose first action is 0.5 on every dimension."""
+
+    weights = ["base", "finetuned"]
+    horizon = 4
+
+    def __init__(self):
+        self.requests = []
+
+    def predict(self, images, instructions, weights="finetuned"):
+        self.requests.append((images.shape, weights))
+        return np.full((len(instructions), self.horizon, 7), 0.5, np.float32)
+
+
+def test_octo_policy_act_reports_progress_per_request():
+    """Regression (issue 13): the evaluation always passes a progress callback, and act() raised NameError."""
+    stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "min": [-2.0] * 6 + [0.0],
+                        "max": [2.0] * 6 + [1.0], "mask": [True] * 6 + [False]}}
+    srv = _FakeServer()
+    pol = octo.OctoPolicy(srv, stats, "finetuned", request_frames=2)
+    frames = [np.zeros((128, 128, 3), np.uint8)] * 5
+    seen = []
+    acts = pol.act(frames, ["put the red block on the plate"] * 5, None, seen.append)
+    assert seen == [2, 2, 1] and acts.shape == (5, 7)
+    assert [s for s, _ in srv.requests] == [(2, 256, 256, 3), (2, 256, 256, 3), (1, 256, 256, 3)]
+    assert np.allclose(acts[:, :6], 0.5) and np.allclose(acts[:, 6], 0.5)   # de-normalized; gripper passes through

@@ -240,7 +240,7 @@ class OctoPolicy:
             # the diffusion head samples in [-5, 5] (octo's max_action); the targets were in [-1, 1] (normalized
             # dimensions) and inside the training range (pass-through ones, e.g. the gripper): clip to those
             if progress is not None:
-                progress(len(batch))
+                progress(len(frames))
         if not out:
             return np.zeros((0, len(self.stats["q01"])))
         mask = np.asarray(self.stats.get("mask", [True] * len(self.stats["q01"])), bool)
