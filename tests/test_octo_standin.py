@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,12 +51,23 @@ def test_worker_selection(monkeypatch, tmp_path):
     assert not res.ok and octo.WORKER_ENV in res.fix
 
 
-def test_xla_flags_fast_compile_for_training_full_for_serving():
+def test_xla_flags_fast_compile_for_cpu_training_full_for_serving(monkeypatch, tmp_path):
     assert octo.xla_flags("", True) == octo.XLA_FAST_COMPILE
     assert octo.xla_flags("--xla_foo=1", True) == "--xla_foo=1 " + octo.XLA_FAST_COMPILE
     assert octo.xla_flags("--xla_backend_optimization_level=2", True) == "--xla_backend_optimization_level=2"
     assert octo.xla_flags("--xla_foo=1 " + octo.XLA_FAST_COMPILE, False) == "--xla_foo=1"
-    assert octo.worker_env(False, fast_compile=True)["XLA_FLAGS"].endswith(octo.XLA_FAST_COMPILE)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    assert octo.worker_env(False)["XLA_FLAGS"] == "--xla_foo=1"                       # None: as the user set it
+    assert octo.worker_env(False, True)["XLA_FLAGS"] == "--xla_foo=1 " + octo.XLA_FAST_COMPILE
+    seen = {}
+    monkeypatch.setattr(octo, "run_worker", lambda args, **kw: (seen.update(kw), (1, []))[1])
+    for device, want in (("cpu", True), ("cuda", None)):
+        cfg = SimpleNamespace(device=device, hub="no", model_id="octo-random", run_name="r", outputs_dir=tmp_path,
+                              data_dir=tmp_path, max_steps=1, batch_size=1, learning_rate=1e-4, warmup_steps=1,
+                              log_every=1, save_every=1, seed=0, image_aug=False)
+        with pytest.raises(RuntimeError, match="the Octo worker failed"):
+            octo.train_octo(cfg, tmp_path)
+        assert seen["fast_compile"] is want, device
 
 
 def test_train_octo_and_serve_through_the_standin(standin, shards, tmp_path):

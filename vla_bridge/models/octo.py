@@ -13,6 +13,8 @@ split goes over as shards, :mod:`vla_bridge.data.octo_shards`), the statistics a
 * :class:`OctoPolicy` is a :class:`vla_bridge.evaluation.Policy`: it sends the frames, takes the **first action of
   each predicted chunk** (receding horizon: the policy re-plans at every 5 Hz step, which is also what the
   per-frame open-loop metrics compare) and de-normalizes it with the training statistics.
+* :func:`worker_command` picks the worker: the real one in ``.venv-octo``, or with ``VLA_BRIDGE_OCTO_WORKER=standin``
+  :mod:`vla_bridge.octo_standin_worker` in this environment (same protocol, no JAX: what CI runs).
 """
 
 from __future__ import annotations
@@ -114,12 +116,13 @@ def xla_flags(flags: str, fast_compile: bool) -> str:
     return " ".join(f for f in parts if not f.startswith("--xla_backend_optimization_level"))
 
 
-def worker_env(hub_ok: bool | None = None, fast_compile: bool = False) -> dict[str, str]:
+def worker_env(hub_ok: bool | None = None, fast_compile: bool | None = None) -> dict[str, str]:
     """The worker's environment: this checkout importable, quiet TensorFlow, HF_HUB_OFFLINE=1 when the hub is
     unreachable (otherwise transformers retries for 23–46 s per lookup before failing), and XLA_FLAGS by
-    :func:`xla_flags`."""
+    :func:`xla_flags` (``fast_compile`` None: XLA_FLAGS as it is)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(env.get("XLA_FLAGS", ""), fast_compile)
+    if fast_compile is not None:
+        env["XLA_FLAGS"] = xla_flags(env.get("XLA_FLAGS", ""), fast_compile)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("USE_TF", "0")
@@ -136,7 +139,7 @@ def _echo_default(line: str) -> None:
 
 
 def run_worker(args: Sequence[str], hub_ok: bool | None = None, echo: Callable[[str], None] | None = _echo_default,
-               command: WorkerCommand | None = None, fast_compile: bool = False) -> tuple[int, list[str]]:
+               command: WorkerCommand | None = None, fast_compile: bool | None = None) -> tuple[int, list[str]]:
     """``octo_worker <args>`` (or the worker ``command`` names) to completion, each output line echoed as it
     arrives; (exit code, lines)."""
     command = command or worker_command()
@@ -184,7 +187,7 @@ def train_octo(cfg: Any, shards_dir: str | os.PathLike, echo: Callable[[str], No
     """Fine-tune Octo-Small in the worker on ``shards_dir`` for ``cfg.max_steps``; progress streams into ``echo``.
     On the CPU path (no CUDA here) XLA compiles at optimization level 0 unless XLA_FLAGS sets a level."""
     rc, lines = run_worker(worker_train_args(cfg, shards_dir), hub_ok=cfg.hub == "yes", echo=echo,
-                           fast_compile=cfg.device == "cpu")
+                           fast_compile=True if cfg.device == "cpu" else None)
     result = next((json.loads(line[len(RESULT_PREFIX):]) for line in reversed(lines)
                    if line.startswith(RESULT_PREFIX)), None)
     if rc != 0 or result is None:
@@ -211,7 +214,7 @@ class OctoServer:
         if base is not None:
             args += ["--base", str(Path(base).resolve())]
         self.echo = echo
-        self.proc = subprocess.Popen(command.argv(*args), cwd=str(PROJECT_ROOT), env=worker_env(hub_ok),
+        self.proc = subprocess.Popen(command.argv(*args), cwd=str(PROJECT_ROOT), env=worker_env(hub_ok, False),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._log: list[str] = []
         self._thread = threading.Thread(target=self._pump, daemon=True)
