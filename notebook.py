@@ -97,7 +97,7 @@ hw = hardware.detect_hardware()
 print(f"CUDA available : {hw.cuda_available}")
 print(f"device         : {hw.device_name}" + (f"  (×{hw.gpu_count})" if hw.gpu_count > 1 else ""))
 if hw.cuda_available:
-    print(f"VRAM           : {hw.total_vram_gb:.1f} GB total, {hw.free_vram_gb:.1f} GB free")
+    print(f"VRAM           : {hw.total_vram_gb:.1f} GiB total, {hw.free_vram_gb:.1f} GiB free")
     print(f"bf16 support   : {hw.bf16_supported}")
 print(f"CPU cores      : {hw.cpu_count}")
 print(f"RAM            : {hw.ram_gb:.1f} GB")
@@ -300,7 +300,7 @@ if OCTO:
     from vla_bridge.data import octo_shards
     from vla_bridge.models import octo as octo_path
 
-    print(f"Octo worker interpreter: {octo_path.check_octo_env()}")
+    print(f"Octo worker: {octo_path.worker_command()}")
     shards = octo_shards.write_octo_shards(ds, split.train, action_stats, cfg.unnorm_key,
                                            Path(cfg.data_dir) / "octo_shards", progress=True)
     print(shards.describe())
@@ -435,8 +435,6 @@ train_cfg = TrainConfig(
     use_wandb=cfg.use_wandb, resume=cfg.resume, unnorm_key=cfg.unnorm_key,
 )
 if OCTO:  # the worker in .venv-octo: same step budget, batch, learning rate, warmup, logging and checkpoint layout
-    if cfg.resume:
-        print("RESUME is not supported on the Octo path (its checkpoints hold parameters only): training from the start")
     result = octo_path.train_octo(cfg, shards.dir)
 else:
     fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),

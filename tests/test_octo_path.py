@@ -66,3 +66,72 @@ def test_run_evaluation_with_policy_objects_keeps_the_layout(small, tmp_path):
     l1 = {p: [r["l1"] for r in data["per_episode"] if r["policy"] == p] for p in data["evaluation"]["policies"]}
     assert l1[ev.POLICY_FINETUNED] != l1[ev.POLICY_BASE]
     assert (tmp_path / "table.md").read_text().startswith("### Evaluation: given")
+
+
+class _FakeServer:
+    """OctoServer's interface without a worker: chunks whose first action is 0.5 on every dimension."""
+
+    weights = ["base", "finetuned"]
+    horizon = 4
+
+    def __init__(self):
+        self.requests = []
+
+    def predict(self, images, instructions, weights="finetuned"):
+        self.requests.append((images.shape, weights))
+        return np.full((len(instructions), self.horizon, 7), 0.5, np.float32)
+
+
+def test_octo_policy_act_reports_progress_per_request():
+    """Regression (issue 13): the evaluation always passes a progress callback, and act() raised NameError."""
+    stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 6 + [1.0], "min": [-2.0] * 6 + [0.0],
+                        "max": [2.0] * 6 + [1.0], "mask": [True] * 6 + [False]}}
+    srv = _FakeServer()
+    pol = octo.OctoPolicy(srv, stats, "finetuned", request_frames=2)
+    frames = [np.zeros((128, 128, 3), np.uint8)] * 5
+    seen = []
+    acts = pol.act(frames, ["put the red block on the plate"] * 5, None, seen.append)
+    assert seen == [2, 2, 1] and acts.shape == (5, 7)
+    assert [s for s, _ in srv.requests] == [(2, 256, 256, 3), (2, 256, 256, 3), (1, 256, 256, 3)]
+    assert np.allclose(acts[:, :6], 0.5) and np.allclose(acts[:, 6], 0.5)   # de-normalized; gripper passes through
+
+
+def test_missing_model_directory_is_reported_as_such_not_as_the_hub(tmp_path):
+    """Issue 13: MODEL_ID=/nonexistent on POLICY=octo was reported as "hub unreachable" (and with the hub up it
+    failed only inside the worker, after the shards were written)."""
+    down = hardware.Decision("no", "offline")
+    missing = str(tmp_path / "nonexistent")
+    checks = hardware.run_preflight("octo", "embedded", missing, down, tmp_path)
+    failed = [c for c in checks if c.required and not c.ok and c.name != "octo env"]
+    assert [c.name for c in failed] == ["model"] and "no such directory" in failed[0].detail
+    with pytest.raises(hardware.PreflightError, match="no such directory"):
+        hardware.raise_on_failure(failed)
+    up = hardware.Decision("yes", "reachable")
+    assert not hardware.check_model_id("octo", missing).ok and not hardware.check_model_id("openvla", missing).ok
+    assert hardware.check_hub_for("embedded", "octo", missing, up).ok
+    for policy, model_id, kind in (("octo", "octo-random", "random"), ("octo", "hf://rail-berkeley/octo-small-1.5",
+                                   "hub"), ("octo", "rail-berkeley/octo-small-1.5", "missing"),
+                                   ("octo", str(tmp_path), "local"), ("openvla", "openvla/openvla-7b", "hub"),
+                                   ("openvla", "./ckpt/openvla", "missing"), ("tiny", "data/tiny_vla_base", "built")):
+        assert hardware.model_id_kind(policy, model_id) == kind, (policy, model_id)
+        assert hardware.check_model_id(policy, model_id).ok == (kind != "missing")
+
+
+def test_resume_on_octo_is_refused_before_any_work(tmp_path):
+    from vla_bridge.config import resolve_run_config
+
+    params = {"POLICY": "octo", "MODEL_ID": "octo-random", "RESUME": True, "OUTPUTS_DIR": str(tmp_path)}
+    with pytest.raises(hardware.PreflightError, match=r"RESUME=True is not supported on POLICY=octo.*RUN_NAME"):
+        resolve_run_config(params, env={}, hw=hardware.detect_hardware(), hub=hardware.Decision("no", "offline"))
+    params["RESUME"] = False
+    assert resolve_run_config(params, env={}, hw=hardware.detect_hardware(),
+                              hub=hardware.Decision("no", "offline")).policy == "octo"
+
+
+def test_auto_policy_reason_states_the_threshold_in_gib():
+    """A card sold as "12 GB" that reports 11.7 GiB gets Octo: the reason says so in the unit it was compared in."""
+    hw = hardware.HardwareInfo(cuda_available=True, device_name="RTX 3060", gpu_count=1, total_vram_gb=11.7,
+                               free_vram_gb=11.0, bf16_supported=True, cpu_count=8, ram_gb=32.0, python="3.11",
+                               platform="Linux x86_64")
+    d = hardware.choose_policy(hw, hub_ok=True, bnb_available=True)
+    assert d.value == "octo" and "11.7 GiB" in d.reason and "< 12.0 GiB" in d.reason

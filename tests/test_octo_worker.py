@@ -4,7 +4,6 @@ GitHub to install octo from). Real octo, a random-weight Octo-Small, real shards
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from vla_bridge.models import octo
 
 OCTO_PY = octo.octo_python()
+REAL = octo.WorkerCommand(OCTO_PY, octo.WORKER_MODULES["octo"])   # whatever VLA_BRIDGE_OCTO_WORKER says
 pytestmark = pytest.mark.skipif(
     not OCTO_PY.exists(),
     reason=f"{OCTO_PY} does not exist: the Octo worker tests need `bash setup.sh --octo` "
@@ -25,7 +25,7 @@ def _octo(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_check_imports_octo_with_the_pinned_stack():
-    rc, lines = octo.run_worker(["check"], hub_ok=False, echo=None)
+    rc, lines = octo.run_worker(["check"], hub_ok=False, echo=None, command=REAL)
     assert rc == 0, "\n".join(lines[-20:])
     v = json.loads(next(line for line in lines if line.startswith("{")))
     assert v["jax"] == "0.4.20" and v["flax"] == "0.7.5" and v["numpy"] == "1.24.3"
@@ -73,17 +73,14 @@ def trained(small, tmp_path_factory):
     st = dstats.compute_action_stats(ds, episodes=split.train)
     shards = octo_shards.write_octo_shards(ds, sorted(split.train)[:4], st, "demo_world", tmp / "shards",
                                           progress=False)
-    env_flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (env_flags + " --xla_backend_optimization_level=0").strip()  # compile in ~30 s
-    try:
-        rc, lines = octo.run_worker(["train", "--shards", str(shards.dir), "--run", "t", "--outputs",
-                                     str(tmp / "out"), "--data-dir", str(tmp / "data"), "--init", "octo-random",
-                                     "--max-steps", "2", "--batch-size", "2", "--log-every", "1",
-                                     "--save-every", "1"], hub_ok=False, echo=None)
-    finally:
-        os.environ["XLA_FLAGS"] = env_flags
+    rc, lines = octo.run_worker(["train", "--shards", str(shards.dir), "--run", "t", "--outputs",
+                                 str(tmp / "out"), "--data-dir", str(tmp / "data"), "--init", "octo-random",
+                                 "--max-steps", "2", "--batch-size", "2", "--log-every", "1",
+                                 "--save-every", "1"], hub_ok=False, echo=None, command=REAL,
+                                fast_compile=True)   # XLA level 0: the train step compiles in ~30 s
     assert rc == 0, "\n".join(lines[-30:])
-    result = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    prefix = octo.RESULT_PREFIX
+    result = json.loads(next(line for line in lines if line.startswith(prefix))[len(prefix):])
     return {"tmp": tmp, "stats": st, "result": result, "lines": lines, "shards": shards}
 
 
@@ -112,7 +109,7 @@ def test_served_policy_predicts_denormalized_actions(trained):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
     texts = ["put the red block on the plate"] * 3
-    with octo.OctoServer(ck / "latest", base=ck / "base", hub_ok=False, echo=None) as srv:
+    with octo.OctoServer(ck / "latest", base=ck / "base", hub_ok=False, echo=None, command=REAL) as srv:
         assert srv.weights == ["base", "finetuned"] and srv.horizon == 4
         assert srv.statistics["demo_world"]["action"]["q99"] == pytest.approx(st["action"]["q99"])
         chunks = srv.predict(np.stack([np.asarray(f) for f in frames]).repeat(2, 1).repeat(2, 2), texts)

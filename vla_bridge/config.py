@@ -265,6 +265,10 @@ def resolve_run_config(
     run_name = str(p["RUN_NAME"])
     if run_name == "auto":
         run_name = f"{pol.value}-{_slug(ds.value)}"
+    if pol.value == "octo" and bool(p["RESUME"]):
+        raise PreflightError(f"RESUME=True is not supported on POLICY=octo (its checkpoints hold parameters only, so "
+                             f"training would restart and overwrite outputs/checkpoints/{_slug(run_name)}/latest/): set "
+                             "RESUME=False, with a new RUN_NAME to keep that run's checkpoints")
 
     device = "cuda" if hw.cuda_available else "cpu"
     if device == "cpu":

@@ -7,8 +7,8 @@ The decision table (``choose_policy``), highest priority first:
 
 1. ``FORCE_PATH`` (environment) — ``openvla`` | ``openvla-4bit`` | ``octo`` | ``tiny``;
 2. the ``POLICY`` parameter when it is not ``auto``;
-3. ``auto``: no CUDA → tiny; no hub and no local MODEL_ID directory → tiny; ≥ 22 GB VRAM → OpenVLA-7B bf16;
-   12–22 GB → OpenVLA-7B 4-bit (needs bitsandbytes, else Octo-Small); < 12 GB → Octo-Small.
+3. ``auto``: no CUDA → tiny; no hub and no local MODEL_ID directory → tiny; ≥ 22 GiB VRAM → OpenVLA-7B bf16;
+   12–22 GiB → OpenVLA-7B 4-bit (needs bitsandbytes, else Octo-Small); < 12 GiB → Octo-Small.
 A forced ``openvla`` picks bf16 or 4-bit by the VRAM it finds.
 """
 
@@ -27,10 +27,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .octo_worker import RANDOM_INIT   # stdlib + numpy only
+
 POLICIES = ("openvla", "openvla-4bit", "octo", "tiny")
 POLICY_CHOICES = ("auto",) + POLICIES
 
-# VRAM thresholds (GiB) of the decision table. OpenVLA-7B in bf16 needs ~15 GB for the weights alone plus
+# VRAM thresholds (GiB, as torch reports total memory: a card sold as "12 GB" may report less than 12.0 GiB) of the
+# decision table. OpenVLA-7B in bf16 needs ~15 GB for the weights alone plus
 # activations/LoRA optimizer state at batch 4; 4-bit NF4 brings the weights to ~4.5 GB.
 OPENVLA_BF16_MIN_GB = 22.0
 OPENVLA_4BIT_MIN_GB = 12.0
@@ -187,7 +190,7 @@ def choose_policy(
         if val and val not in POLICY_CHOICES:
             raise PreflightError(f"{label}={val!r} is not one of {', '.join(POLICY_CHOICES)}")
     vram = hw.total_vram_gb if hw.cuda_available else 0.0
-    gpu = f"{hw.device_name} with {vram:.1f} GB" if hw.cuda_available else "no CUDA GPU"
+    gpu = f"{hw.device_name} with {vram:.1f} GiB" if hw.cuda_available else "no CUDA GPU"
 
     if force and force != "auto":
         return _forced(force, "FORCE_PATH (environment)", hw, vram, gpu, bnb_available)
@@ -199,21 +202,21 @@ def choose_policy(
     if not hub_ok and not _is_local_dir(model_id):
         return Decision("tiny", f"{gpu}, but the hub is unreachable and MODEL_ID is not a local directory")
     if vram >= OPENVLA_BF16_MIN_GB:
-        return Decision("openvla", f"{gpu} ≥ {OPENVLA_BF16_MIN_GB:.0f} GB: OpenVLA-7B in bf16 with LoRA")
+        return Decision("openvla", f"{gpu} ≥ {OPENVLA_BF16_MIN_GB:.1f} GiB: OpenVLA-7B in bf16 with LoRA")
     if vram >= OPENVLA_4BIT_MIN_GB:
         if bnb_available:
             return Decision(
                 "openvla-4bit",
-                f"{gpu} is {OPENVLA_4BIT_MIN_GB:.0f}–{OPENVLA_BF16_MIN_GB:.0f} GB: OpenVLA-7B in 4-bit NF4 with LoRA",
+                f"{gpu} is {OPENVLA_4BIT_MIN_GB:.1f}–{OPENVLA_BF16_MIN_GB:.1f} GiB: OpenVLA-7B in 4-bit NF4 with LoRA",
             )
         return Decision("octo", f"{gpu} needs 4-bit for OpenVLA-7B but bitsandbytes is not installed: Octo-Small")
-    return Decision("octo", f"{gpu} < {OPENVLA_4BIT_MIN_GB:.0f} GB: too small for OpenVLA-7B even in 4-bit → Octo-Small")
+    return Decision("octo", f"{gpu} < {OPENVLA_4BIT_MIN_GB:.1f} GiB: too small for OpenVLA-7B even in 4-bit → Octo-Small")
 
 
 def _forced(name: str, source: str, hw: HardwareInfo, vram: float, gpu: str, bnb: bool) -> Decision:
     if name == "openvla" and hw.cuda_available and vram < OPENVLA_BF16_MIN_GB:
         if vram >= OPENVLA_4BIT_MIN_GB and bnb:
-            return Decision("openvla-4bit", f"{source} asks for OpenVLA; {gpu} < {OPENVLA_BF16_MIN_GB:.0f} GB → 4-bit")
+            return Decision("openvla-4bit", f"{source} asks for OpenVLA; {gpu} < {OPENVLA_BF16_MIN_GB:.1f} GiB → 4-bit")
         return Decision("openvla", f"{source} asks for OpenVLA on {gpu}: bf16 may run out of memory")
     if name.startswith("openvla") and not hw.cuda_available:
         return Decision(name, f"{source} asks for {name} with {gpu}: fp32 on CPU, only practical for a small local checkpoint")
@@ -358,24 +361,47 @@ def check_disk(path: str | os.PathLike, policy: str) -> CheckResult:
                        "" if ok else f"free {need - free:.1f} GB or point HF_HOME / the outputs dir to a bigger disk")
 
 
-OCTO_RANDOM_MODEL = "octo-random"  # MODEL_ID for a random-weight Octo-Small built from octo's config (offline checks)
-
-
 def check_octo_env(policy: str, root: str | os.PathLike | None = None) -> CheckResult:
-    """POLICY=octo runs in .venv-octo (its own JAX environment): it must exist."""
+    """POLICY=octo runs in .venv-octo (its own JAX environment): it must exist (unless the stand-in is selected)."""
     if policy != "octo":
         return CheckResult("octo env", True, "not needed for this policy", required=False)
-    from .models.octo import SETUP_HINT, octo_python
+    from .models.octo import OctoEnvError, worker_command
 
-    py = octo_python(root)
-    if py.exists():
-        return CheckResult("octo env", True, f"{py} (Octo-Small's JAX environment)")
-    return CheckResult("octo env", False, f"{py} does not exist", SETUP_HINT)
+    try:
+        command = worker_command(root)
+    except OctoEnvError as exc:
+        return CheckResult("octo env", False, exc.detail, exc.fix)
+    return CheckResult("octo env", True, str(command) if command.standin else f"{command.python} (Octo-Small's JAX "
+                       "environment)")
+
+
+def model_id_kind(policy: str, model_id: str) -> str:
+    """What ``MODEL_ID`` names on ``policy``: "local" (an existing directory), "hub" (a hub id; on octo hf://…),
+    "random" (octo-random), "built" (tiny: the cached base, built when missing) or "missing" (a path that does not
+    exist; on octo anything that is neither hf://… nor octo-random)."""
+    if _is_local_dir(model_id):
+        return "local"
+    if policy == "tiny":
+        return "built"
+    if policy == "octo":
+        return "random" if model_id == RANDOM_INIT else "hub" if model_id.startswith("hf://") else "missing"
+    looks_like_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
+    return "missing" if looks_like_path else "hub"
+
+
+def check_model_id(policy: str, model_id: str) -> CheckResult:
+    kind = model_id_kind(policy, model_id)
+    if kind != "missing":
+        return CheckResult("model", True, f"MODEL_ID={model_id!r} ({kind})", required=kind != "built")
+    fix = (f"point MODEL_ID at a local Octo checkpoint directory, or use hf://rail-berkeley/octo-small-1.5 (hub) or "
+           f"{RANDOM_INIT} (offline, random weights)" if policy == "octo" else
+           "point MODEL_ID at an existing local checkpoint directory or a hub id (owner/name)")
+    return CheckResult("model", False, f"MODEL_ID={model_id!r}: no such directory", fix)
 
 
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
     needs_hub = (dataset != EMBEDDED_DATASET and not Path(dataset).exists()) or (
-        policy != "tiny" and not _is_local_dir(model_id) and not (policy == "octo" and model_id == OCTO_RANDOM_MODEL)
+        policy != "tiny" and model_id_kind(policy, model_id) == "hub"
     )
     detail = f"hub {'reachable' if hub.value == 'yes' else 'unreachable'}: {hub.reason}"
     if needs_hub and hub.value != "yes":
@@ -388,6 +414,7 @@ def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outpu
     return [
         check_lerobot(),
         check_torchcodec(),
+        check_model_id(policy, model_id),
         check_hub_for(dataset, policy, model_id, hub),
         check_disk(outputs_dir, policy),
         check_timm(policy),

@@ -46,6 +46,7 @@ OFFLINE_T5_DIRNAME = "t5-offline-bytes"  # octo's LanguageTokenizer builds a T5 
 T5_FORMAT = 2                          # bump when build_offline_t5 changes (the directory is rebuilt)
 SERVE_BATCH = 16                       # predict requests go in chunks of at most this many frames
 PROTOCOL = 1
+RESULT_PREFIX = "RESULT "              # ``train``'s last stdout line: this prefix + the result as JSON
 
 
 def log(msg: str) -> None:
@@ -382,6 +383,14 @@ def load_checkpoint(path: str | os.PathLike):
 # =================================================================================================== train
 
 
+def log_record(step: int, loss: float, mse: float, grad_norm: float, lr: float, frames_seen: int,
+               elapsed_s: float) -> dict:
+    """One ``train_log.jsonl`` line, in the training loop's layout (no action tokens: accuracy and L1 are null)."""
+    return {"step": int(step), "loss": float(loss), "action_accuracy": None, "l1": None, "l1_normalized": None,
+            "mse": float(mse), "grad_norm": float(grad_norm), "lr": float(lr), "frames_seen": int(frames_seen),
+            "elapsed_s": round(float(elapsed_s), 3)}
+
+
 def train(args: argparse.Namespace) -> dict:
     import jax
     import optax
@@ -450,8 +459,8 @@ def train(args: argparse.Namespace) -> dict:
         batch = {"observation": b["observation"], "task": make_tasks(state.model, b["texts"]),
                  "action": b["action"], "action_pad_mask": b["action_pad_mask"]}
         if step == 1:
-            log("step 1 compiles the train step with XLA first (minutes on a CPU; "
-                "XLA_FLAGS=--xla_backend_optimization_level=0 shortens it) ...")
+            log("step 1 compiles the train step with XLA first (minutes on a CPU at full optimization; "
+                f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}) ...")
         t1 = time.perf_counter()
         state, info = train_step(state, batch)
         loss = float(info["loss"])
@@ -462,10 +471,8 @@ def train(args: argparse.Namespace) -> dict:
             log(stopped + ": stopping, the last good checkpoint is kept")
             break
         if step % args.log_every == 0 or step == 1 or step == steps:
-            rec = {"step": step, "loss": loss, "action_accuracy": None, "l1": None, "l1_normalized": None,
-                   "mse": float(info.get("mse", np.nan)), "grad_norm": float(info["grad_norm"]),
-                   "lr": float(info["learning_rate"]), "frames_seen": frames,
-                   "elapsed_s": round(time.perf_counter() - t_train, 3)}
+            rec = log_record(step, loss, float(info.get("mse", np.nan)), float(info["grad_norm"]),
+                             float(info["learning_rate"]), frames, time.perf_counter() - t_train)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             log(f"step {step}/{steps} loss {loss:.4f} lr {rec['lr']:.2e} grad_norm {rec['grad_norm']:.2f} "
@@ -555,22 +562,23 @@ def read_frame(stream) -> tuple[dict, bytes]:
     return header, _read_exact(stream, pn) if pn else b""
 
 
-def serve(args: argparse.Namespace) -> None:
+def protocol_streams():
+    """(frames out, frames in) of ``serve``: the real stdout/stdin; ``print`` goes to stderr from here on, so
+    nothing but frames reaches the protocol stream."""
     out, inp = sys.stdout.buffer, sys.stdin.buffer
-    sys.stdout = sys.stderr                      # nothing but frames on the protocol stream
-    t0 = time.perf_counter()
-    models = {"finetuned": load_checkpoint(args.checkpoint)}
-    if args.base and Path(args.base).is_dir():
-        models["base"] = load_checkpoint(args.base)
-    window = int(models["finetuned"].example_batch["observation"]["timestep_pad_mask"].shape[1])
-    preds = {k: Predictor(m, window, args.batch_size, args.seed) for k, m in models.items()}
-    head = models["finetuned"].config["model"]["heads"]["action"]["kwargs"]
-    log(f"serving {sorted(models)} from {args.checkpoint} (loaded in {time.perf_counter() - t0:.1f} s; "
-        f"window {window}, horizon {head.get('action_horizon')}, batches of {args.batch_size})")
-    write_frame(out, {"ok": True, "protocol": PROTOCOL, "weights": sorted(models), "window": window,
-                      "horizon": head.get("action_horizon"), "action_dim": head.get("action_dim"),
-                      "statistics": json.loads(json.dumps(models["finetuned"].dataset_statistics,
-                                                          default=lambda a: np.asarray(a).tolist()))})
+    sys.stdout = sys.stderr
+    return out, inp
+
+
+def serve_loop(out, inp, hello: dict, predict) -> None:
+    """The serve protocol, shared by the worker and its stand-in (``vla_bridge.octo_standin``): a hello frame
+    (``ok``, ``protocol`` and ``hello``: ``weights``, ``window``, ``horizon``, ``action_dim``, ``statistics``), then
+    one reply per request until ``close`` or end of input. ``predict``: op with ``weights`` (one of
+    ``hello["weights"]``), ``shape`` and ``instructions`` plus the uint8 images as payload → ``predict(weights,
+    images, instructions)`` → float32 normalized chunks (N, horizon, D) as payload; an error is reported and the
+    loop goes on."""
+    write_frame(out, {"ok": True, "protocol": PROTOCOL, **hello})
+    loaded = list(hello["weights"])
     while True:
         try:
             req, payload = read_frame(inp)
@@ -584,22 +592,41 @@ def serve(args: argparse.Namespace) -> None:
             if op != "predict":
                 raise ValueError(f"unknown op {op!r}")
             which = req.get("weights", "finetuned")
-            if which not in preds:
-                raise ValueError(f"weights {which!r} not loaded (have {sorted(preds)})")
+            if which not in loaded:
+                raise ValueError(f"weights {which!r} not loaded (have {loaded})")
             shape = tuple(req["shape"])
             images = np.frombuffer(payload, np.uint8).reshape(shape)
             t1 = time.perf_counter()
-            acts = preds[which].predict(images, req["instructions"])
+            acts = predict(which, images, req["instructions"])
             write_frame(out, {"ok": True, "shape": list(acts.shape), "seconds": time.perf_counter() - t1},
                         np.ascontiguousarray(acts, np.float32).tobytes())
         except Exception as exc:  # report to the client, keep serving
             write_frame(out, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
+def serve(args: argparse.Namespace) -> None:
+    out, inp = protocol_streams()
+    t0 = time.perf_counter()
+    models = {"finetuned": load_checkpoint(args.checkpoint)}
+    if args.base and Path(args.base).is_dir():
+        models["base"] = load_checkpoint(args.base)
+    window = int(models["finetuned"].example_batch["observation"]["timestep_pad_mask"].shape[1])
+    preds = {k: Predictor(m, window, args.batch_size, args.seed) for k, m in models.items()}
+    head = models["finetuned"].config["model"]["heads"]["action"]["kwargs"]
+    log(f"serving {sorted(models)} from {args.checkpoint} (loaded in {time.perf_counter() - t0:.1f} s; "
+        f"window {window}, horizon {head.get('action_horizon')}, batches of {args.batch_size})")
+    hello = {"weights": sorted(models), "window": window, "horizon": head.get("action_horizon"),
+             "action_dim": head.get("action_dim"),
+             "statistics": json.loads(json.dumps(models["finetuned"].dataset_statistics,
+                                                 default=lambda a: np.asarray(a).tolist()))}
+    serve_loop(out, inp, hello, lambda which, images, texts: preds[which].predict(images, texts))
+
+
 # =================================================================================================== CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's command line (``check``, ``train``, ``serve``); the stand-in parses the same one."""
     p = argparse.ArgumentParser(prog="python -m vla_bridge.octo_worker", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("check", help="import octo (with the stand-ins) and print versions")
@@ -625,7 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--base", default=None)
     s.add_argument("--batch-size", type=int, default=SERVE_BATCH)
     s.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "check":
         import_octo()
         v = versions()
@@ -635,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "train":
         result = train(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     serve(args)
     return 0

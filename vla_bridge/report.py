@@ -88,6 +88,10 @@ def reflection(report, probe_result, overlap: Mapping[str, Any], train_result, c
             "pretrained on about 800 k Open X-Embodiment episodes; a short fine-tune adapts it to a dataset's action "
             "statistics and phrasing, it does not add competence the pretraining lacked (and from random weights, "
             "`octo-random`, there is none to adapt: that run only checks the pipeline).")
+        if (getattr(train_result, "info", None) or {}).get("worker") == "standin":
+            parts.append("**This run used the stand-in worker** (`VLA_BRIDGE_OCTO_WORKER=standin`): a linear map from "
+                         "the image's mean colour fitted with numpy, not Octo-Small. It checks the hand-off, the "
+                         "serving protocol and the evaluation; its numbers say nothing about Octo.")
     else:
         parts.append(
             f"**What was trained.** {steps} optimizer steps of LoRA (rank {cfg.lora_rank}) saw {frames:,} frames"

@@ -13,6 +13,8 @@ split goes over as shards, :mod:`vla_bridge.data.octo_shards`), the statistics a
 * :class:`OctoPolicy` is a :class:`vla_bridge.evaluation.Policy`: it sends the frames, takes the **first action of
   each predicted chunk** (receding horizon: the policy re-plans at every 5 Hz step, which is also what the
   per-frame open-loop metrics compare) and de-normalizes it with the training statistics.
+* :func:`worker_command` picks the worker: the real one in ``.venv-octo``, or with ``VLA_BRIDGE_OCTO_WORKER=standin``
+  :mod:`vla_bridge.octo_standin_worker` in this environment (same protocol, no JAX: what CI runs).
 """
 
 from __future__ import annotations
@@ -30,15 +32,30 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..config import PROJECT_ROOT
-from ..octo_worker import RANDOM_INIT, read_frame, write_frame   # stdlib + numpy only: safe in this environment
+from ..hardware import model_id_kind
+from ..octo_worker import RESULT_PREFIX, read_frame, write_frame   # stdlib + numpy only: safe in this environment
 
 OCTO_VENV = ".venv-octo"
 SETUP_HINT = "run `bash setup.sh --octo` (offline: OCTO_SOURCE=/path/to/a/copy/of/octo-models/octo bash setup.sh --octo)"
 REQUEST_FRAMES = 64                 # frames per predict request (the worker pads to its own batch size)
 
+# Which worker the main environment starts: "octo" (default) is vla_bridge.octo_worker in .venv-octo; "standin" is
+# vla_bridge.octo_standin_worker in this environment (no JAX, deterministic toy actions: for CI, not a policy).
+WORKER_ENV = "VLA_BRIDGE_OCTO_WORKER"
+WORKER_MODULES = {"octo": "vla_bridge.octo_worker", "standin": "vla_bridge.octo_standin_worker"}
+
+# XLA's CPU backend at optimization level 0 compiles Octo's train step in ~30 s instead of 173-320 s (measured on 2
+# CPU cores), but samples ~4x slower (13.5 s vs 3.5 s per batch of 16): CPU training uses it unless XLA_FLAGS sets
+# a level already; serving always compiles fully (it compiles once and predicts for the whole evaluation).
+XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"
+
 
 class OctoEnvError(RuntimeError):
-    """The Octo environment is missing or broken; the message says how to fix it."""
+    """The Octo environment is missing or broken: ``detail``, and ``fix`` (the one-line way out)."""
+
+    def __init__(self, detail: str, fix: str):
+        super().__init__(f"{detail}: {fix}")
+        self.detail, self.fix = detail, fix
 
 
 def octo_python(root: str | os.PathLike | None = None) -> Path:
@@ -53,14 +70,59 @@ def check_octo_env(root: str | os.PathLike | None = None) -> Path:
     """The Octo interpreter, or :class:`OctoEnvError` with the one-line fix."""
     py = octo_python(root)
     if not py.exists():
-        raise OctoEnvError(f"POLICY=octo needs Octo's own JAX environment and {py} does not exist: {SETUP_HINT}")
+        raise OctoEnvError(f"POLICY=octo needs Octo's own JAX environment and {py} does not exist", SETUP_HINT)
     return py
 
 
-def worker_env(hub_ok: bool | None = None) -> dict[str, str]:
-    """The worker's environment: this checkout importable, quiet TensorFlow, and HF_HUB_OFFLINE=1 when the hub is
-    unreachable (otherwise transformers retries for 23–46 s per lookup before failing)."""
+@dataclasses.dataclass(frozen=True)
+class WorkerCommand:
+    """How to start the worker: ``python -m module <command> ...``."""
+
+    python: Path
+    module: str
+
+    @property
+    def standin(self) -> bool:
+        return self.module == WORKER_MODULES["standin"]
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(self.python), "-m", self.module, *args]
+
+    def __str__(self) -> str:
+        what = (f" (the stand-in selected by {WORKER_ENV}=standin: no JAX, deterministic toy actions, not Octo)"
+                if self.standin else "")
+        return f"{self.python} -m {self.module}{what}"
+
+
+def worker_command(root: str | os.PathLike | None = None) -> WorkerCommand:
+    """The worker ``VLA_BRIDGE_OCTO_WORKER`` selects (default: the real one in ``.venv-octo``, which must exist),
+    or :class:`OctoEnvError` with the one-line fix."""
+    choice = os.environ.get(WORKER_ENV, "").strip().lower() or "octo"
+    if choice not in WORKER_MODULES:
+        raise OctoEnvError(f"{WORKER_ENV}={choice!r} is not one of {', '.join(WORKER_MODULES)}",
+                           f"unset {WORKER_ENV} for the real Octo worker, or set it to standin for the CI stand-in")
+    if choice == "standin":
+        return WorkerCommand(Path(sys.executable), WORKER_MODULES["standin"])
+    return WorkerCommand(check_octo_env(root), WORKER_MODULES["octo"])
+
+
+def xla_flags(flags: str, fast_compile: bool) -> str:
+    """``flags`` (XLA_FLAGS) with :data:`XLA_FAST_COMPILE` added when ``fast_compile`` and no optimization level is
+    set, or with every optimization-level flag removed when not ``fast_compile``."""
+    parts = flags.split()
+    has_level = any(f.startswith("--xla_backend_optimization_level") for f in parts)
+    if fast_compile:
+        return " ".join(parts if has_level else parts + [XLA_FAST_COMPILE])
+    return " ".join(f for f in parts if not f.startswith("--xla_backend_optimization_level"))
+
+
+def worker_env(hub_ok: bool | None = None, fast_compile: bool | None = None) -> dict[str, str]:
+    """The worker's environment: this checkout importable, quiet TensorFlow, HF_HUB_OFFLINE=1 when the hub is
+    unreachable (otherwise transformers retries for 23–46 s per lookup before failing), and XLA_FLAGS by
+    :func:`xla_flags` (``fast_compile`` None: XLA_FLAGS as it is)."""
     env = dict(os.environ)
+    if fast_compile is not None:
+        env["XLA_FLAGS"] = xla_flags(env.get("XLA_FLAGS", ""), fast_compile)
     env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("USE_TF", "0")
@@ -77,18 +139,18 @@ def _echo_default(line: str) -> None:
 
 
 def run_worker(args: Sequence[str], hub_ok: bool | None = None, echo: Callable[[str], None] | None = _echo_default,
-               python: str | os.PathLike | None = None) -> tuple[int, list[str]]:
-    """``octo_worker <args>`` to completion, each output line echoed as it arrives; (exit code, lines)."""
-    py = str(python or check_octo_env())
-    proc = subprocess.Popen([py, "-m", "vla_bridge.octo_worker", *args], cwd=str(PROJECT_ROOT),
-                            env=worker_env(hub_ok), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+               command: WorkerCommand | None = None, fast_compile: bool | None = None) -> tuple[int, list[str]]:
+    """``octo_worker <args>`` (or the worker ``command`` names) to completion, each output line echoed as it
+    arrives; (exit code, lines)."""
+    command = command or worker_command()
+    proc = subprocess.Popen(command.argv(*args), cwd=str(PROJECT_ROOT), env=worker_env(hub_ok, fast_compile),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines = []
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip("\n")
         lines.append(line)
-        if echo is not None and not line.startswith("RESULT "):
+        if echo is not None and not line.startswith(RESULT_PREFIX):
             echo(line)
     return proc.wait(), lines
 
@@ -114,7 +176,7 @@ def worker_train_args(cfg: Any, shards_dir: str | os.PathLike) -> list[str]:
     init = cfg.model_id
     return ["train", "--shards", str(Path(shards_dir).resolve()), "--run", cfg.run_name,
             "--outputs", str(Path(cfg.outputs_dir).resolve()), "--data-dir", str(Path(cfg.data_dir).resolve()),
-            "--init", init if init.startswith("hf://") or init == RANDOM_INIT else str(Path(init).resolve()),
+            "--init", str(Path(init).resolve()) if model_id_kind("octo", init) == "local" else init,
             "--max-steps", str(cfg.max_steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.learning_rate),
             "--warmup", str(cfg.warmup_steps), "--log-every", str(cfg.log_every), "--save-every", str(cfg.save_every),
             "--seed", str(cfg.seed)] + ([] if cfg.image_aug else ["--no-image-aug"])
@@ -122,9 +184,12 @@ def worker_train_args(cfg: Any, shards_dir: str | os.PathLike) -> list[str]:
 
 def train_octo(cfg: Any, shards_dir: str | os.PathLike, echo: Callable[[str], None] | None = _echo_default
                ) -> OctoTrainResult:
-    """Fine-tune Octo-Small in the worker on ``shards_dir`` for ``cfg.max_steps``; progress streams into ``echo``."""
-    rc, lines = run_worker(worker_train_args(cfg, shards_dir), hub_ok=cfg.hub == "yes", echo=echo)
-    result = next((json.loads(line[len("RESULT "):]) for line in reversed(lines) if line.startswith("RESULT ")), None)
+    """Fine-tune Octo-Small in the worker on ``shards_dir`` for ``cfg.max_steps``; progress streams into ``echo``.
+    On the CPU path (no CUDA here) XLA compiles at optimization level 0 unless XLA_FLAGS sets a level."""
+    rc, lines = run_worker(worker_train_args(cfg, shards_dir), hub_ok=cfg.hub == "yes", echo=echo,
+                           fast_compile=True if cfg.device == "cpu" else None)
+    result = next((json.loads(line[len(RESULT_PREFIX):]) for line in reversed(lines)
+                   if line.startswith(RESULT_PREFIX)), None)
     if rc != 0 or result is None:
         tail = "\n".join(lines[-25:])
         raise RuntimeError(f"the Octo worker failed (exit {rc}); its last lines:\n{tail}")
@@ -143,19 +208,14 @@ class OctoServer:
 
     def __init__(self, checkpoint: str | os.PathLike, base: str | os.PathLike | None = None,
                  hub_ok: bool | None = None, echo: Callable[[str], None] | None = _echo_default,
-                 python: str | os.PathLike | None = None):
-        py = str(python or check_octo_env())
-        env = worker_env(hub_ok)
-        # XLA_FLAGS=--xla_backend_optimization_level=0 shortens the train step's compile, but sampling then runs
-        # ~4x slower (measured on 2 CPU cores: 13.5 s vs 3.5 s per batch of 16); the server compiles once, fully
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
-        env["XLA_FLAGS"] = " ".join(flags)
-        args = [py, "-m", "vla_bridge.octo_worker", "serve", "--checkpoint", str(Path(checkpoint).resolve())]
+                 command: WorkerCommand | None = None):
+        command = command or worker_command()
+        args = ["serve", "--checkpoint", str(Path(checkpoint).resolve())]
         if base is not None:
             args += ["--base", str(Path(base).resolve())]
         self.echo = echo
-        self.proc = subprocess.Popen(args, cwd=str(PROJECT_ROOT), env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(command.argv(*args), cwd=str(PROJECT_ROOT), env=worker_env(hub_ok, False),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._log: list[str] = []
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
@@ -165,6 +225,7 @@ class OctoServer:
             hello, _ = read_frame(self.proc.stdout)
         except EOFError:
             self.proc.wait(timeout=30)
+            self._thread.join(timeout=5)   # its last stderr lines
             raise RuntimeError("the Octo worker did not start:\n" + "\n".join(self._log[-25:])) from None
         self.info = hello
         self.weights = list(hello.get("weights", []))
@@ -240,7 +301,7 @@ class OctoPolicy:
             # the diffusion head samples in [-5, 5] (octo's max_action); the targets were in [-1, 1] (normalized
             # dimensions) and inside the training range (pass-through ones, e.g. the gripper): clip to those
             if progress is not None:
-                progress(len(batch))
+                progress(len(frames))
         if not out:
             return np.zeros((0, len(self.stats["q01"])))
         mask = np.asarray(self.stats.get("mask", [True] * len(self.stats["q01"])), bool)
@@ -274,5 +335,9 @@ def model_info(cfg: Any, result: OctoTrainResult | None, server: OctoServer | No
         if info.get("parameters"):
             info["trainable_percent"] = round(100.0 * info["trainable_parameters"] / info["parameters"], 4)
     if server is not None:
-        info["worker"] = {"weights": server.weights, "horizon": server.horizon, "window": server.info.get("window")}
+        info["worker"] = {"weights": server.weights, "horizon": server.horizon, "window": server.info.get("window"),
+                          "kind": server.info.get("worker", "octo")}
+        if server.info.get("worker") == "standin":
+            info["class"] = ("the stand-in Octo worker (vla_bridge.octo_standin_worker: a linear map from the image's "
+                             "mean colour, no JAX; checks the pipeline, not Octo)")
     return info
