@@ -242,6 +242,9 @@ if [[ "$DO_TEST" -eq 1 ]]; then
   step_start "tests: notebook headless (params/ci.json)"
   "$VPY" -m vla_bridge run-notebook --params-file params/ci.json --out outputs/notebooks/notebook.ci.ipynb
   step_done "executed → outputs/notebooks/notebook.ci.ipynb"
+  step_start "tests: the CI run's figures show content"
+  "$VPY" -m vla_bridge check-figures outputs/figures/ci outputs/videos/ci || die "a figure of the CI run is empty (see above)"
+  step_done "checked"
 fi
 if [[ "$DO_RUN" -eq 1 ]]; then
   step_start "run: notebook headless on the embedded default"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vla_bridge import evaluation as ev
+from vla_bridge import plots, probes
 from vla_bridge.data import world
 
 pytestmark = [
@@ -395,4 +396,14 @@ def test_proxy_success_path_without_closed_loop(e2e):
     # the constant mean action never opens or closes the gripper, so it never passes the proxy
     assert rep.group("train_seen", ev.POLICY_MEAN)["success_rate"]["mean"] == 0.0
     assert rep.group("heldout", ev.POLICY_MEAN)["success_rate"]["mean"] == 0.0
-    assert rep.json_path is None and not rep.episodes[e2e["test_split"].train[0]].images
+    assert rep.json_path is None and len(rep.episodes[e2e["test_split"].train[0]].images) == 1  # the first frame only
+
+
+def test_the_failure_sheet_of_a_default_evaluation_shows_frames(e2e, tmp_path):
+    """The notebook's §10b as it calls it: run_evaluation without keep_frames, then mine_failures. Every panel of the
+    contact sheet shows the episode's first frame (it was eight "(no image)" panels for two sessions)."""
+    rep = probes.mine_failures(e2e["report"], tmp_path)
+    n_panels = min(8, len(rep.ranked))
+    assert n_panels >= 2 and rep.n_with_image == n_panels
+    assert f"{n_panels} of {n_panels} panels show" in rep.text()
+    assert plots.check_figure(rep.sheet_path) is None, plots.colour_fraction(rep.sheet_path)

@@ -12,6 +12,7 @@ import sys
 import nbformat
 
 from vla_bridge import evaluation as ev
+from vla_bridge import plots
 from vla_bridge.config import PROJECT_ROOT
 from vla_bridge.models import octo
 
@@ -55,3 +56,7 @@ def test_octo_notebook_runs_to_the_reflection_with_the_standin_worker(tmp_path):
     assert text.count("skipped on POLICY=octo") == 4                  # sections 5, 6, 10, 10a
     assert "POLICY=octo: the rank sweep is a LoRA ablation" in text   # section 11
     assert "### Evaluation" in text and "What it scored" in text      # the table and the reflection, displayed
+    assert "Contact sheet: 6 of 6 panels show the episode's first frame" in text   # section 10b, from the eval
+    figures, problems = plots.check_figures(outputs / "figures" / run)
+    assert {p.name for p in figures} >= {"episode_frames.png", "worst_episodes.png", "loss_curve.png"}
+    assert problems == []

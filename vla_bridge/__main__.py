@@ -16,6 +16,19 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_figures(args: argparse.Namespace) -> int:
+    from .plots import check_figures
+
+    files, problems = check_figures(*args.dirs)
+    if not files:
+        print(f"check-figures: no PNG under {', '.join(args.dirs)}: run the notebook first", file=sys.stderr)
+        return 1
+    for msg in problems:
+        print(f"check-figures: {msg}", file=sys.stderr)
+    print(f"check-figures: {len(files) - len(problems)} of {len(files)} figures show content")
+    return 1 if problems else 0
+
+
 def _cmd_preflight(args: argparse.Namespace) -> int:
     from . import hardware
     from .config import resolve_run_config
@@ -93,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--param", action="append", help="NAME=VALUE override (repeatable)")
     p.add_argument("--kernel", default="python3")
     p.set_defaults(func=_cmd_run_notebook)
+
+    p = sub.add_parser("check-figures", help="check that every PNG a run wrote shows content (no empty panels)")
+    p.add_argument("dirs", nargs="+", help="folders to search for PNGs, e.g. outputs/figures/ci outputs/videos/ci")
+    p.set_defaults(func=_cmd_check_figures)
 
     p = sub.add_parser("preflight", help="print hardware, the policy decision and the pre-flight checks")
     p.add_argument("--policy", default="auto")

@@ -937,8 +937,8 @@ def run_evaluation(
     The mean-action baseline is ``mean_action`` if given, else the mean over the training split's frames: one pass
     over the parquet columns for a local dataset; for a hub stream the ``action_stats`` entry's mean when given (the
     notebook's statistics: whole dataset when meta/stats.json has them), else that streaming pass.
-    ``keep_frames``: keep the decoded images in ``report.episodes`` (else only actions/states: ~50 KB per 128 px
-    frame otherwise stay in memory).
+    ``keep_frames``: keep every decoded image in ``report.episodes`` (else only each episode's first frame, for
+    failure mining's contact sheet, and the actions/states: ~50 KB per 128 px frame otherwise stay in memory).
 
     ``policy_objects`` (a policy name → :class:`Policy` mapping, e.g. Octo's, which runs in its own environment)
     replaces the VLA's batched predictor and the base-model switch: ``model``/``processor`` are then unused and
@@ -1170,8 +1170,8 @@ def run_evaluation(
         json_path = write_json(out_dir / "eval.json", payload)
         table_path = out_dir / "table.md"
         table_path.write_text(markdown)
-    if not keep_frames:
-        data = {e: dataclasses.replace(d, images=[]) for e, d in data.items()}
+    if not keep_frames:  # the first frame stays: failure mining's contact sheet shows it (one image per episode)
+        data = {e: dataclasses.replace(d, images=list(d.images[:1])) for e, d in data.items()}
     return EvalReport(payload, markdown, json_path, table_path, predictions, data)
 
 

@@ -56,6 +56,42 @@ def _task(frames: Sequence[Mapping[str, Any]]) -> str:
     return t if t.strip() else "(blank task string)"
 
 
+# What a figure must show, read back from its pixels. Axes, text and the white background are grey; camera frames
+# and plotted lines are coloured. A figure whose panels hold images (frames, contact sheet, video strip) is mostly
+# colour when it works (measured: 0.45-0.68) and ~0 when its panels are empty; a line plot is ~0.01-0.03 colour
+# when its lines are drawn.
+IMAGE_FIGURES = ("episode_frames", "worst_episodes", "_strip")
+MIN_COLOUR_FRACTION = {"image": 0.15, "lines": 0.002}
+_CHROMA = 30  # of 255: the spread between a pixel's largest and smallest channel above which it counts as colour
+
+
+def colour_fraction(path: str | os.PathLike) -> float:
+    """The share of a PNG's pixels that carry colour (largest minus smallest channel > 30 of 255)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+    return float(((rgb.max(-1) - rgb.min(-1)) > _CHROMA).mean())
+
+
+def check_figure(path: str | os.PathLike) -> str | None:
+    """None if the PNG at ``path`` shows content, else a one-line reason: an image figure (frames, contact sheet,
+    strip) whose panels are empty, or a line plot with no line drawn."""
+    path = Path(path)
+    kind = "image" if any(k in path.stem for k in IMAGE_FIGURES) else "lines"
+    frac = colour_fraction(path)
+    if frac >= MIN_COLOUR_FRACTION[kind]:
+        return None
+    what = "its panels hold no images" if kind == "image" else "no line or bar is drawn"
+    return (f"{path}: {frac:.1%} of its pixels carry colour, below the {MIN_COLOUR_FRACTION[kind]:.1%} a working "
+            f"{kind} figure has — {what}")
+
+
+def check_figures(*dirs: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Every PNG under ``dirs`` (recursively), checked with :func:`check_figure`: (the files, the problems)."""
+    files = sorted(p for d in dirs for p in Path(d).rglob("*.png"))
+    return files, [msg for msg in map(check_figure, files) if msg]
+
+
 def _out(out_dir: str | os.PathLike, filename: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

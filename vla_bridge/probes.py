@@ -966,9 +966,14 @@ class FailureReport:
     ranked: list[dict]
     slices: dict[str, list[dict]]
     sheet_path: Path | None
+    n_with_image: int = 0  # contact-sheet panels that show the episode's first frame (the rest say "(no image)")
 
     def text(self, n: int = 8) -> str:
-        parts = ["Worst episodes:", "| rank | episode | group | instruction | L1 | success |",
+        parts = []
+        if self.sheet_path is not None:
+            n_panels = min(n, len(self.ranked))
+            parts.append(f"Contact sheet: {self.n_with_image} of {n_panels} panels show the episode's first frame.")
+        parts += ["Worst episodes:", "| rank | episode | group | instruction | L1 | success |",
                  "|---:|---:|---|---|---:|---:|"]
         for i, r in enumerate(self.ranked[:n], 1):
             s = {True: "yes", False: "no", None: "—"}[r.get("success")]
@@ -1024,14 +1029,15 @@ def mine_failures(source, out_dir: str | os.PathLike | None = None, n_worst: int
         rows = list(source)
     ranked = rank_failures(rows)
     slices = {b: slice_failures(rows, b) for b in by}
-    sheet = None
+    sheet, n_with_image = None, 0
     if out_dir is not None and ranked:
         from . import plots
 
         worst = ranked[:n_worst]
         imgs = [None if images is None else images.get(r.get("episode")) for r in worst]
+        n_with_image = sum(img is not None for img in imgs)
         sheet = plots.plot_worst_episodes(worst, imgs, out_dir)
-    return FailureReport(ranked, slices, sheet)
+    return FailureReport(ranked, slices, sheet, n_with_image)
 
 
 __all__ = [

@@ -1,0 +1,48 @@
+"""Every figure the notebook writes is read back from its pixels: a sheet of empty panels, or a plot with no line,
+is caught by ``plots.check_figure`` (and by ``python -m vla_bridge check-figures`` after the CI notebook run)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vla_bridge import __main__ as cli
+from vla_bridge import plots
+
+ROWS = [{"episode": e, "group": "heldout", "task": "put the red spoon in the pot", "l1": 0.1 * e, "success": False}
+        for e in range(1, 7)]
+
+
+def _frames(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_a_contact_sheet_of_empty_panels_is_caught(tmp_path):
+    empty = plots.plot_worst_episodes(ROWS, [None] * len(ROWS), tmp_path / "a")
+    full = plots.plot_worst_episodes(ROWS, _frames(len(ROWS)), tmp_path / "b")
+    assert plots.colour_fraction(empty) < 0.01 < 0.3 < plots.colour_fraction(full)
+    assert "its panels hold no images" in plots.check_figure(empty)
+    assert plots.check_figure(full) is None
+
+
+def test_a_loss_curve_without_a_line_is_caught(tmp_path):
+    log = [{"step": s, "loss": 2.0 / s, "action_accuracy": min(1.0, 0.1 * s), "lr": 1e-3} for s in range(1, 30)]
+    curve = plots.plot_loss_curve(log, tmp_path / "loss_curve.png")
+    assert plots.check_figure(curve) is None
+    plt = plots._plt()
+    fig, ax = plt.subplots()
+    ax.set_title("loss")  # axes and a title, nothing plotted
+    fig.savefig(tmp_path / "blank_curve.png")
+    plt.close(fig)
+    assert "no line or bar is drawn" in plots.check_figure(tmp_path / "blank_curve.png")
+
+
+def test_check_figures_cli_fails_on_an_empty_sheet(tmp_path, capsys):
+    plots.plot_worst_episodes(ROWS, _frames(len(ROWS)), tmp_path / "ok")
+    assert cli.main(["check-figures", str(tmp_path / "ok")]) == 0
+    assert "1 of 1 figures show content" in capsys.readouterr().out
+    plots.plot_worst_episodes(ROWS, [None] * len(ROWS), tmp_path / "bad")
+    assert cli.main(["check-figures", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("check-figures:") == 1 and "bad/worst_episodes.png" in err
+    assert cli.main(["check-figures", str(tmp_path / "nothing")]) == 1
