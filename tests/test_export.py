@@ -15,8 +15,10 @@ from peft import PeftModel
 from transformers import AutoModelForVision2Seq, AutoProcessor
 
 from vla_bridge.__main__ import main
+from vla_bridge.config import resolve_run_config
 from vla_bridge.export import (EXPORT_FILE, ExportError, action_tolerance, check_memory, default_out_dir,
                                export_policy, plan_memory)
+from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 from vla_bridge.models.openvla import (DATASET_STATISTICS_FILE, action_inputs, attach_lora, load_openvla,
                                        register_dataset_statistics)
 from vla_bridge.models.tiny_vla import build_tiny_vla
@@ -150,7 +152,7 @@ def test_unknown_unnorm_key_is_a_one_line_error(run):
 
 
 def test_merge_that_does_not_fit_is_refused_with_the_figures(tmp_path):
-    # OpenVLA-7B's parameter count in bf16 against 12 GiB free: the rule, not an allocation
+    # a 7.54 B-parameter model (OpenVLA-7B's size) in bf16 against 12 GiB free: the rule, not an allocation
     plan = plan_memory(7_541_237_184, "bf16", 420 * 2**20, "cuda:0", tmp_path, free_bytes=12 * 2**30)
     assert plan.model_bytes == 2 * 7_541_237_184 and not plan.fits
     assert "7,541,237,184 parameters × 2 bytes (bf16) = 14.05 GiB" in plan.line()
@@ -164,3 +166,15 @@ def test_merge_that_does_not_fit_is_refused_with_the_figures(tmp_path):
 def test_default_out_dir_is_outputs_export_run(tmp_path):
     assert default_out_dir(tmp_path / "outputs" / "checkpoints" / "r1" / "latest") == Path("outputs/export/r1")
     assert default_out_dir(tmp_path / "my_adapter", "o") == Path("o/export/my_adapter")
+
+
+@pytest.mark.parametrize("policy,export,expected", [("tiny", "auto", True), ("openvla", "auto", False),
+                                                    ("openvla", True, True), ("tiny", False, False)])
+def test_export_parameter_auto_is_on_for_tiny_and_opt_in_for_7b(policy, export, expected):
+    gpu = HardwareInfo(cuda_available=True, device_name="A100", gpu_count=1, total_vram_gb=80.0, free_vram_gb=79.0,
+                       bf16_supported=True, cpu_count=8, ram_gb=64.0, python="3.11", platform="linux")
+    cfg = resolve_run_config({"POLICY": policy, "EXPORT": export}, env={}, hw=gpu, hub=Decision("yes", "test"),
+                             bnb_available=False)
+    assert cfg.policy == policy and cfg.export is expected
+    with pytest.raises(PreflightError, match=r"EXPORT='yes' must be True or False or 'auto'"):
+        resolve_run_config({"POLICY": policy, "EXPORT": "yes"}, env={}, hw=gpu, hub=Decision("yes", "test"))

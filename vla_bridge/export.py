@@ -38,6 +38,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
 
 from .models import tiny_vla  # noqa: F401  (registers the tiny VLA with the Auto classes)
 from .models.openvla import (DATASET_STATISTICS_FILE, _read_json, _resolve_source, action_inputs, load_openvla,
@@ -274,16 +275,23 @@ def default_out_dir(adapter_dir: Path, outputs_dir: PathLike = "outputs") -> Pat
 
 
 def _copy_remote_code(source: str, dest: Path) -> None:
-    """Copy the ``auto_map`` modules an OpenVLA-style local checkpoint needs when save_pretrained did not."""
-    if not os.path.isdir(source):
-        return
+    """Copy the ``auto_map`` modules (OpenVLA's ``*_prismatic.py``) that save_pretrained did not write: transformers
+    copies them only for models loaded from a local directory, not from a hub id (then they come from the cache)."""
     for name in ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json"):
         for ref in ((_read_json(dest / name) or {}).get("auto_map") or {}).values():
             for r in ref if isinstance(ref, (list, tuple)) else [ref]:
-                if isinstance(r, str) and "--" not in r:
-                    module = r.rsplit(".", 1)[0] + ".py"
-                    if (Path(source) / module).is_file() and not (dest / module).is_file():
-                        shutil.copy(Path(source) / module, dest / module)
+                module = r.rsplit(".", 1)[0] + ".py" if isinstance(r, str) and "--" not in r else None
+                if module is None or (dest / module).is_file():
+                    continue
+                if os.path.isdir(source):
+                    found = Path(source) / module
+                else:
+                    try:
+                        found = Path(hf_hub_download(source, module))
+                    except Exception:  # noqa: BLE001  (reported by missing_checkpoint_files below)
+                        continue
+                if found.is_file():
+                    shutil.copy(found, dest / module)
 
 
 def _publish(tmp: Path, out: Path) -> None:
