@@ -31,7 +31,7 @@ from jupyter_client.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_NAME = "openvla-bridge"  # setup.sh's KERNEL_NAME
-# from the server's start to its shutdown: measured 26-41 s on 2 shared cores (load 4-5); env override
+# from the server's start to its shutdown: measured 11-41 s on 2 shared cores (load 1-5); env override
 DEADLINE_S = float(os.environ.get("VLA_BRIDGE_JUPYTER_DEADLINE_S", "90"))
 N_CODE_CELLS = 3                # the parameters cell, the imports cell, section 1 (hardware + resolved run)
 
