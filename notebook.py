@@ -59,6 +59,7 @@ OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
 DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N, or "split=n,..."
 STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
+EXPORT = "auto"          # section 13: merge LoRA into a standalone checkpoint; auto → on for tiny, off for 7B
 
 # %%
 if __name__ == "notebook":  # imported as a module by a library probing for Jupyter's `notebook` package: not us
@@ -615,3 +616,39 @@ reflection = report.reflection(eval_report, probe_result, overlap, result, cfg, 
 write_json(cfg.path("eval") / "instruction_overlap.json", overlap)
 (cfg.path("eval") / "reflection.md").write_text(reflection + "\n")
 ipd.display(ipd.Markdown(reflection))
+
+# %% [markdown]
+# ## 13. Export the fine-tuned policy
+#
+# Training wrote a LoRA *adapter*: small, but usable only through PEFT on top of the exact base it was trained on.
+# What a robot-side consumer wants is one directory that `AutoModelForVision2Seq.from_pretrained` opens on its own
+# and whose `predict_action(..., unnorm_key=UNNORM_KEY)` de-normalizes with the statistics this run trained on. So
+# the adapter is **merged**: each adapted linear layer's weight becomes W + (alpha / r)·B·A (`merge_and_unload`),
+# after which the model runs at the base's speed with no PEFT at all. The fine-tuned statistics go into the saved
+# `config.json` (`norm_stats[UNNORM_KEY]`, the base's other keys kept) and into `dataset_statistics.json`, the
+# file upstream's deployment code reads.
+#
+# Why here and only once: upstream's `finetune.py` merges at every checkpoint, reloading a second copy of the base
+# each time, and its users report out-of-memory errors from that. Merging is a deployment step, not a training one,
+# so it runs once, on demand, and the cell prints what it needs first — parameter count × dtype bytes, plus the
+# adapter — next to the free memory and disk, refusing in one line when that clearly does not fit. Then the saved
+# directory is reloaded through the Auto classes and must act like the adapter on a few held-out frames: in fp32
+# (the tiny path) the largest action difference is ~0; in bf16 (OpenVLA, as upstream saves it) rounding the merged
+# weights may move a greedy token to its neighbour, so one action bin is allowed. `EXPORT="auto"` runs this on the
+# tiny path only: on OpenVLA-7B it writes ~15 GB (set `EXPORT=True`, or later `python -m vla_bridge export`).
+
+# %%
+from vla_bridge.export import export_policy
+
+if OCTO:
+    print("skipped on POLICY=octo: Octo is fully fine-tuned, so its checkpoints/<run>/latest/ is already standalone")
+elif not cfg.export:
+    print(f"skipped: EXPORT={EXPORT!r} resolves to off on {cfg.policy} (the merged checkpoint is the full model: "
+          f"~15 GB for OpenVLA-7B); set EXPORT=True, or run later: python -m vla_bridge export --run {cfg.run_name}")
+else:
+    held_ep = next(e for eps in split.eval.values() for e in eps)  # frames the adapter never trained on
+    ep = evaluation.load_episodes(ds, [held_ep])[held_ep]
+    export_frames = [(ep.images[i], ep.instruction) for i in sorted({0, len(ep.images) // 2, len(ep.images) - 1})]
+    exported = export_policy(cfg.path("checkpoints") / "latest", out_dir=cfg.path("export"), base=loaded.model_id,
+                             unnorm_key=cfg.unnorm_key, frames=export_frames)
+    print(exported.summary())

@@ -53,7 +53,8 @@ def test_octo_notebook_runs_to_the_reflection_with_the_standin_worker(tmp_path):
 
     text = _outputs_text(nbformat.read(str(out_nb), as_version=4))
     assert "vla_bridge.octo_standin_worker" in text                   # section 4 names the worker it starts
-    assert text.count("skipped on POLICY=octo") == 4                  # sections 5, 6, 10, 10a
+    assert text.count("skipped on POLICY=octo") == 5                  # sections 5, 6, 10, 10a, 13
+    assert "Octo is fully fine-tuned, so its checkpoints/<run>/latest/ is already standalone" in text  # 13
     assert "POLICY=octo: the rank sweep is a LoRA ablation" in text   # section 11
     assert "### Evaluation" in text and "What it scored" in text      # the table and the reflection, displayed
     assert "Contact sheet: 6 of 6 panels show the episode's first frame" in text   # section 10b, from the eval

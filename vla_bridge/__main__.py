@@ -95,6 +95,22 @@ def _cmd_bench_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import ExportError, export_policy
+
+    adapter = args.adapter or str(Path(args.outputs_dir) / "checkpoints" / args.run / "latest")
+    try:
+        result = export_policy(adapter, out_dir=args.out, base=args.base, unnorm_key=args.unnorm_key,
+                               dtype=args.dtype, device=args.device, n_frames=args.frames,
+                               outputs_dir=args.outputs_dir)
+    except ExportError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(result.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vla_bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (0: leave torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_eval)
+
+    p = sub.add_parser("export", help="merge a LoRA checkpoint into its base once, save it standalone, reload, check")
+    p.add_argument("adapter", nargs="?", default=None,
+                   help="adapter checkpoint directory (default: OUTPUTS_DIR/checkpoints/RUN/latest)")
+    p.add_argument("--run", default="tiny-embedded", help="RUN_NAME whose latest checkpoint to export")
+    p.add_argument("--outputs-dir", default="outputs")
+    p.add_argument("--out", default=None, help="where the merged checkpoint goes (default: OUTPUTS_DIR/export/RUN/)")
+    p.add_argument("--base", default=None, help="the base MODEL_ID (default: the one adapter_config.json records)")
+    p.add_argument("--unnorm-key", default=None, help="default: the run's UNNORM_KEY (checkpoint.json)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: fp32 for the tiny VLA, bf16 (upstream's) for OpenVLA")
+    p.add_argument("--device", default="auto", help="auto (CUDA when the merge fits there) | cpu | cuda[:i]")
+    p.add_argument("--frames", type=int, default=4, help="frames of the reload check")
+    p.set_defaults(func=_cmd_export)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

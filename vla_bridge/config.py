@@ -49,6 +49,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "DATA_DIR": "data",
     "DEMO_EPISODES": "auto",     # embedded dataset size: auto → the tiny VLA's default; a total N, or "split=n,..."
     "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 1000
+    "EXPORT": "auto",            # merge the adapter into a standalone checkpoint; auto → on for tiny, opt-in for 7B
 }
 
 # What a parameter whose default is "auto" takes besides "auto" (text, unless listed). Every other parameter takes
@@ -56,6 +57,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 AUTO_PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "MAX_STEPS": (int,), "BATCH_SIZE": (int,), "GRAD_ACCUM": (int,), "PRETRAIN_STEPS": (int,), "EVAL_EPISODES": (int,),
     "STREAM_BATCHES": (int,), "ABLATION_RANKS": (list, str), "DEMO_EPISODES": (int, str, dict),
+    "EXPORT": (bool,),
 }
 # The smallest value of each integer parameter (PRETRAIN_STEPS: 1 on the tiny path, which pretrains with it).
 INT_MINIMUMS = {"SEED": 0, "MAX_STEPS": 1, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "WARMUP_STEPS": 0, "PRETRAIN_STEPS": 0,
@@ -100,6 +102,7 @@ class RunConfig:
     hub_reason: str
     data_dir: str
     outputs_dir: str
+    export: bool = False          # EXPORT resolved: section 13 merges and saves outputs/export/<run>/
 
     # ----- stable output locations (DESIGN.md "Outputs")
     def path(self, kind: str) -> Path:
@@ -308,6 +311,7 @@ def resolve_run_config(
         hub_reason=hub.reason,
         data_dir=str(p["DATA_DIR"]),
         outputs_dir=str(p["OUTPUTS_DIR"]),
+        export=(pol.value == "tiny") if p["EXPORT"] == "auto" else bool(p["EXPORT"]),
     )
 
 
