@@ -259,7 +259,7 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 # otherwise wait on FFmpeg's threads (4× to 100× slower in our measurements on 2 cores, worst on a busy machine).
 
 # %%
-from tqdm import tqdm
+from vla_bridge.progress import tqdm
 
 n_batches = 1000 if STREAM_BATCHES == "auto" else int(STREAM_BATCHES)
 train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.model_image_size(cfg.policy),
