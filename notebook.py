@@ -41,11 +41,12 @@
 #
 # > **If you have a GPU.** On this machine's default (CPU) run nothing here touched a GPU: the OpenVLA-7B path is
 # > exercised by tests on a local checkpoint layout, not trained on hardware. Upstream's published figures (theirs,
-# > not measured here; see the OpenVLA paper and README): bf16 inference holds ~15–17 GB, 4-bit ~7 GB; LoRA r = 32 at
-# > their batch 16 wants an 80 GB A100, and roughly an A100-hour per 1k steps. The brief says ~28 GB resident; our
-# > threshold for bf16 is 22 GiB of *total* VRAM at batch 4 × 2 accumulation, which fits the weights (~15 GB) plus LoRA
-# > state and activations at that smaller batch — on a 24 GB card it can still run out of memory at a longer prompt
-# > or a larger batch: lower `BATCH_SIZE` or use `POLICY="openvla-4bit"`. On Bridge there is no simulator, so
+# > not measured here; openvla/openvla's README and paper): inference in bf16 holds ~15–17 GB, in 4-bit ~7 GB; their
+# > LoRA recipe (r = 32, batch 16, no accumulation) "requires ~72 GB" and runs on one 80 GB A100, and they say a card
+# > with "at least ~27 GB" works at a smaller batch. The brief says ~28 GB resident. Our threshold for bf16 is 22 GiB
+# > of *total* VRAM at batch 4 × 2 accumulation: below upstream's ~27 GB, so on a 24 GB card it is a gamble that can
+# > run out of memory at a longer prompt or a larger batch: lower `BATCH_SIZE` (raise `GRAD_ACCUM` to keep the
+# > global batch) or use `POLICY="openvla-4bit"`. On Bridge there is no simulator, so
 # > **success is a proxy**: replay drift of the first 16 predicted xyz deltas < 5 cm AND the gripper's close/open
 # > events matching the demonstration's within ±2 steps. It covers ~3 s (16 steps at 5 Hz) of an episode of ~30+
 # > steps and cannot see a grasp of the wrong object. And the model's `bridge_orig` statistics are **replaced** by
