@@ -30,6 +30,27 @@
 # Every number the notebook prints is computed in a cell you can read, with its n and a baseline beside it; the closing
 # reflection is assembled from those numbers, including the ones that did not come out well.
 # Run it top to bottom in Jupyter Lab or VS Code, or headless with `bash setup.sh --run`.
+#
+# **Deviations from the brief, on purpose:**
+# - the brief names Bridge's LeRobot v2.0 conversion; lerobot 0.4 streams only v3.0, so the default hub dataset is
+#   `nvidia/bridge_lerobot_v3` (a v2.0 id stops with the conversion path);
+# - without a GPU or the hub the notebook runs the **tiny path** (a tiny VLA on an embedded world): its numbers are
+#   that model's on that world, never OpenVLA-7B's on Bridge;
+# - section 8's "descended" uses a bar of our own (last tenth of the loss < 0.7× its first tenth), not the brief's;
+# - LoRA wraps every linear layer **except `lm_head`** (section 6 says why).
+#
+# > **If you have a GPU.** On this machine's default (CPU) run nothing here touched a GPU: the OpenVLA-7B path is
+# > exercised by tests on a local checkpoint layout, not trained on hardware. Upstream's published figures (theirs,
+# > not measured here; openvla/openvla's README and paper): inference in bf16 holds ~15–17 GB, in 4-bit ~7 GB; their
+# > LoRA recipe (r = 32, batch 16, no accumulation) "requires ~72 GB" and runs on one 80 GB A100, and they say a card
+# > with "at least ~27 GB" works at a smaller batch. The brief says ~28 GB resident. Our threshold for bf16 is 22 GiB
+# > of *total* VRAM at batch 4 × 2 accumulation: below upstream's ~27 GB, so on a 24 GB card it is a gamble that can
+# > run out of memory at a longer prompt or a larger batch: lower `BATCH_SIZE` (raise `GRAD_ACCUM` to keep the
+# > global batch) or use `POLICY="openvla-4bit"`. On Bridge there is no simulator, so
+# > **success is a proxy**: replay drift of the first 16 predicted xyz deltas < 5 cm AND the gripper's close/open
+# > events matching the demonstration's within ±2 steps. It covers ~3 s (16 steps at 5 Hz) of an episode of ~30+
+# > steps and cannot see a grasp of the wrong object. And the model's `bridge_orig` statistics are **replaced** by
+# > the fine-tuning dataset's q01/q99 under `UNNORM_KEY`, so predictions de-normalize with what training normalized.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these; "auto" lets the hardware decide; env FORCE_PATH=openvla|octo|tiny wins).
@@ -205,7 +226,11 @@ print(stream.format_schema(stream.schema(ds)))
 #   every episode whose task mentions "eggplant" (object-level holdout); the rest with a task string is train.
 #
 # Episodes with a blank task string are dropped from training (OpenVLA trains on language-labelled episodes only);
-# the count is printed.
+# the count is printed. "Task strings" counts distinct instruction *strings*: the embedded world words each of its
+# canonical fine-tuning tasks several ways, so the train split shows several times more strings than tasks. Its
+# "pretrain" row is the dataset's own pretraining split; the cached tiny base was pretrained on its own freshly
+# generated episodes of those tasks (`PretrainParams.episodes`, with labels the dataset does not carry), so the two
+# counts differ by design.
 
 # %%
 split = splits.make_split(ds)  # raises LeakageError if a held-out string is in training
@@ -223,6 +248,10 @@ print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
 # looked up under an `unnorm_key` (`demo_world` for the embedded world, `bridge_orig` for Bridge), so these
 # statistics are saved as `dataset_statistics.json` in OpenVLA's `norm_stats` layout; the checkpoints later carry a
 # copy.
+#
+# A dimension the demonstrations never move (q01 = q99 = 0: droll and dpitch on the embedded world, whose expert
+# never rotates about those axes) normalizes to 0 for every frame and always maps to **one** token; its round trip
+# below is exact, and it makes token accuracy look better than the motion it predicts.
 #
 # They come from `meta/stats.json` when it has the percentiles, else from one pass over the training episodes'
 # Parquet columns (no video decoded).
@@ -260,7 +289,7 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 # otherwise wait on FFmpeg's threads (4× to 100× slower in our measurements on 2 cores, worst on a busy machine).
 
 # %%
-from tqdm import tqdm
+from vla_bridge.progress import tqdm
 
 n_batches = 1000 if STREAM_BATCHES == "auto" else int(STREAM_BATCHES)
 train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.model_image_size(cfg.policy),
@@ -398,7 +427,8 @@ else:
 # purpose: peft's `target_modules="all-linear"` also wraps the nested `language_model.lm_head` (its exclusion
 # checks only the top-level name), so every adapter would carry the whole output layer (+263 MB per checkpoint on
 # 7B). We pass an explicit list without `lm_head`; the printed share is the real figure for this model (1.43 % on
-# OpenVLA-7B, vs 1.45 % with the head).
+# OpenVLA-7B, vs 1.45 % with the head). The "1–2 %" of the heading is OpenVLA-7B's: on the tiny VLA the same rank 32
+# is a much larger share (about 15 %), because its layers are only a few hundred wide.
 
 # %%
 from vla_bridge.models.lora import trainable_parameters
@@ -451,8 +481,14 @@ if not OCTO:
 # ## 8. The loss curve
 #
 # Raw and smoothed (exponential moving average) loss and action-token accuracy from `train_log.jsonl`. The brief's
-# check: does the smoothed loss descend over the first 500 steps (here: the whole budget when it is shorter)? We
-# call it descended when the mean loss of the last tenth of those logged steps is below 0.7× the first tenth.
+# check: does the smoothed loss descend over the first 500 steps (here: the whole budget when it is shorter)? The
+# brief gives no threshold; **the 0.7× bar is ours**: "descended" = the mean loss of the last tenth of those logged
+# steps is below 0.7× the first tenth. A curve can fall visibly and still miss it. Why a LoRA curve is shallow here:
+# the base already predicts this world's actions (it was pretrained on the same world, as OpenVLA-7B was on Bridge), so
+# the loss starts near what the adapter can reach; cross-entropy over 256 bins stays high even when the predicted bin
+# is one off; and the labels are right (section 5's round trip shows it), so a shallow curve says "little left to
+# learn at this budget", not "broken data". Token accuracy counts dimensions whose q01 = q99 (one token for every
+# action, e.g. droll/dpitch on the embedded world) as always right, so it reads higher than the motion it predicts.
 
 # %%
 from vla_bridge.training import loss_descent_check, read_log
@@ -463,24 +499,32 @@ ipd.display(ipd.Image(filename=str(curve)))
 check = loss_descent_check(log, within_steps=500)
 print(f"loss over the first {check.get('steps')} steps: first tenth {check.get('first_tenth', float('nan')):.3f} → "
       f"last tenth {check.get('last_tenth', float('nan')):.3f} (ratio {check.get('ratio', float('nan')):.2f}); "
-      f"descended: {check['ok']}")
+      f"below our 0.7× bar (not the brief's): {check['ok']}")
 ckpt_files = sorted(p.name for p in (cfg.path("checkpoints") / "latest").iterdir())
 print(f"latest checkpoint holds: {ckpt_files}")
 
 # %% [markdown]
 # ## 9. Evaluation on held-out tasks
 #
-# Three numbers per task, each over `EVAL_EPISODES` episodes the policy never trained on, with a bootstrap 95 %
+# The numbers per task, each over `EVAL_EPISODES` episodes the policy never trained on, with a bootstrap 95 %
 # interval over episodes:
 #
-# - **open-loop mean L1** — feed the demonstration's frames, compare the de-normalized predicted actions with the
-#   demonstrated ones (action units: metres, radians, gripper 0/1), averaged over frames and dimensions;
+# - **open-loop L1, motion and gripper apart** — feed the demonstration's frames, compare the de-normalized predicted
+#   actions with the demonstrated ones: *motion* = the 6 xyz + rotation dimensions (m, rad), *gripper* = the 0/1
+#   command. They are shown apart because a gripper error of 0.5 dwarfs centimetre motion errors in the 7-dimension
+#   mean: a model can beat the mean action on L1 through the gripper alone while its arm motion is no better than a
+#   constant;
 # - **replay pose drift** — from the episode's first state, integrate 16 predicted xyz deltas and 16 demonstrated ones
 #   and measure how far apart the two end points are (cm): small per-step errors that share a sign add up;
 # - **success** — on the embedded world, *true closed-loop success*: the env rebuilds the episode's initial scene,
 #   the policy acts from its own camera image for at most 60 steps, success = the instructed object released inside
 #   the instructed target. On Bridge there is no simulator, so the row reports the documented proxy (drift under a
-#   threshold and the gripper's close/open events matching the demonstration's) — a proxy, and said so.
+#   threshold and the gripper's close/open events matching the demonstration's) — a proxy, and said so;
+# - **grasp rate** (embedded world) — the gripper held the instructed object at some step: progress short of success.
+#
+# Below the table, a **per-task verdict against the base**: helped / hurt / mixed / same, where a metric counts only
+# when the two 95 % CIs do not overlap; "same: no difference detectable at n = 4" means exactly that, not "equal".
+# The paraphrase group (fine-tuning tasks in other words) is evaluated like the others.
 #
 # Every row has two baselines beside it: the **mean-action** policy (the training split's mean action, every frame:
 # what a model that learned only the action statistics scores) and the **base model before LoRA** (the same weights
@@ -521,7 +565,9 @@ print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
 # - **other scene** (reference) — another episode's frame with the same instruction: how much the scene's content
 #   matters at all. A policy whose predictions do not move here is not looking at the image.
 #
-# The bullets below are generated from the measured numbers; `probe.md` holds them with the full table.
+# The bullets below are generated from the measured numbers; `probe.md` holds them with the full table. The probes
+# run on a **subsample** (every 2nd frame of at most 6 episodes per group), so their unperturbed L1 is not the
+# table's L1 above.
 
 # %%
 from vla_bridge import probes
@@ -575,8 +621,18 @@ if failures.sheet_path:
 #
 # - **How much rank does the adapter need?** One run per rank in `ABLATION_RANKS` (same data, seed and schedule,
 #   fewer steps than the main run to fit the CPU budget), plotted as success and L1 against rank.
+#   **The LoRA scale α/r is held at the main run's** (`LORA_ALPHA / LORA_RANK` = 16/32 = 0.5): α = 0.5 r. PEFT
+#   multiplies the adapter's update by α/r, so a fixed α (8 → 64 would take the scale from 2 to 0.25) or upstream's
+#   `lora_alpha=min(lora_rank, 16)` in OpenVLA's `vla-scripts/finetune.py` (1 up to r = 16, then 0.5, 0.25) also
+#   changes the adapter's effective step size with the rank, and a difference could be either. Constant α/r
+#   isolates capacity; the table prints α and α/r per run.
 # - **Task-level vs object-level holdout.** The held-out tasks above recombine objects and targets the model trained
-#   on. Here one object family is removed from the fine-tuning data altogether and its tasks are re-measured.
+#   on. Here one object family is removed from the fine-tuning data altogether and its tasks are re-measured —
+#   against a **control run with the same steps, rank, α and seed that did see the family**. The main run trained
+#   4× longer, so a gap to it would measure the step budget; it is printed for reference only.
+#
+# A difference is concluded only where the 95 % CIs separate; otherwise the output says "no difference detectable
+# at n = …". All-zero success says nothing about capacity.
 #
 # On the tiny path they run by default; on OpenVLA-7B each run is roughly an A100-hour per 1k steps, so they are
 # opt-in (set `ABLATION_RANKS`).
@@ -597,7 +653,7 @@ elif cfg.ablation_ranks:
     ipd.display(ipd.Image(filename=str(sweep_png)))
     holdout = ablations.object_holdout(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
                                        build.load_episode_sidecar(DATA_SOURCE) if cfg.dataset == "embedded" else None,
-                                       ablation_steps, eval_report.rows(evaluation.POLICY_FINETUNED),
+                                       ablation_steps, eval_report.data["per_episode"],
                                        dict(episodes_per_task=4, groups=["finetune_eval"], threads=2))
     print(report.format_holdout(holdout))
 else:
@@ -607,12 +663,16 @@ else:
 # %% [markdown]
 # ## 12. What this run shows, and why it is not a state-of-the-art policy
 #
-# The paragraph below is assembled from this run's measured numbers.
+# The text below is assembled from this run's numbers — `eval.json`, `probe.json`, `ablation_*.json`, the training
+# result — and this path's facts; the tiny path and OpenVLA-on-Bridge get different texts. It answers the brief's
+# question with its four reasons (short compute; the base already trained on the data; the small batch; one action
+# per frame without chunking), each held against a number from the run where one exists and said to be untested
+# where none does. A NaN is never reported as a finding; "reads the scene" needs the other-scene CI to exclude 0.
 
 # %%
 overlap = splits.instruction_overlap(split)
 reflection = report.reflection(eval_report, probe_result, overlap, result, cfg, rank_runs, holdout,
-                               train_frames=split.frames(split.train))
+                               train_frames=split.frames(split.train), loss_check=check)
 write_json(cfg.path("eval") / "instruction_overlap.json", overlap)
 (cfg.path("eval") / "reflection.md").write_text(reflection + "\n")
 ipd.display(ipd.Markdown(reflection))
@@ -652,3 +712,16 @@ else:
     exported = export_policy(cfg.path("checkpoints") / "latest", out_dir=cfg.path("export"), base=loaded.model_id,
                              unnorm_key=cfg.unnorm_key, frames=export_frames)
     print(exported.summary())
+
+# %% [markdown]
+# ## 14. The same loop in a robotics data engine
+#
+# Each step of this notebook is a small version of what a fleet's data engine does every day:
+#
+# | this notebook | data-engine counterpart |
+# |---|---|
+# | streaming Bridge from the hub, never materialized (section 3) | fleet-log streaming from the robots' storage |
+# | task-level holdout, leakage checked on normalized strings (3b) | scenario holdout: evaluate on scenarios no training log covers |
+# | verb / noun slices and failure mining (10b) | slice-based evaluation: metrics per behaviour, object, site |
+# | paraphrase / colour / camera / scene probes (10) | operating-domain shift: new phrasing, lighting, sensors, sites |
+# | `unnorm_key` and per-dataset q01/q99 statistics (3c, 4) | per-platform calibration of the action space |

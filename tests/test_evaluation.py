@@ -359,7 +359,7 @@ def test_eval_json_schema(e2e):
     assert {r["policy"] for r in data["rows"]} == set(ev.DEFAULT_POLICIES)
     assert len(data["rows"]) == 3 * 6 and len(data["per_episode"]) == 3 * 6
     assert set(data["rows"][0]["l1_per_dim"]) == set(world.ACTION_NAMES)
-    assert "| task_name | group | policy | n_episodes | mean_l1_action_error |" in rep.markdown
+    assert "| task_name | group | policy | n_episodes | L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper |" in rep.markdown
     assert rep._repr_markdown_() == rep.markdown
 
 
@@ -371,7 +371,7 @@ def test_select_eval_tasks_uses_fresh_finetune_episodes(e2e):
     side = load_episode_sidecar(e2e["root"])
     tasks = ev.select_eval_tasks(split, side, episodes_per_task=8)
     groups = {t.group for t in tasks}
-    assert groups == {"heldout", "finetune_eval"}                        # paraphrase is left to the probes
+    assert groups == {"heldout", "finetune_eval"} | ({"paraphrase"} if split.eval.get("paraphrase") else set())
     fresh = [t for t in tasks if t.group == "finetune_eval"]
     assert sorted(t.task_name for t in fresh) == sorted(finetune_eval_tasks(0))
     train_keys = {(r["canonical_task"], r["seed"]) for r in side if r["split"] == "finetune"}

@@ -148,7 +148,8 @@ def test_bullets_are_generated_from_the_numbers():
     changed = copy.deepcopy(s)
     for r in changed["rows"]:
         if r["probe"] == "paraphrase":
-            r.update(kl=0.8, l1_probe=r["l1_base"] * 2.0, l1_ratio=2.0, dl1_rel=1.0)
+            r.update(kl=0.8, l1_probe=r["l1_base"] * 2.0, l1_ratio=2.0, dl1_rel=1.0,
+                     dl1_ci95=[0.5 * r["l1_base"], 1.5 * r["l1_base"]])  # a doubled error: its CI excludes 0
         if r["probe"] == "other_camera":
             r.update(kl=0.02, l1_probe=r["l1_base"] * 1.01, l1_ratio=1.01, dl1_rel=0.01)
     changed["closed_loop"]["all"]["other_camera"]["successes"] = 4
@@ -372,3 +373,22 @@ def test_probe_predictor_gives_predict_action_tokens_and_the_first_token_logits(
             ids = torch.tensor([inner.prompt_ids(instructions[i])])
             out = model(input_ids=ids, pixel_values=inner.pixel_values([images[i]]))
             assert np.allclose(out.logits[0, -1, action_ids].numpy(), logits[i], atol=1e-4)
+
+
+def test_a_change_whose_interval_includes_zero_is_not_a_finding():
+    """The issue's case: other-scene L1 +11 % with a 95 % CI of [-0.0129, +0.0228] does not show that the policy
+    reads the scene, and a probe whose ΔL1 interval includes 0 is reported as no change detectable."""
+    s = copy.deepcopy(_summary())
+    ref = next(r for r in s["rows"] if r["group"] == "all" and r["probe"] == probes.REFERENCE)
+    ref.update(kl=0.4, l1_probe=ref["l1_base"] * 1.11, l1_ratio=1.11, dl1_rel=0.11, dl1=0.11 * ref["l1_base"],
+               dl1_ci95=[-0.0129, 0.0228])
+    hue = next(r for r in s["rows"] if r["group"] == "all" and r["probe"] == "color_shift")
+    hue.update(kl=0.3, l1_probe=hue["l1_base"] * 1.3, l1_ratio=1.3, dl1_rel=0.3, dl1=0.3 * hue["l1_base"],
+               dl1_ci95=[0.004, 0.02])
+    text = "\n".join(probes.probe_bullets(s))
+    assert "cannot show that the policy's accuracy depends on the scene" in text
+    assert "costs accuracy: L1 +30%" in text
+    assert probes.probe_verdict(ref) == "undetected" and probes.probe_verdict(hue) == "degrades"
+    hue.update(dl1_ci95=[-0.001, 0.02])
+    assert probes.probe_verdict(hue) == "undetected"
+    assert "no change is detectable at n=" in "\n".join(probes.probe_bullets(s))

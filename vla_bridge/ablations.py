@@ -6,11 +6,20 @@ on the held-out tasks and the contrast group (fresh episodes of fine-tuning task
 smaller episode budget, the same metrics and CIs. On the tiny path this runs by default within the CPU budget; on
 OpenVLA-7B each run costs roughly an A100-hour per 1k steps, so it is opt-in (``ABLATION_RANKS``).
 
-- **Rank sweep**: ``ABLATION_RANKS`` (default 8, 16, 32, 64) at ``ablation_steps`` steps each.
+- **Rank sweep**: ``ABLATION_RANKS`` (default 8, 16, 32, 64) at ``ablation_steps`` steps each, with the LoRA
+  *scale* α/r held at the main run's (``LORA_ALPHA / LORA_RANK``, 16/32 = 0.5 by default): α = scale × r
+  (:func:`alpha_for_rank`). PEFT multiplies the adapter's update by α/r, so with α fixed (as before) or upstream's
+  α = min(r, 16) (OpenVLA's finetune.py: scale 1 for r ≤ 16, 0.5 at 32, 0.25 at 64) a rank sweep also sweeps the
+  effective learning rate of the adapter, and a difference between ranks could be either. Constant α/r isolates
+  capacity.
 - **Object-level holdout**: the task-level split holds out object–target *pairs* whose objects were all trained
   on. Here one object family is removed from the fine-tuning data altogether, the model is trained again, and the
-  fine-tuning tasks with that family are measured on fresh episodes — next to the same tasks under the main run,
-  which trained on them. The gap is what an object-level holdout costs on top of a task-level one.
+  fine-tuning tasks with that family are measured on fresh episodes — next to a **control run with the same step
+  budget, rank, α and seed that did see the family** (the only difference is the missing object). The main run is
+  shown for reference only: it trained 4× longer, so its gap to either mixes the step budget in.
+
+Differences count only where the 95 % CIs separate (:func:`vla_bridge.evaluation.ci_separated`); otherwise the text
+says "no difference detectable at n = …".
 """
 
 from __future__ import annotations
@@ -21,18 +30,35 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import write_json
+from .evaluation import CONTRAST_GROUPS, POLICY_FINETUNED, ci_separated, format_metric, summarize
+
+# The metrics the ablations compare (eval.json keys), with their formatter kind.
+ABLATION_METRICS = (("success_rate", "success", "rate"), ("l1_motion", "L1 motion", "l1"),
+                    ("l1_gripper", "L1 gripper", "l1"), ("mean_l1_action_error", "L1 all dims", "l1"))
+
+
+def alpha_for_rank(rank: int, main_rank: int, main_alpha: float) -> float:
+    """LoRA α for ``rank`` that keeps the scale α/r of the main run (``main_alpha / main_rank``) constant."""
+    return float(main_alpha) * int(rank) / int(main_rank)
 
 
 @dataclasses.dataclass
 class AblationRun:
     name: str
     rank: int
+    alpha: float
     steps: int
     trainable: int
     train_seconds: float
     final_loss: float
     groups: dict[str, dict]        # group → {success_rate, mean_l1_action_error, n_episodes, ...} (fine-tuned)
     rows: list[dict]               # per-task rows (fine-tuned)
+    per_episode: list[dict] = dataclasses.field(default_factory=list)  # eval.json's records (fine-tuned)
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale PEFT applies to the adapter's update: α / r."""
+        return self.alpha / self.rank
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -46,16 +72,15 @@ def _fresh_lora_model(model_id: str, precision: str, rank: int, alpha: int, unno
     return attach_lora(base, rank, alpha, seed), processor
 
 
-def _train_and_eval(name: str, rank: int, cfg, model_id: str, precision: str, stats_entry, data_source,
+def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, precision: str, stats_entry, data_source,
                     train_episodes: Sequence[int], ds, split, steps: int, eval_kwargs: dict) -> AblationRun:
     from .data.stream import TrainingStream
-    from .evaluation import POLICY_FINETUNED, run_evaluation
+    from .evaluation import run_evaluation
     from .models.lora import trainable_parameters
     from .models.openvla import model_image_size
     from .training import TrainConfig, train
 
-    model, processor = _fresh_lora_model(model_id, precision, rank, cfg.lora_alpha, cfg.unnorm_key, stats_entry,
-                                         cfg.seed)
+    model, processor = _fresh_lora_model(model_id, precision, rank, alpha, cfg.unnorm_key, stats_entry, cfg.seed)
     trainable, _, _ = trainable_parameters(model)
     tcfg = TrainConfig(run_name=f"{cfg.run_name}-ablation-{name}", outputs_dir=cfg.outputs_dir, max_steps=steps,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate,
@@ -68,21 +93,25 @@ def _train_and_eval(name: str, rank: int, cfg, model_id: str, precision: str, st
     report = run_evaluation(model, processor, ds, split, cfg=cfg, policies=[POLICY_FINETUNED], progress=False,
                             out_dir=Path(cfg.path("eval")) / "ablations" / name, **eval_kwargs)
     groups = {g["group"]: g for g in report.data["groups"] if g["policy"] == POLICY_FINETUNED}
-    return AblationRun(name=name, rank=rank, steps=result.steps, trainable=trainable, train_seconds=result.seconds,
+    per_episode = [r for r in report.data["per_episode"] if r["policy"] == POLICY_FINETUNED]
+    return AblationRun(name=name, rank=rank, alpha=float(alpha), steps=result.steps, per_episode=per_episode, trainable=trainable, train_seconds=result.seconds,
                        final_loss=result.history[-1]["loss"] if result.history else float("nan"), groups=groups,
                        rows=report.rows(POLICY_FINETUNED))
 
 
 def rank_sweep(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, ranks: Sequence[int],
                steps: int, eval_kwargs: dict | None = None, progress: bool = True) -> list[AblationRun]:
-    """Train and evaluate one LoRA run per rank (same data, seed, steps and schedule)."""
-    from tqdm.auto import tqdm
+    """Train and evaluate one LoRA run per rank (same data, seed, steps, schedule and LoRA scale α/r)."""
+    from .progress import tqdm
 
     runs = []
     for r in tqdm(list(ranks), desc="LoRA rank sweep", disable=not progress):
-        runs.append(_train_and_eval(f"rank{r}", int(r), cfg, model_id, precision, stats_entry, data_source,
+        alpha = alpha_for_rank(r, cfg.lora_rank, cfg.lora_alpha)
+        runs.append(_train_and_eval(f"rank{r}", int(r), alpha, cfg, model_id, precision, stats_entry, data_source,
                                     split.train, ds, split, steps, dict(eval_kwargs or {})))
-    write_json(Path(cfg.path("eval")) / "ablation_ranks.json", {"steps": steps, "runs": [r.as_dict() for r in runs]})
+    write_json(Path(cfg.path("eval")) / "ablation_ranks.json",
+               {"steps": steps, "scale": cfg.lora_alpha / cfg.lora_rank, "alpha_rule": "alpha = scale * rank",
+                "runs": [{**r.as_dict(), "scale": r.scale} for r in runs]})
     return runs
 
 
@@ -101,61 +130,115 @@ def pick_holdout_family(split, sidecar: Sequence[dict] | None) -> str | None:
     return min(counts, key=lambda f: (counts[f], f)) if counts else None
 
 
-def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, sidecar, steps: int,
-                   main_rows: Sequence[dict], eval_kwargs: dict | None = None) -> dict:
-    """Retrain without one object family in the fine-tuning data; compare its tasks with the main run's rows."""
-    from .evaluation import CONTRAST_GROUPS
+def family_summary(per_episode: Sequence[dict], family: str, seed: int = 0) -> dict:
+    """Per metric of :data:`ABLATION_METRICS`, the summary (mean, bootstrap CI, n) over the fine-tuned policy's
+    episodes of contrast-group tasks that name ``family`` (eval.json ``per_episode`` records)."""
+    recs = [r for r in per_episode if r.get("policy", POLICY_FINETUNED) == POLICY_FINETUNED
+            and r["group"] in CONTRAST_GROUPS and f" {family} " in f" {r['task_name']} "]
+    key = {"success_rate": "success", "mean_l1_action_error": "l1"}
+    out = {"n_episodes": len(recs), "tasks": sorted({r["task_name"] for r in recs})}
+    for i, (m, _, _) in enumerate(ABLATION_METRICS):
+        vals = [float(r[key.get(m, m)]) for r in recs if key.get(m, m) in r]
+        out[m] = summarize(vals, seed=seed + i) if vals else None
+    return out
 
+
+def compare_runs(a: dict, b: dict) -> dict[str, dict]:
+    """Per metric: ``a`` against ``b`` — the difference of means and whether the 95 % CIs separate."""
+    out = {}
+    for m, _, _ in ABLATION_METRICS:
+        x, y = a.get(m), b.get(m)
+        if not (x and y and _finite(x["mean"]) and _finite(y["mean"])):
+            continue
+        out[m] = {"diff": x["mean"] - y["mean"], "separated": ci_separated(x, y)}
+    return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+
+
+def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, sidecar, steps: int,
+                   main_per_episode: Sequence[dict], eval_kwargs: dict | None = None) -> dict:
+    """Retrain without one object family; compare its tasks with a same-budget control run that saw it.
+
+    Two runs of ``steps`` steps at the main run's rank and α, same seed and schedule: **without** the family's
+    fine-tuning episodes, and the **control** on the full fine-tuning split. Both are evaluated on fresh episodes of
+    the family's fine-tuning tasks; the comparison is without vs control. ``main_per_episode`` (the main
+    evaluation's ``per_episode`` records) gives the main run's numbers on the same tasks, for reference only: a
+    different step budget (``cfg.max_steps``)."""
     family = pick_holdout_family(split, sidecar)
     if family is None:
         return {"skipped": "no per-episode object labels (the embedded world's sidecar) to hold an object out by"}
     by_index = {int(r["episode_index"]): r for r in sidecar}
     kept = [e for e in split.train if by_index.get(int(e), {}).get("family") != family]
-    run = _train_and_eval(f"without-{family}", cfg.lora_rank, cfg, model_id, precision, stats_entry, data_source,
-                          kept, ds, split, steps, dict(eval_kwargs or {}))
-
-    def fam_rows(rows):
-        return [r for r in rows if r["group"] in CONTRAST_GROUPS and f" {family} " in f" {r['task_name']} "]
-
-    def mean_of(rows, key):
-        vals = [r[key]["mean"] for r in rows]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    with_rows, without_rows = fam_rows(main_rows), fam_rows(run.rows)
+    alpha = float(cfg.lora_alpha)
+    without = _train_and_eval(f"without-{family}", cfg.lora_rank, alpha, cfg, model_id, precision, stats_entry,
+                              data_source, kept, ds, split, steps, dict(eval_kwargs or {}))
+    control = _train_and_eval(f"control-with-{family}", cfg.lora_rank, alpha, cfg, model_id, precision,
+                              stats_entry, data_source, split.train, ds, split, steps, dict(eval_kwargs or {}))
+    runs = {"object_holdout_run": family_summary(without.per_episode, family),
+            "control_run": family_summary(control.per_episode, family),
+            "main_run": family_summary(main_per_episode, family)}
     out = {
         "family": family, "train_episodes_full": len(split.train), "train_episodes_without": len(kept),
-        "tasks": sorted({r["task_name"] for r in without_rows}),
-        "n_episodes": sum(r["n_episodes"] for r in without_rows),
-        "main_run": {"success_rate": mean_of(with_rows, "success_rate"),
-                     "mean_l1_action_error": mean_of(with_rows, "mean_l1_action_error")},
-        "object_holdout_run": {"success_rate": mean_of(without_rows, "success_rate"),
-                               "mean_l1_action_error": mean_of(without_rows, "mean_l1_action_error")},
-        "steps": run.steps, "rank": run.rank, "note": (
-            f"the main run fine-tuned on every fine-tuning family; the object-holdout run trained {run.steps} steps "
-            f"without any '{family}' episode (its base model did see {family}s in pretraining)"),
-        "run": run.as_dict(),
+        "tasks": runs["object_holdout_run"]["tasks"], "n_episodes": runs["object_holdout_run"]["n_episodes"],
+        "steps": without.steps, "control_steps": control.steps, "main_steps": int(cfg.max_steps),
+        "rank": without.rank, "alpha": alpha, **runs,
+        "without_vs_control": compare_runs(runs["object_holdout_run"], runs["control_run"]),
+        "note": (f"both ablation runs trained {without.steps} steps at r={without.rank}, alpha={alpha:g}; the control "
+                 f"saw the '{family}' episodes, the other did not (its base did see {family}s in pretraining); the "
+                 f"main run ({cfg.max_steps} steps) is a different budget, shown for reference"),
+        "runs": {"without": without.as_dict(), "control": control.as_dict()},
     }
     write_json(Path(cfg.path("eval")) / "ablation_object_holdout.json", out)
     return out
 
 
+def rank_findings(runs: Sequence[AblationRun]) -> list[dict]:
+    """Every pair of ranks, per group and metric, whose 95 % CIs separate (the only differences to conclude from)."""
+    out = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            for g in a.groups:
+                if g not in b.groups:
+                    continue
+                for m, label, kind in ABLATION_METRICS:
+                    x, y = a.groups[g].get(m), b.groups[g].get(m)
+                    if x and y and _finite(x["mean"]) and _finite(y["mean"]) and ci_separated(x, y):
+                        out.append({"group": g, "metric": m, "label": label, "kind": kind, "a": a.rank,
+                                    "b": b.rank, "a_value": x, "b_value": y})
+    return out
+
+
 def format_rank_table(runs: Sequence[AblationRun]) -> str:
+    """Markdown: per rank its α and scale α/r (constant by construction), trainable parameters, final loss and, per
+    group, success, L1 motion and L1 gripper with 95 % CIs; then the pairs whose CIs separate."""
     groups = list(dict.fromkeys(g for r in runs for g in r.groups))
-    head = "| rank | trainable | final loss | " + " | ".join(
-        f"{g}: success | {g}: L1" for g in groups) + " |"
-    sep = "|" + "---|" * (3 + 2 * len(groups))
-    lines = [head, sep]
+    cols = [(m, label, kind) for m, label, kind in ABLATION_METRICS if m != "mean_l1_action_error"]
+    head = "| rank | alpha | alpha/r | trainable | final loss | " + " | ".join(
+        f"{g}: {label}" for g in groups for _, label, _ in cols) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cols) * len(groups))]
     for r in runs:
         cells = []
         for g in groups:
             m = r.groups.get(g)
-            if m is None:
-                cells += ["–", "–"]
-                continue
-            s, l1 = m["success_rate"], m["mean_l1_action_error"]
-            cells.append(f"{s['mean']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}] (n={m['n_episodes']})")
-            cells.append(f"{l1['mean']:.4f} [{l1['ci'][0]:.4f}, {l1['ci'][1]:.4f}]")
-        lines.append(f"| {r.rank} | {r.trainable:,} | {r.final_loss:.3f} | " + " | ".join(cells) + " |")
+            for key, _, kind in cols:
+                cells.append("–" if m is None else format_metric(m.get(key), kind)
+                             + (f" (n={m['n_episodes']})" if key == "success_rate" else ""))
+        lines.append(f"| {r.rank} | {r.alpha:g} | {r.scale:g} | {r.trainable:,} | {r.final_loss:.3f} | "
+                     + " | ".join(cells) + " |")
+    found = rank_findings(runs)
+    n = sorted({m["n_episodes"] for r in runs for m in r.groups.values()})
+    lines.append("")
+    if found:
+        lines.append("Differences whose 95 % CIs separate: " + "; ".join(
+            f"{f['group']} {f['label']}: r={f['a']} {format_metric(f['a_value'], f['kind'])} vs r={f['b']} "
+            f"{format_metric(f['b_value'], f['kind'])}" for f in found) + ". Every other pair: no difference "
+            f"detectable at n = {'/'.join(map(str, n))} episodes per group.")
+    else:
+        lines.append(f"No two ranks differ beyond their 95 % CIs on any metric: no difference detectable at "
+                     f"n = {'/'.join(map(str, n))} episodes per group (which is not the same as no difference).")
     return "\n".join(lines)
 
 

@@ -106,6 +106,14 @@ def l1_action_error(pred: np.ndarray, demo: np.ndarray) -> tuple[float, np.ndarr
     return float(err.mean()), err.mean(axis=0)
 
 
+def split_l1(l1_per_dim: np.ndarray) -> tuple[float, float]:
+    """(motion, gripper) L1 from the 7 per-dimension L1s: the mean over xyz + rotation (m, rad), and the gripper's
+    (0/1). They are reported apart because a gripper error of 0.5 dwarfs centimetre-scale motion errors in the
+    7-dimension mean."""
+    d = np.asarray(l1_per_dim, np.float64)
+    return float(d[:-1].mean()), float(d[-1])
+
+
 def integrate_xyz(initial_xyz: Sequence[float], deltas: np.ndarray) -> np.ndarray:
     """End-effector path from ``initial_xyz`` under per-step xyz deltas: (T + 1, 3), row 0 = the start."""
     d = np.asarray(deltas, np.float64).reshape(-1, 3)
@@ -538,7 +546,7 @@ def run_closed_loop(policy: Policy, episodes: Sequence[ClosedLoopEpisode], max_s
     frames = [[o[world.IMAGE_KEYS[0]]] if record else [] for o in obs]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         bar = tqdm(total=max_steps, desc=desc or f"closed loop: {policy.name}", unit="step", leave=False,
                    mininterval=1.0)
@@ -607,8 +615,8 @@ def select_eval_tasks(split: Any, sidecar: Sequence[Mapping[str, Any]] | None = 
     """The evaluated (group, task, episodes): per group, episodes are grouped by task — the canonical task on the
     embedded world (so a group's paraphrases count as their task), the normalized task string elsewhere — and each
     task keeps its first ``episodes_per_task`` episodes; tasks are ranked by episode count (then name) and cut to
-    ``max_tasks_per_group``. Groups: ``groups`` (default: every held-out group except "paraphrase" — the probes cover
-    paraphrases — plus the contrast group). Contrast: ``split.contrast`` ("finetune_eval": fresh episodes of
+    ``max_tasks_per_group``. Groups: ``groups`` (default: every held-out group, paraphrases included, plus the
+    contrast group). Contrast: ``split.contrast`` ("finetune_eval": fresh episodes of
     fine-tuning tasks) when the dataset has it, else "train_seen": the ``contrast_tasks`` most frequent training tasks'
     episodes, which training did see (stated in the group's title)."""
     by_index = {int(r["episode_index"]): r for r in (sidecar or [])}
@@ -618,7 +626,7 @@ def select_eval_tasks(split: Any, sidecar: Sequence[Mapping[str, Any]] | None = 
     if not contrast and getattr(split, "train", None):
         available["train_seen"] = list(split.train)
     if groups is None:
-        groups = [g for g in available if g != "paraphrase"]
+        groups = list(available)
     unknown = [g for g in groups if g not in available]
     if unknown:
         raise ValueError(f"no episodes for evaluation group(s) {unknown}; available: {sorted(available)}")
@@ -667,7 +675,7 @@ def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
     chunk = 32  # episodes per streaming pass (lerobot frames are float32: ~0.4 MB per 128 px frame pair)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         bar = tqdm(total=len(eps), desc="decoding evaluation episodes", unit="episode", leave=False, mininterval=1.0)
     for i in range(0, len(eps), chunk):
@@ -735,10 +743,13 @@ class EvalReport:
             if ft is None:
                 continue
             parts = []
-            for metric, kind in (("success_rate", "rate"), ("mean_l1_action_error", "l1")):
+            for metric, kind in (("success_rate", "rate"), ("grasp_rate", "rate"), ("l1_motion", "l1"),
+                                 ("l1_gripper", "l1"), ("replay_pose_drift_cm", "cm")):
+                if not _finite_summary(ft.get(metric) or {}):
+                    continue
                 cmp = []
                 for p in (POLICY_BASE, POLICY_MEAN):
-                    if p not in rows:
+                    if p not in rows or not _finite_summary(rows[p].get(metric) or {}):
                         continue
                     c = compare_metric(metric, ft[metric], rows[p][metric])
                     verdict = ("better" if c["better"] else "not better") + (", CIs do not overlap" if c["separated"]
@@ -755,10 +766,10 @@ def ci_separated(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def compare_metric(metric: str, finetuned: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, Any]:
-    """The fine-tuned summary against a baseline's on ``metric``: strictly better (higher success, lower error or
-    drift) and whether the intervals separate."""
+    """The fine-tuned summary against a baseline's on ``metric``: strictly better (higher success / grasp rate, lower
+    error or drift) and whether the intervals separate."""
     a, b = finetuned["mean"], baseline["mean"]
-    better = a > b if metric == "success_rate" else a < b
+    better = a > b if metric.endswith("_rate") else a < b  # rates: higher is better; errors, drift: lower
     return {"finetuned": finetuned, "baseline": baseline, "better": bool(better),
             "separated": ci_separated(finetuned, baseline)}
 
@@ -777,10 +788,79 @@ def format_metric(m: Mapping[str, Any] | None, kind: str = "l1", missing: str = 
     return f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
+# The metrics a per-task verdict against the base is decided on (higher is better for the rates).
+VERDICT_METRICS = (("success_rate", "success", "rate"), ("l1_motion", "L1 motion", "l1"),
+                   ("l1_gripper", "L1 gripper", "l1"), ("grasp_rate", "grasp", "rate"))
+SATURATED_SUCCESS = 0.9   # the base's success at or above this: "already saturated", nothing left to help
+
+
+def task_verdicts(data: Mapping[str, Any], baseline: str = POLICY_BASE) -> list[dict[str, Any]]:
+    """Per (group, task): the fine-tuned policy against ``baseline`` on :data:`VERDICT_METRICS`, each metric
+    "better" / "worse" only when the two 95 % CIs do not overlap, else "same"; the verdict is "helped" (some metric
+    better, none worse), "hurt" (the reverse), "mixed" (both) or "same" (no difference detectable at this n).
+    ``saturated``: the base's success is already ≥ :data:`SATURATED_SUCCESS`. Rows without finite numbers are
+    skipped for that metric (a NaN is not a finding)."""
+    rows = {(r["group"], r["task_name"], r["policy"]): r for r in data["rows"]}
+    out = []
+    for (g, t, p), ft in rows.items():
+        base = rows.get((g, t, baseline))
+        if p != POLICY_FINETUNED or base is None:
+            continue
+        metrics = {}
+        for key, _label, _kind in VERDICT_METRICS:
+            a, b = ft.get(key), base.get(key)
+            if not (a and b and _finite_summary(a) and _finite_summary(b)):
+                continue
+            c = compare_metric(key if key.endswith("_rate") else "l1", a, b)
+            higher = key.endswith("_rate")
+            same_mean = a["mean"] == b["mean"]
+            metrics[key] = ("same" if same_mean or not c["separated"] else
+                            "better" if (a["mean"] > b["mean"]) == higher else "worse")
+        ups = [k for k, v in metrics.items() if v == "better"]
+        downs = [k for k, v in metrics.items() if v == "worse"]
+        verdict = "mixed" if ups and downs else "helped" if ups else "hurt" if downs else "same"
+        bs = base.get("success_rate") or {}
+        out.append({"group": g, "task_name": t, "n_episodes": ft["n_episodes"], "metrics": metrics,
+                    "better": ups, "worse": downs, "verdict": verdict,
+                    "saturated": bool(_finite_summary(bs) and bs["mean"] >= SATURATED_SUCCESS)})
+    return out
+
+
+def _finite_summary(m: Mapping[str, Any]) -> bool:
+    return bool(m) and m.get("mean") is not None and bool(np.isfinite(m["mean"]))
+
+
+def format_verdicts(data: Mapping[str, Any]) -> str:
+    """Markdown: one row per task, the fine-tuned and base numbers side by side and the verdict."""
+    rows = {(r["group"], r["task_name"], r["policy"]): r for r in data["rows"]}
+    keys = [k for k in VERDICT_METRICS if any(k[0] in r for r in data["rows"])]
+    lines = ["| task_name | group | n | " + " | ".join(f"{label}: fine-tuned vs base" for _, label, _ in keys)
+             + " | verdict (by CI separation) |", "|---|---|---:|" + "---|" * len(keys) + "---|"]
+    for v in task_verdicts(data):
+        ft, base = rows[(v["group"], v["task_name"], POLICY_FINETUNED)], rows[(v["group"], v["task_name"], POLICY_BASE)]
+        cells = [f"{format_metric(ft.get(k), kind)} vs {format_metric(base.get(k), kind)}" for k, _, kind in keys]
+        word = v["verdict"]
+        if word in ("helped", "hurt", "mixed"):
+            word += ": " + ", ".join(f"{dict((k, l) for k, l, _ in VERDICT_METRICS)[m]} "
+                                     f"{'better' if m in v['better'] else 'worse'}" for m in v["better"] + v["worse"])
+        else:
+            word = f"same: no difference detectable at n = {v['n_episodes']}"
+        if v["saturated"]:
+            word += " (base already saturated on success)"
+        lines.append(f"| {v['task_name']} | {v['group']} | {v['n_episodes']} | " + " | ".join(cells) + f" | {word} |")
+    return "\n".join(lines)
+
+
 def _metric_cells(row: Mapping[str, Any]) -> str:
-    """The table's three metric cells of a group or task row."""
-    return (f"{format_metric(row['mean_l1_action_error'], 'l1')} | "
-            f"{format_metric(row['replay_pose_drift_cm'], 'cm')} | {format_metric(row['success_rate'], 'rate')}")
+    """The table's metric cells of a group or task row: L1 (all 7 dims), L1 motion, L1 gripper, drift, success,
+    grasp ("–" where not measured: grasp needs the closed loop, motion/gripper an eval.json of this version)."""
+    return (f"{format_metric(row['mean_l1_action_error'], 'l1')} | {format_metric(row.get('l1_motion'), 'l1')} | "
+            f"{format_metric(row.get('l1_gripper'), 'l1')} | {format_metric(row['replay_pose_drift_cm'], 'cm')} | "
+            f"{format_metric(row['success_rate'], 'rate')} | {format_metric(row.get('grasp_rate'), 'rate')}")
+
+
+_METRIC_HEAD = ("L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper | replay_pose_drift_cm | success_rate | "
+                "grasp_rate |")
 
 
 def format_table(data: Mapping[str, Any]) -> str:
@@ -790,15 +870,20 @@ def format_table(data: Mapping[str, Any]) -> str:
              f"Mean over episodes with bootstrap {int(100 * data['evaluation']['ci_level'])} % CIs "
              f"({data['evaluation']['n_boot']} resamples of episodes). L1 in action units (m, rad, gripper 0/1); "
              f"drift after {data['evaluation']['replay_horizon']} steps in cm; success: {succ['kind']} — "
-             f"{succ['text']}.", "",
-             "| group | policy | tasks | n_episodes | mean_l1_action_error | replay_pose_drift_cm | success_rate |",
-             "|---|---|---:|---:|---|---|---|"]
+             f"{succ['text']}. L1 motion = the 6 xyz + rotation dimensions (m, rad), L1 gripper = the 0/1 command "
+             "alone: the 7-dimension mean is dominated by the gripper whenever it is wrong. Grasp = the gripper held "
+             "the instructed object at some step (closed loop only).", "",
+             "| group | policy | tasks | n_episodes | " + _METRIC_HEAD, "|---|---|---:|---:|---|---|---|---|---|---|"]
     for g in data["groups"]:
         lines.append(f"| {g['title']} | {g['policy']} | {g['n_tasks']} | {g['n_episodes']} | {_metric_cells(g)} |")
-    lines += ["", "| task_name | group | policy | n_episodes | mean_l1_action_error | replay_pose_drift_cm | "
-                  "success_rate |", "|---|---|---|---:|---|---|---|"]
+    lines += ["", "| task_name | group | policy | n_episodes | " + _METRIC_HEAD, "|---|---|---|---:|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['task_name']} | {r['group']} | {r['policy']} | {r['n_episodes']} | {_metric_cells(r)} |")
+    if any(r["policy"] == POLICY_BASE for r in data["rows"]):
+        lines += ["", "#### Per task: did LoRA help, hurt, or change nothing detectable against the base?", "",
+                  "A metric counts as better or worse only when the two 95 % CIs do not overlap; otherwise the task "
+                  "reads \"same: no difference detectable at n = …\" — not \"no difference\".", "",
+                  format_verdicts(data)]
     t = data.get("timing", {})
     if t:
         lines += ["", f"Evaluation wall time {t.get('total_s', float('nan')):.0f} s "
@@ -1031,7 +1116,7 @@ def run_evaluation(
         bar = None
         cb = None
         if progress and pol.needs_images:
-            from tqdm.auto import tqdm
+            from .progress import tqdm
 
             bar = tqdm(total=len(images), desc=f"open loop: {p}", unit="frame", leave=False, mininterval=1.0)
             cb = bar.update
@@ -1068,11 +1153,12 @@ def run_evaluation(
             d = data[e]
             pred = predictions[p][e]
             l1, l1_dim = l1_action_error(pred, d.actions)
+            l1_motion, l1_gripper = split_l1(l1_dim)
             drift = replay_drift_cm(pred, d.actions, d.states[0, :3])
             prox = proxy_success(pred, d.actions, d.states[0])
             rec = {"episode_index": e, "policy": p, "group": task_of[e].group, "task_name": task_of[e].task_name,
                    "instruction": d.instruction, "n_frames": len(d.actions), "l1": l1,
-                   "l1_per_dim": dict(zip(action_names, l1_dim.tolist())), "drift_cm": drift,
+                   "l1_motion": l1_motion, "l1_gripper": l1_gripper, "l1_per_dim": dict(zip(action_names, l1_dim.tolist())), "drift_cm": drift,
                    "proxy_success": prox}
             if closed_loop:
                 c = closed[p][e]
@@ -1087,6 +1173,8 @@ def run_evaluation(
     def aggregate(recs: list[dict], s: int) -> dict:
         out = {"n_episodes": len(recs),
                "mean_l1_action_error": summarize([r["l1"] for r in recs], n_boot, s),
+               "l1_motion": summarize([r["l1_motion"] for r in recs], n_boot, s + 5),
+               "l1_gripper": summarize([r["l1_gripper"] for r in recs], n_boot, s + 6),
                "l1_per_dim": {k: float(np.mean([r["l1_per_dim"][k] for r in recs])) for k in action_names},
                "replay_pose_drift_cm": summarize([r["drift_cm"] for r in recs], n_boot, s + 1),
                "success_rate": summarize([float(r["success"]) for r in recs], n_boot, s + 2),
@@ -1143,6 +1231,10 @@ def run_evaluation(
                        "; ".join(repr(p) for p in pol_objs.values()),
                        "metrics": {"mean_l1_action_error": "open-loop mean |predicted - demonstrated| over frames "
                                    "and action dimensions, de-normalized action units, per episode, then averaged",
+                                   "l1_motion": "the same over the 6 motion dimensions (xyz in m, rotation in rad)",
+                                   "l1_gripper": "the same over the gripper command (0/1) alone",
+                                   "grasp_rate": "closed loop: share of episodes where the gripper held the "
+                                   "instructed object at some step",
                                    "replay_pose_drift_cm": f"|sum of the first {REPLAY_HORIZON} predicted xyz deltas -"
                                    f" sum of the demonstration's| (both from the initial state), cm",
                                    "success_rate": success_def["text"]}},
@@ -1183,5 +1275,6 @@ __all__ = [
     "format_metric", "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode",
     "run_closed_loop",
     "EvalTask", "select_eval_tasks", "EpisodeData", "load_episodes", "training_mean_action", "EvalReport",
-    "ci_separated", "compare_metric", "format_table", "run_evaluation",
+    "ci_separated", "compare_metric", "format_table", "run_evaluation", "split_l1", "task_verdicts",
+    "format_verdicts", "VERDICT_METRICS",
 ]

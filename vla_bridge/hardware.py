@@ -404,6 +404,8 @@ def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> Ch
         policy != "tiny" and model_id_kind(policy, model_id) == "hub"
     )
     detail = f"hub {'reachable' if hub.value == 'yes' else 'unreachable'}: {hub.reason}"
+    if hub.value != "yes" and not needs_hub:  # "[ok] hub: hub unreachable" read as a contradiction
+        detail = f"not needed by this run (hub unreachable: {hub.reason})"
     if needs_hub and hub.value != "yes":
         return CheckResult("hub", False, detail, "connect, or set HF_HUB_OFFLINE=1 with MODEL_ID/DATASET local paths")
     return CheckResult("hub", True, detail, required=needs_hub)

@@ -152,7 +152,7 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
     log: list[dict] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import tqdm
 
         bar = tqdm(total=params.vision_steps + params.steps, desc="pretraining the tiny base", unit="step",
                    mininterval=1.0)

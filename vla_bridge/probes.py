@@ -616,13 +616,22 @@ def _ci_text(row: Mapping[str, Any]) -> str:
     return f"; 95 % CI of ΔL1 [{lo:+.4f}, {hi:+.4f}], {verdict}"
 
 
+def ci_includes_zero(row: Mapping[str, Any]) -> bool:
+    """True when the row's 95 % bootstrap CI of ΔL1 contains 0 (no change in error is detectable at its n)."""
+    ci = row.get("dl1_ci95")
+    return bool(ci) and ci[0] <= 0 <= ci[1]
+
+
 def probe_verdict(row: Mapping[str, Any]) -> str:
-    """'barely' | 'breaks' | 'degrades' | 'shifts' (distribution moves, error does not) | 'improves'."""
+    """'barely' | 'breaks' | 'degrades' | 'shifts' (distribution moves, error does not) | 'improves' |
+    'undetected' (the error moves by ≥ L1_SMALL on average, but its CI includes 0: no conclusion at this n)."""
     rel, ratio, kl = row["dl1_rel"], row["l1_ratio"], row["kl"]
-    if math.isfinite(ratio) and ratio >= L1_BREAK_RATIO:
-        return "breaks"
     if abs(rel) < L1_SMALL:
         return "barely" if kl < KL_SMALL else "shifts"
+    if ci_includes_zero(row):
+        return "undetected"
+    if math.isfinite(ratio) and ratio >= L1_BREAK_RATIO:
+        return "breaks"
     return "improves" if rel < 0 else "degrades"
 
 
@@ -653,6 +662,9 @@ def _probe_sentence(row: Mapping[str, Any], deg: float) -> str:
     if v == "shifts":
         return (f"{title} {_agree(p, 'shifts', 'shift')} what the model believes ({kl}, the first action token changes "
                 f"on {flips}) but {_agree(p, 'moves', 'move')} its error little: L1 {rel} ({l1}; {n}{_ci_text(row)}).")
+    if v == "undetected":
+        return (f"{title} {_agree(p, 'moves', 'move')} the error by L1 {rel} on average ({l1}), but no change is "
+                f"detectable at {n}{_ci_text(row)}; {kl}.")
     if v == "improves":
         return f"{title} {_agree(p, 'does', 'do')} not hurt: L1 {rel} ({l1}), {kl} ({n}{_ci_text(row)})."
     return (f"{title} {_agree(p, 'costs', 'cost')} accuracy: L1 {rel} (×{row['l1_ratio']:.2f}, {l1}), {kl} "
@@ -697,6 +709,11 @@ def probe_bullets(summary: Mapping[str, Any], max_bullets: int = 10) -> list[str
         if ref["kl"] < KL_SMALL and abs(ref["dl1_rel"]) < L1_SMALL:
             tail = ("the policy barely looks at the scene, so small colour and camera effects mean ignored, "
                     "not robust.")
+        elif ci_includes_zero(ref):
+            lo, hi = ref["dl1_ci95"]
+            tail = (f"the error's change has a 95 % CI of [{lo:+.4f}, {hi:+.4f}], which includes 0, so this run "
+                    "cannot show that the policy's accuracy depends on the scene it sees; the image probes are "
+                    "judged by their own intervals, not against this yardstick.")
         elif img:
             tail = "relative to that, " + ", ".join(
                 f"{_short(r['probe'], deg)} moves the first-token distribution {r['kl'] / ref['kl']:.0%} as far "
@@ -790,8 +807,9 @@ def write_probe_report(result: ProbeResult, out_dir: str | os.PathLike) -> dict[
           f"Dataset: {c['dataset']}; groups: {', '.join(c['groups'])}; every {c['frame_stride']}. frame; "
           f"KL = {c['kl']}; L1 = {c['l1']}.", "",
           f"Thresholds: \"barely\" = KL < {KL_SMALL} nats and |ΔL1| < {L1_SMALL:.0%}; \"breaks\" = L1 ratio ≥ "
-          f"{L1_BREAK_RATIO}; \"shifts\" = KL ≥ {KL_SMALL} with |ΔL1| < {L1_SMALL:.0%}; otherwise "
-          "\"costs accuracy\" (or \"does not hurt\" when L1 drops). Reference: the same camera's frame from "
+          f"{L1_BREAK_RATIO}; \"shifts\" = KL ≥ {KL_SMALL} with |ΔL1| < {L1_SMALL:.0%}; \"no change detectable\" "
+          "= |ΔL1| ≥ that but its 95 % CI includes 0; otherwise \"costs accuracy\" (or \"does not hurt\" when L1 "
+          "drops). Reference: the same camera's frame from "
           "another evaluated episode (the instruction kept); \"collapsed\" = the predictions' within-episode "
           f"spread below {COLLAPSE_SPREAD:.0%} of the demonstrations'.", ""]
     md += [f"- {b}" for b in result.bullets]
@@ -1046,7 +1064,7 @@ __all__ = [
     "kl_divergence", "l1_per_frame", "mean_abs_delta", "weighted_bootstrap_ci", "prediction_spread",
     "make_predictor", "EvaluationPredictor", "EpisodeData", "world_sidecar",
     "pick_group_episodes", "load_episodes", "PredictorPolicy", "world_to_image0", "ProbeResult",
-    "run_probes", "probe_verdict", "probe_bullets", "format_probe_table", "write_probe_report", "VideoResult",
+    "run_probes", "ci_includes_zero", "probe_verdict", "probe_bullets", "format_probe_table", "write_probe_report", "VideoResult",
     "rollout_video", "verb_noun", "rank_failures", "slice_failures", "format_slices", "FailureReport",
     "failure_rows_from_eval", "mine_failures",
 ]

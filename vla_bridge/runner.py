@@ -90,6 +90,7 @@ def execute_notebook(
         pm_log.addHandler(handler)
         pm_log.setLevel(logging.INFO)
         pm_log.propagate = False
+    os.environ.setdefault("VLA_BRIDGE_PROGRESS", "line")  # the kernel inherits it: one progress line per loop
     t0 = time.time()
     print(f"papermill: {src} → {out} (kernel {kernel_name}, parameters {json.dumps(parameters)})", flush=True)
     try:

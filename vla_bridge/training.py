@@ -338,10 +338,15 @@ def _wandb_run(cfg: TrainConfig):
         return None
     try:
         import wandb
-
-        if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-            print("USE_WANDB=True but W&B is not logged in (`wandb login`): logging to train_log.jsonl only")
-            return None
+    except ImportError:
+        print("USE_WANDB=True but wandb is not installed (`pip install wandb`): logging to train_log.jsonl only")
+        return None
+    try:
+        key = os.environ.get("WANDB_API_KEY") or getattr(getattr(wandb, "api", None), "api_key", None)
+        if not key and os.environ.get("WANDB_MODE", "") not in ("offline", "disabled", "dryrun"):
+            os.environ["WANDB_MODE"] = "offline"
+            print("USE_WANDB=True without a W&B API key (WANDB_API_KEY or `wandb login`): logging offline to "
+                  "./wandb/offline-run-*; `wandb sync <that folder>` uploads it once you are logged in")
         return wandb.init(project="openvla-bridge-finetune", name=cfg.run_name, config=dataclasses.asdict(cfg))
     except Exception as exc:  # W&B trouble must not stop training
         print(f"W&B disabled ({type(exc).__name__}: {exc})")
@@ -358,7 +363,7 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     blown-up weights); the checkpoints written before stay, and none holds bad weights.
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     if cfg.unnorm_key not in norm_stats:
         raise TrainingError(f"unnorm_key {cfg.unnorm_key!r} not in the dataset statistics {sorted(norm_stats)}")

@@ -477,7 +477,7 @@ def ensure_demo_dataset(
         workers = 1 if (os.cpu_count() or 1) >= 2 else 0
     bar = None
     if progress is True:
-        from tqdm import tqdm
+        from ..progress import tqdm
 
         bar = tqdm(total=len(plan), desc="building the embedded dataset", unit="episode", mininterval=2.0)
         progress = lambda done, total: bar.update(1)  # noqa: E731

@@ -136,7 +136,7 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
     shards, n_samples = [], 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import tqdm
 
         bar = tqdm(total=len(eps), desc="Octo shards", unit="episode", mininterval=2.0)
     for si, start in enumerate(range(0, len(eps), episodes_per_shard)):

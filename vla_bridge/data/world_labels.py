@@ -113,7 +113,7 @@ def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_s
     triples = W.sample_task_seeds(int(n_episodes), seed=int(seed), split=split)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import tqdm
 
         bar = tqdm(total=len(triples), desc="rendering labelled pretraining episodes", unit="episode",
                    leave=False, mininterval=1.0)
