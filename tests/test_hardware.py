@@ -68,6 +68,20 @@ def test_forced_4bit_without_bitsandbytes_is_an_error():
         hwm.choose_policy(fake_hw(16.0), True, "openvla-4bit", None, False)
 
 
+@pytest.mark.parametrize("force, policy, bnb, name", [
+    (None, "openvla-4bit", True, "POLICY"), (None, "openvla-4bit", False, "POLICY"),
+    ("openvla-4bit", "auto", True, "FORCE_PATH"),
+])
+def test_4bit_without_cuda_fails_in_the_first_cell_in_notebook_terms(force, policy, bnb, name):
+    """Not in section 4 after the data section, and not in terms of load_openvla's ``precision=``."""
+    with pytest.raises(PreflightError) as e:
+        resolve_run_config({"POLICY": policy}, env={"FORCE_PATH": force} if force else {}, hw=fake_hw(None),
+                           hub=Decision("yes", "test"), bnb_available=bnb)
+    msg = str(e.value)
+    assert _one_line(msg) and f"{name}=openvla-4bit needs a CUDA GPU and bitsandbytes" in msg
+    assert "POLICY=tiny" in msg and "POLICY=octo" in msg and "POLICY=openvla" in msg and "precision" not in msg
+
+
 def test_dataset_decision(tmp_path):
     assert hwm.choose_dataset("auto", "tiny", True).value == "embedded"
     assert hwm.choose_dataset("auto", "openvla", True).value == hwm.HUB_BRIDGE_V3

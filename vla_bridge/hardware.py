@@ -214,6 +214,13 @@ def choose_policy(
 
 
 def _forced(name: str, source: str, hw: HardwareInfo, vram: float, gpu: str, bnb: bool) -> Decision:
+    if name == "openvla-4bit" and not hw.cuda_available:
+        # caught here, in the first cell, not in section 4 after the data section has streamed its batches
+        raise PreflightError(
+            f"{source.split()[0]}=openvla-4bit needs a CUDA GPU and bitsandbytes (NF4 kernels), and this machine has "
+            "no CUDA GPU: use POLICY=tiny (the demo world), POLICY=octo, or POLICY=openvla (fp32 on CPU, only "
+            "practical for a small local checkpoint)"
+        )
     if name == "openvla" and hw.cuda_available and vram < OPENVLA_BF16_MIN_GB:
         if vram >= OPENVLA_4BIT_MIN_GB and bnb:
             return Decision("openvla-4bit", f"{source} asks for OpenVLA; {gpu} < {OPENVLA_BF16_MIN_GB:.1f} GiB → 4-bit")

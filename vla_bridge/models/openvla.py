@@ -295,8 +295,8 @@ def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     cuda = torch.cuda.is_available()
     if precision == "4bit" and not cuda:
-        raise ModelLoadError("precision='4bit' needs a CUDA GPU (bitsandbytes NF4 kernels); on this machine use "
-                             "precision='fp32' or 'bf16', or the tiny policy")
+        raise ModelLoadError("POLICY=openvla-4bit (precision='4bit') needs a CUDA GPU (bitsandbytes NF4 kernels); "
+                             "on this machine use POLICY=tiny, octo or openvla (fp32)")
     if precision == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError("precision='4bit' needs bitsandbytes (pip install 'bitsandbytes>=0.43,<0.49')")
     device = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
