@@ -50,8 +50,12 @@ DEFAULT_MODEL_IDS = {
     "tiny": "data/tiny_vla_base",
 }
 
-# Free disk (GiB) each path needs: weights + HF cache of the streamed shards + checkpoints/outputs.
-DISK_NEEDS_GB = {"openvla": 40.0, "openvla-4bit": 40.0, "octo": 10.0, "tiny": 2.0}
+# Free disk (GiB) each location needs (checked per location; locations on one disk add up, see `check_disks`):
+# the model's weights in the HF hub cache (OpenVLA-7B: 15.2 GB of safetensors), the stream's metadata (lerobot's
+# cache) and datasets' cache for a hub dataset, and checkpoints/logs/figures under OUTPUTS_DIR.
+HUB_CACHE_NEEDS_GB = {"openvla": 20.0, "openvla-4bit": 20.0, "octo": 2.0, "tiny": 0.0}
+STREAM_CACHE_NEEDS_GB = {"HF_LEROBOT_HOME": 5.0, "HF_DATASETS_CACHE": 1.0}
+OUTPUTS_NEEDS_GB = {"openvla": 20.0, "openvla-4bit": 20.0, "octo": 8.0, "tiny": 2.0}
 
 # Packages whose versions the install-verification cell prints.
 REPORTED_PACKAGES = (
@@ -357,15 +361,67 @@ def check_bitsandbytes(policy: str) -> CheckResult:
     return CheckResult("bitsandbytes", True, f"bitsandbytes {package_versions(('bitsandbytes',))['bitsandbytes']}")
 
 
-def check_disk(path: str | os.PathLike, policy: str) -> CheckResult:
-    need = DISK_NEEDS_GB.get(policy, 2.0)
-    p = Path(path)
+def hf_cache_dirs(env: dict[str, str] | None = None) -> dict[str, Path]:
+    """Where the Hugging Face stack writes, resolved from ``env`` as huggingface_hub, datasets and lerobot do it:
+    HF_HOME (else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface); HF_HUB_CACHE (else the legacy
+    HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub: model weights, hub files); HF_DATASETS_CACHE (else $HF_HOME/datasets);
+    HF_LEROBOT_HOME (else $HF_HOME/lerobot: a streamed dataset's metadata)."""
+    env = os.environ if env is None else env
+
+    def path(value: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    home = path(env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
+                                                   "huggingface"))
+    return {"HF_HOME": home,
+            "HF_HUB_CACHE": path(env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or str(home / "hub")),
+            "HF_DATASETS_CACHE": path(env.get("HF_DATASETS_CACHE") or str(home / "datasets")),
+            "HF_LEROBOT_HOME": path(env.get("HF_LEROBOT_HOME") or str(home / "lerobot"))}
+
+
+def _existing(path: Path) -> Path:
+    p = Path(path).expanduser()
     while not p.exists() and p != p.parent:
         p = p.parent
-    free = shutil.disk_usage(p).free / 1024**3
-    ok = free >= need
-    return CheckResult("disk", ok, f"{free:.1f} GB free at {p} (the {policy} path needs ~{need:.0f} GB)",
-                       "" if ok else f"free {need - free:.1f} GB or point HF_HOME / the outputs dir to a bigger disk")
+    return p
+
+
+def _disk(path: Path) -> tuple[int, float]:
+    """(device id, free GiB) of an existing path."""
+    return path.stat().st_dev, shutil.disk_usage(path).free / 1024**3
+
+
+def check_disks(policy: str, dataset: str, model_id: str, outputs_dir: str | os.PathLike,
+                env: dict[str, str] | None = None) -> list[CheckResult]:
+    """Free space where each thing goes, each with its own threshold: the weights in the HF hub cache (a hub
+    MODEL_ID), the stream's caches (a hub DATASET), checkpoints and figures under OUTPUTS_DIR. Locations on the same
+    filesystem must fit together; a failing check names the location that is short and the variable that moves it."""
+    dirs = hf_cache_dirs(env)
+    wanted: list[tuple[str, str, Path, float, str]] = []   # (check name, variable, path, GB, what goes there)
+    if policy != "tiny" and model_id_kind(policy, model_id) == "hub":
+        wanted.append(("disk hf-hub", "HF_HUB_CACHE", dirs["HF_HUB_CACHE"], HUB_CACHE_NEEDS_GB.get(policy, 2.0),
+                       f"the {policy} weights"))
+    if dataset != EMBEDDED_DATASET and not Path(dataset).expanduser().exists():
+        for var, gb in STREAM_CACHE_NEEDS_GB.items():
+            wanted.append((f"disk {var[3:].split('_')[0].lower()}", var, dirs[var], gb, f"{dataset}'s stream cache"))
+    wanted.append(("disk outputs", "OUTPUTS_DIR", Path(outputs_dir), OUTPUTS_NEEDS_GB.get(policy, 2.0),
+                   "checkpoints, logs, figures"))
+    where = {}
+    for name, _, path, _, _ in wanted:
+        p = _existing(path)
+        where[name] = (p, *_disk(p))
+    results = []
+    for name, var, path, need, what in wanted:
+        p, dev, free = where[name]
+        shared = [(v, gb) for n, v, _, gb, _ in wanted if n != name and where[n][1] == dev and gb > 0]
+        total = need + sum(gb for _, gb in shared)
+        ok = free >= total
+        together = f"; ~{total:.0f} GB together with {', '.join(v for v, _ in shared)} on the same disk" if shared else ""
+        fix = "" if ok else (f"free {total - free:.1f} GB on that disk, or point "
+                             f"{'HF_HOME or ' if var.startswith('HF_') else ''}{var} at a bigger one")
+        results.append(CheckResult(name, ok, f"{var}={path}{' is short' if not ok else ''}: {free:.1f} GB free, "
+                                             f"{what} need ~{need:.0f} GB{together}", fix))
+    return results
 
 
 def check_octo_env(policy: str, root: str | os.PathLike | None = None) -> CheckResult:
@@ -423,7 +479,7 @@ def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outpu
         check_torchcodec(),
         check_model_id(policy, model_id),
         check_hub_for(dataset, policy, model_id, hub),
-        check_disk(outputs_dir, policy),
+        *check_disks(policy, dataset, model_id, outputs_dir),
         check_timm(policy),
         check_bitsandbytes(policy),
         check_octo_env(policy),
