@@ -15,8 +15,10 @@ A forced ``openvla`` picks bf16 or 4-bit by the VRAM it finds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata as md
+import json
 import os
 import platform
 import shutil
@@ -460,6 +462,44 @@ def check_model_id(policy: str, model_id: str) -> CheckResult:
            f"{RANDOM_INIT} (offline, random weights)" if policy == "octo" else
            "point MODEL_ID at an existing local checkpoint directory or a hub id (owner/name)")
     return CheckResult("model", False, f"MODEL_ID={model_id!r}: no such directory", fix)
+
+
+def model_norm_stats_keys(model_id: str) -> list[str] | None:
+    """The ``norm_stats`` keys in MODEL_ID's config.json when it can be read without a download (a local directory,
+    or a hub id already in the HF cache); None otherwise (then the loader checks after loading)."""
+    path = Path(model_id).expanduser() / "config.json" if _is_local_dir(model_id) else None
+    if path is None and model_id and model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_id, "config.json")
+            path = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # an unusual cache layout must not break the first cell
+            path = None
+    try:
+        stats = json.loads(path.read_text()).get("norm_stats") if path is not None and path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sorted(stats) if isinstance(stats, dict) else None
+
+
+def unnorm_key_typo(unnorm_key: str, keys: list[str] | tuple[str, ...], cutoff: float = 0.85) -> str | None:
+    """The existing key that a NEW ``unnorm_key`` is most likely a typo of ('bridge_orgi' → 'bridge_orig'), or None
+    when it is not close to any (a new dataset's name). Compared ignoring case and '-' vs '_'."""
+    if not keys or unnorm_key in keys:
+        return None
+    canon = {k.lower().replace("-", "_"): k for k in keys}
+    close = difflib.get_close_matches(unnorm_key.lower().replace("-", "_"), list(canon), n=1, cutoff=cutoff)
+    return canon[close[0]] if close else None
+
+
+def check_unnorm_key_name(unnorm_key: str, keys: list[str] | None) -> None:
+    """One-line PreflightError when UNNORM_KEY is new to the model but close to one of its keys."""
+    close = unnorm_key_typo(unnorm_key, keys or [])
+    if close is not None:
+        raise PreflightError(f"UNNORM_KEY={unnorm_key!r} is not one of the model's norm_stats keys — did you mean "
+                             f"{close!r}? (set UNNORM_KEY={close!r}; a new dataset's key must not be this close to an "
+                             f"existing one)")
 
 
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import EMBEDDED_UNNORM_KEY
+from ..hardware import PreflightError, check_unnorm_key_name
 from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
 
 
@@ -62,8 +63,13 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
     processor, model = load_openvla(model_id, precision=precision)
     base_keys = list(available_unnorm_keys(model))
     existed = cfg.unnorm_key in base_keys
+    try:
+        check_unnorm_key_name(cfg.unnorm_key, base_keys)
+    except PreflightError as exc:
+        raise PolicyLoadError(str(exc)) from None
     register_dataset_statistics(model, cfg.unnorm_key, stats_entry)
-    notes.append(f"registered the fine-tuning dataset's statistics under {cfg.unnorm_key!r} "
-                 f"({'replacing the base model’s entry' if existed else 'a new key'}; base keys: "
-                 f"{', '.join(base_keys[:8]) + (' …' if len(base_keys) > 8 else '') or 'none'})")
+    shown = ', '.join(base_keys[:8]) + (f' … ({len(base_keys)} in all)' if len(base_keys) > 8 else '') or 'none'
+    notes.append(f"registered the fine-tuning dataset's statistics under UNNORM_KEY={cfg.unnorm_key!r} "
+                 + ("(replacing the base model's entry" if existed else
+                    "(a NEW key, not among the base model's: this dataset's own statistics") + f"; base keys: {shown})")
     return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes, precision)
