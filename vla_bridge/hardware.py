@@ -512,6 +512,19 @@ def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> Ch
     return CheckResult("hub", True, detail, required=needs_hub)
 
 
+def check_tiny_base(policy: str, dataset: str) -> CheckResult:
+    """POLICY=tiny fine-tunes a base pretrained on the embedded demo world; on another dataset say so (a warning)."""
+    if policy != "tiny":
+        return CheckResult("tiny base", True, "not used by this policy", required=False)
+    if dataset == EMBEDDED_DATASET:
+        return CheckResult("tiny base", True, "pretrained on the embedded demo world's pretraining tasks (this "
+                                              "dataset's world)", required=False)
+    return CheckResult("tiny base", False, f"the tiny VLA's base is pretrained on the embedded demo world, not on "
+                       f"{dataset}: fine-tuning starts from a model that has never seen this dataset's scenes",
+                       "for a real base use POLICY=openvla (or a local OpenVLA checkpoint as MODEL_ID)",
+                       required=False)
+
+
 def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outputs_dir: str | os.PathLike) -> list[CheckResult]:
     """All checks for the chosen path; the notebook prints them and raises on the first required failure."""
     return [
@@ -523,6 +536,7 @@ def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outpu
         check_timm(policy),
         check_bitsandbytes(policy),
         check_octo_env(policy),
+        check_tiny_base(policy, dataset),
     ]
 
 

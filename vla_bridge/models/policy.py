@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import EMBEDDED_UNNORM_KEY
-from ..hardware import PreflightError, check_unnorm_key_name
+from ..hardware import PreflightError, check_tiny_base, check_unnorm_key_name
 from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
 
 
@@ -54,6 +54,9 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
                                           progress=progress)
             notes.append(describe_base(info))
             model_id = str(path)
+        scope = check_tiny_base(cfg.policy, cfg.dataset)
+        if not scope.ok:
+            notes.append(f"note: {scope.detail}")
         precision = "fp32"
     elif cfg.policy == "openvla-4bit":
         precision = "4bit"
