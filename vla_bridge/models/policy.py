@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from ..config import EMBEDDED_UNNORM_KEY
 from ..hardware import PreflightError, check_tiny_base, check_unnorm_key_name
-from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
+from .openvla import available_unnorm_keys, check_reads_image, load_openvla, register_dataset_statistics
 
 
 class PolicyLoadError(RuntimeError):
@@ -75,4 +75,7 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
     notes.append(f"registered the fine-tuning dataset's statistics under UNNORM_KEY={cfg.unnorm_key!r} "
                  + ("(replacing the base model's entry" if existed else
                     "(a NEW key, not among the base model's: this dataset's own statistics") + f"; base keys: {shown})")
+    tv = check_reads_image(model, processor, model_id)   # one-token generate() on two images; raises when blind
+    notes.append(f"vision check: the first action token's distribution differs between a black and a noise image "
+                 f"(total variation {tv:.3f}), so the model reads its image")
     return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes, precision)

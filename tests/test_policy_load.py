@@ -1,4 +1,5 @@
-"""UNNORM_KEY: a typo of one of the model's keys stops with "did you mean"; a new dataset's key is allowed."""
+"""What load_policy checks right after loading: UNNORM_KEY typos ("did you mean"; a new dataset's key is allowed)
+and that the policy reads its image (the silent-vision guard, openvla issue #346)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from vla_bridge import hardware as hwm
 from vla_bridge.config import resolve_run_config
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
+from vla_bridge.models import openvla as ov
 from vla_bridge.models.policy import PolicyLoadError, load_policy
+from vla_bridge.models.tiny_vla import TinyVLAForActionPrediction, TinyVLAProcessor
 
 torch.set_num_threads(1)
 
@@ -74,3 +77,64 @@ def test_typo_stops_after_loading_and_a_new_key_is_registered_as_new(checkpoint,
     assert loaded.model.config.norm_stats["my_widowx"]["action"]["q01"] == STATS["action"]["q01"]
     replaced = load_policy(_cfg(checkpoint, tmp_path, "bridge_orig"), STATS, progress=False)
     assert any("replacing the base model's entry" in n for n in replaced.notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the silent-vision guard
+# ---------------------------------------------------------------------------------------------------------------
+def _load(checkpoint):
+    return TinyVLAForActionPrediction.from_pretrained(str(checkpoint)).eval(), \
+        TinyVLAProcessor.from_pretrained(str(checkpoint))
+
+
+def _drop_image_in_generate(monkeypatch):
+    """What transformers >= 4.50 does to OpenVLA (issue #346): generate()'s first step never reaches the vision
+    path, so the prompt is scored without the image."""
+    real = TinyVLAForActionPrediction.prepare_inputs_for_generation
+
+    def blind(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["pixel_values"] = None
+        return out
+    monkeypatch.setattr(TinyVLAForActionPrediction, "prepare_inputs_for_generation", blind)
+
+
+def test_a_model_that_reads_its_image_passes(checkpoint):
+    model, processor = _load(checkpoint)
+    black, noise = (ov.first_action_token_probs(model, processor, im) for im in ov._probe_images(32))
+    assert black.shape == (256,) and abs(float(black.sum()) - 1) < 1e-9
+    tv = ov.check_reads_image(model, processor)
+    assert tv == pytest.approx(0.5 * float((black - noise).abs().sum())) and tv > 100 * ov.VISION_CHECK_MIN_TV
+
+
+def test_a_zeroed_projector_is_caught(checkpoint):
+    model, processor = _load(checkpoint)
+    with torch.no_grad():
+        model.projector.fc2.weight.zero_()
+        model.projector.fc2.bias.zero_()
+    with pytest.raises(ov.SilentVisionError) as e:
+        ov.check_reads_image(model, processor, "my-vla")
+    msg = str(e.value)
+    assert "\n" not in msg and "my-vla" in msg and "#346" in msg and "transformers 4.40.1" in msg
+
+
+def test_generate_dropping_the_image_is_caught_with_the_version_and_pin(checkpoint, monkeypatch):
+    import transformers
+
+    model, processor = _load(checkpoint)
+    _drop_image_in_generate(monkeypatch)
+    monkeypatch.setattr(transformers, "__version__", "4.50.0")   # the message names the running version
+    with pytest.raises(ov.SilentVisionError) as e:
+        ov.check_reads_image(model, processor)
+    msg = str(e.value)
+    assert "\n" not in msg and "transformers 4.50.0" in msg and "pip install transformers==4.40.1" in msg
+
+
+def test_load_policy_runs_the_vision_check(checkpoint, tmp_path, monkeypatch):
+    """Section 4 stops right after loading a blind policy, and says so for one that reads its image."""
+    cfg = _cfg(checkpoint, tmp_path, "my_widowx")
+    loaded = load_policy(cfg, STATS, progress=False)
+    assert any(n.startswith("vision check: the first action token's distribution differs") for n in loaded.notes)
+    _drop_image_in_generate(monkeypatch)
+    with pytest.raises(ov.SilentVisionError, match="ignores its image"):
+        load_policy(cfg, STATS, progress=False)
