@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import http.server
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections import namedtuple
 
@@ -281,11 +285,6 @@ def test_disk_locations_on_one_disk_add_up(monkeypatch, tmp_path):
 def test_hf_cache_dirs_resolve_as_the_libraries_do():
     """The same directories huggingface_hub, datasets and lerobot compute from the same environment (their
     constants modules re-read in one subprocess per environment)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     envs = [{"HF_HOME": "/x/hfhome"}, {"XDG_CACHE_HOME": "/x/xdg"},
             {"HF_HOME": "/x/hfhome", "HF_HUB_CACHE": "/y/hub", "HF_DATASETS_CACHE": "/z/ds"},
             {"HF_HOME": "/x/hfhome", "HUGGINGFACE_HUB_CACHE": "/y/legacy", "HF_LEROBOT_HOME": "/w/lr"}]

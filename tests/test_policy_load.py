@@ -4,11 +4,10 @@ and that the policy reads its image (the silent-vision guard, openvla issue #346
 from __future__ import annotations
 
 import dataclasses
-import json
 
-import numpy as np
 import pytest
 import torch
+import transformers
 
 from vla_bridge import hardware as hwm
 from vla_bridge.config import resolve_run_config
@@ -119,8 +118,6 @@ def test_a_zeroed_projector_is_caught(checkpoint):
 
 
 def test_generate_dropping_the_image_is_caught_with_the_version_and_pin(checkpoint, monkeypatch):
-    import transformers
-
     model, processor = _load(checkpoint)
     _drop_image_in_generate(monkeypatch)
     monkeypatch.setattr(transformers, "__version__", "4.50.0")   # the message names the running version

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from vla_bridge import hardware as hwm
 from vla_bridge import pretrain
 from vla_bridge.data import world as W
 from vla_bridge.data import world_labels as WL
@@ -134,8 +135,6 @@ def test_a_base_from_another_run_is_never_overwritten(tmp_path):
 
 
 def test_tiny_base_on_another_dataset_says_what_it_is():
-    from vla_bridge import hardware as hwm
-
     r = hwm.check_tiny_base("tiny", "/data/my_bridge_copy")
     assert not r.ok and not r.required   # a warning: allowed, but said
     assert "pretrained on the embedded demo world, not on /data/my_bridge_copy" in r.detail

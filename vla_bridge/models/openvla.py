@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import transformers
 
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
 
@@ -384,8 +385,6 @@ def check_reads_image(model: nn.Module, processor: Any, model_id: str = "the mod
     """Pre-flight right after loading (two one-token generate() calls): the first action token's distribution must
     differ between a black and a noise image. Returns their total variation; raises a one-line
     :class:`SilentVisionError` naming the transformers version and the pin when the image makes no difference."""
-    import transformers
-
     black, noise = (first_action_token_probs(model, processor, im) for im in _probe_images(model_image_size(processor)))
     tv = 0.5 * float((black - noise).abs().sum())
     if not tv >= VISION_CHECK_MIN_TV:
