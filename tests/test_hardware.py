@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import http.server
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections import namedtuple
 
@@ -66,6 +70,20 @@ def test_unknown_policy_names_raise(force, policy):
 def test_forced_4bit_without_bitsandbytes_is_an_error():
     with pytest.raises(PreflightError, match="bitsandbytes"):
         hwm.choose_policy(fake_hw(16.0), True, "openvla-4bit", None, False)
+
+
+@pytest.mark.parametrize("force, policy, bnb, name", [
+    (None, "openvla-4bit", True, "POLICY"), (None, "openvla-4bit", False, "POLICY"),
+    ("openvla-4bit", "auto", True, "FORCE_PATH"),
+])
+def test_4bit_without_cuda_fails_in_the_first_cell_in_notebook_terms(force, policy, bnb, name):
+    """Not in section 4 after the data section, and not in terms of load_openvla's ``precision=``."""
+    with pytest.raises(PreflightError) as e:
+        resolve_run_config({"POLICY": policy}, env={"FORCE_PATH": force} if force else {}, hw=fake_hw(None),
+                           hub=Decision("yes", "test"), bnb_available=bnb)
+    msg = str(e.value)
+    assert _one_line(msg) and f"{name}=openvla-4bit needs a CUDA GPU and bitsandbytes" in msg
+    assert "POLICY=tiny" in msg and "POLICY=octo" in msg and "POLICY=openvla" in msg and "precision" not in msg
 
 
 def test_dataset_decision(tmp_path):
@@ -213,12 +231,77 @@ def test_timm_outside_openvla_set(monkeypatch):
     assert hwm.check_timm("tiny").ok  # only OpenVLA cares
 
 
-def test_disk_too_small(monkeypatch, tmp_path):
-    Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(hwm.shutil, "disk_usage", lambda p: Usage(100 * 1024**3, 95 * 1024**3, 5 * 1024**3))
-    r = hwm.check_disk(tmp_path / "not" / "yet", "openvla")
-    assert not r.ok and "5.0 GB free" in r.detail and "35.0 GB" in r.fix
-    assert hwm.check_disk(tmp_path, "tiny").ok
+def _fake_disks(monkeypatch, disks):
+    """``disks``: {directory: (device id, free GiB)}; a path is on the disk of its nearest listed ancestor."""
+    def disk(p):
+        owner = max((d for d in disks if p == d or d in p.parents), key=lambda d: len(d.parts))
+        return disks[owner]
+    monkeypatch.setattr(hwm, "_disk", disk)
+
+
+def test_disk_check_measures_the_hf_cache_not_only_the_outputs(monkeypatch, tmp_path):
+    """~15 GB of weights go to HF_HOME's hub cache: a small HF_HOME disk must fail pre-flight even when OUTPUTS_DIR
+    is on a big one, and the message must say which location is short and which variable moves it."""
+    hf, out = tmp_path / "small_disk" / "hf", tmp_path / "big_disk" / "outputs"
+    (tmp_path / "small_disk").mkdir()
+    (tmp_path / "big_disk").mkdir()
+    _fake_disks(monkeypatch, {tmp_path: (0, 0.0), tmp_path / "small_disk": (1, 5.0), tmp_path / "big_disk": (2, 500.0)})
+    monkeypatch.setenv("HF_HOME", str(hf))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_LEROBOT_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    checks = hwm.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b", Decision("yes", "test"), out)
+    by_name = {c.name: c for c in checks}
+    hub = by_name["disk hf-hub"]
+    assert not hub.ok and f"HF_HUB_CACHE={hf / 'hub'} is short: 5.0 GB free" in hub.detail
+    assert "~20 GB" in hub.detail and "HF_HUB_CACHE" in hub.fix and "HF_HOME" in hub.fix
+    assert by_name["disk outputs"].ok and "500.0 GB free" in by_name["disk outputs"].detail
+    # the stream's caches of a hub dataset live under HF_HOME too: short as well, each with its own threshold
+    assert not by_name["disk lerobot"].ok and f"HF_LEROBOT_HOME={hf / 'lerobot'}" in by_name["disk lerobot"].detail
+    assert f"HF_DATASETS_CACHE={hf / 'datasets'}" in by_name["disk datasets"].detail
+    with pytest.raises(PreflightError) as e:
+        hwm.raise_on_failure(checks)
+    assert "'disk hf-hub' failed" in str(e.value) and "HF_HUB_CACHE" in str(e.value) and _one_line(str(e.value))
+
+    # HF_HUB_CACHE moved to the big disk: the weights fit, the stream caches (still under HF_HOME) do not
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "big_disk" / "hub"))
+    by_name = {c.name: c for c in hwm.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b",
+                                                    Decision("yes", "test"), out)}
+    assert by_name["disk hf-hub"].ok and not by_name["disk lerobot"].ok
+    # local model and dataset: nothing goes to the HF caches, only OUTPUTS_DIR is checked
+    names = [c.name for c in hwm.check_disks("openvla", "embedded", str(tmp_path), out)]
+    assert names == ["disk outputs"]
+
+
+def test_disk_locations_on_one_disk_add_up(monkeypatch, tmp_path):
+    _fake_disks(monkeypatch, {tmp_path: (7, 30.0)})
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    checks = hwm.check_disks("openvla", "embedded", "openvla/openvla-7b", tmp_path / "outputs", env=env)
+    assert [c.name for c in checks] == ["disk hf-hub", "disk outputs"]
+    assert not any(c.ok for c in checks)             # 20 + 20 GB on one 30 GB disk, although each alone fits
+    assert "~40 GB together with OUTPUTS_DIR" in checks[0].detail and "free 10.0 GB" in checks[0].fix
+    assert all(c.ok for c in hwm.check_disks("tiny", "embedded", "data/tiny_vla_base", tmp_path / "o", env=env))
+
+
+def test_hf_cache_dirs_resolve_as_the_libraries_do():
+    """The same directories huggingface_hub, datasets and lerobot compute from the same environment (their
+    constants modules re-read in one subprocess per environment)."""
+    envs = [{"HF_HOME": "/x/hfhome"}, {"XDG_CACHE_HOME": "/x/xdg"},
+            {"HF_HOME": "/x/hfhome", "HF_HUB_CACHE": "/y/hub", "HF_DATASETS_CACHE": "/z/ds"},
+            {"HF_HOME": "/x/hfhome", "HUGGINGFACE_HUB_CACHE": "/y/legacy", "HF_LEROBOT_HOME": "/w/lr"}]
+    code = ("import importlib, json, os, sys\n"
+            "import huggingface_hub.constants as h, datasets.config as d, lerobot.utils.constants as l\n"
+            "for env in json.loads(sys.argv[1]):\n"
+            "    for k in [k for k in os.environ if k.startswith(('HF_', 'HUGGINGFACE_', 'XDG_CACHE'))]:\n"
+            "        del os.environ[k]\n"
+            "    os.environ.update(env)\n"
+            "    h, d, l = (importlib.reload(m) for m in (h, d, l))\n"
+            "    print(json.dumps([h.HF_HOME, h.HF_HUB_CACHE, str(d.HF_DATASETS_CACHE), str(l.HF_LEROBOT_HOME)]))\n")
+    lines = subprocess.run([sys.executable, "-c", code, json.dumps(envs)], capture_output=True, text=True,
+                           timeout=300, check=True).stdout.strip().splitlines()[-len(envs):]
+    for env, line in zip(envs, lines):
+        ours = hwm.hf_cache_dirs({"HOME": os.environ.get("HOME", ""), **env})
+        assert [str(ours[k]) for k in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_LEROBOT_HOME")] == \
+            json.loads(line), env
 
 
 def test_bitsandbytes_needed_for_4bit(monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from vla_bridge import hardware as hwm
 from vla_bridge import pretrain
 from vla_bridge.data import world as W
 from vla_bridge.data import world_labels as WL
@@ -108,3 +109,36 @@ def test_dart_perturbation_keeps_clean_labels():
     assert np.all(np.abs(noisy["action"][:, :3]) <= W.EXPERT_MAX_STEP + 1e-7)
     saturated = np.isclose(np.abs(noisy["action"][:, :2]), W.EXPERT_MAX_STEP)
     assert saturated.mean() > 0.2
+
+
+def test_a_base_from_another_run_is_never_overwritten(tmp_path):
+    """Another run's base (other PRETRAIN_STEPS, older code) or a checkpoint put there by hand stays as it is; this
+    run's base is built beside it under its own key, and each is reused by the run it belongs to."""
+    out = tmp_path / "tiny_vla_base"
+    a_path, a = pretrain.ensure_tiny_base(out, "demo_world", _small_params(), progress=False)
+    weights = (out / "model.safetensors").read_bytes()
+    b_path, b = pretrain.ensure_tiny_base(out, "demo_world", _small_params(steps=5), progress=False)
+    assert a_path == out and b_path == tmp_path / f"tiny_vla_base-{b['key']}" and not b["reused"]
+    assert pretrain.read_base_info(out)["key"] == a["key"] and (out / "model.safetensors").read_bytes() == weights
+    assert f"{out} holds a base with key {a['key']}" in pretrain.describe_base(b) and "left untouched" in \
+        pretrain.describe_base(b)
+    b_again_path, b_again = pretrain.ensure_tiny_base(out, "demo_world", _small_params(steps=5), progress=False)
+    assert b_again_path == b_path and b_again["reused"] and b_again["key"] == b["key"]
+    again_path, again = pretrain.ensure_tiny_base(out, "demo_world", _small_params(), progress=False)
+    assert again_path == out and again["reused"]
+    # a checkpoint directory without our marker (a shipped or hand-copied base) is not overwritten either
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "config.json").write_text("{}")
+    path, info = pretrain.ensure_tiny_base(shipped, "demo_world", _small_params(), progress=False)
+    assert path != shipped and (shipped / "config.json").read_text() == "{}" and "not built here" in info["kept"]
+
+
+def test_tiny_base_on_another_dataset_says_what_it_is():
+    r = hwm.check_tiny_base("tiny", "/data/my_bridge_copy")
+    assert not r.ok and not r.required   # a warning: allowed, but said
+    assert "pretrained on the embedded demo world, not on /data/my_bridge_copy" in r.detail
+    assert "warn" in hwm.format_checks([r])
+    assert hwm.check_tiny_base("tiny", "embedded").ok and hwm.check_tiny_base("openvla", "/data/x").ok
+    assert any(c.name == "tiny base" and not c.ok for c in hwm.run_preflight(
+        "tiny", "/data/my_bridge_copy", "data/tiny_vla_base", hwm.Decision("yes", "test"), "outputs"))

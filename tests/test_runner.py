@@ -19,6 +19,10 @@ RUN_NAME = "auto"
 # %%
 print("run name is", RUN_NAME)
 
+# %% [markdown]
+# ## 2. The part that fails
+# It raises when asked to.
+
 # %%
 if RUN_NAME == "boom":
     raise ValueError("deliberate failure for the test")
@@ -50,6 +54,11 @@ def test_raising_cell_exits_nonzero_with_one_line(tmp_path):
     err_lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
     assert len(err_lines) == 1 and "ValueError" in err_lines[0] and "deliberate failure" in err_lines[0]
     assert (tmp_path / "out.ipynb").exists()  # the partial notebook with the traceback is kept
+    # named as the reader sees it: the line of nb.py, the section above it, In [n] of the executed notebook, and
+    # papermill's "Cell k" (its log counts markdown and the injected-parameters cell too)
+    assert "nb.py line 12" in err_lines[0] and "section '2. The part that fails'" in err_lines[0], err_lines[0]
+    assert "In [4]" in err_lines[0] and "papermill's Cell 5" in err_lines[0], err_lines[0]
+    assert "Executing Cell 5-" in res.stdout   # the number papermill's own log shows for that cell
 
 
 def test_unknown_parameter_is_rejected(tmp_path):

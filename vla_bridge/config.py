@@ -257,6 +257,8 @@ def resolve_run_config(
                              f"{EMBEDDED_UNNORM_KEY!r} — set UNNORM_KEY='auto' (or {EMBEDDED_UNNORM_KEY!r})")
     elif not unnorm.strip():
         raise PreflightError("UNNORM_KEY='' must name the dataset's statistics (e.g. 'bridge_orig'), or be 'auto'")
+    else:  # a typo of one of the model's keys, caught here when its config.json is at hand (else after loading)
+        hwmod.check_unnorm_key_name(unnorm, hwmod.model_norm_stats_keys(model_id))
 
     auto = _auto_training(pol.value)
     resolved = {k: (auto[k] if p[k] == "auto" else p[k]) for k in auto}

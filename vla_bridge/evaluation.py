@@ -223,6 +223,43 @@ def _threads(n: int | None):
         torch.set_num_threads(prev)
 
 
+EVAL_PROMPT_TOKENS = 64            # prompt tokens budgeted per frame when sizing the eval batch ("In: What ... Out: ▁")
+EVAL_VRAM_SHARE = 0.7              # share of the free VRAM the eval batch may take (allocator slack, activations)
+
+
+def eval_batch_size(free_bytes: float, *, num_layers: int, hidden_size: int, seq_len: int, dtype_bytes: int = 2,
+                    num_heads: int | None = None, num_kv_heads: int | None = None, vocab_size: int = 0,
+                    cap: int = DEFAULT_MAX_BATCH, share: float = EVAL_VRAM_SHARE) -> int:
+    """Frames per ``generate()`` call that fit in ``free_bytes``: ``share`` of it over the bytes one frame needs,
+    at least 1 and at most ``cap``. One frame of ``seq_len`` tokens needs its KV cache,
+    2 (K and V) x layers x KV width x dtype bytes per token (Llama-2-7B: 2 x 32 x 4096 x 2 B = 0.5 MiB), plus the
+    prefill's logits, which transformers 4.40 computes for every position and upcasts to fp32
+    (vocab x (dtype bytes + 4) per token)."""
+    kv_width = hidden_size * num_kv_heads / num_heads if num_heads and num_kv_heads else hidden_size
+    per_token = 2 * num_layers * kv_width * dtype_bytes + vocab_size * (dtype_bytes + 4)
+    per_frame = max(1.0, seq_len * per_token)
+    return int(max(1, min(int(cap), int(share * max(0.0, float(free_bytes)) // per_frame))))
+
+
+def auto_eval_batch_size(model: torch.nn.Module, seq_len: int, cap: int = DEFAULT_MAX_BATCH) -> tuple[int, str]:
+    """(batch size, reason): sized from the free VRAM on CUDA (:func:`eval_batch_size` with the language model's
+    config); ``cap`` on a CPU, where the tiny VLA's cache is a few MB."""
+    from .models.openvla import base_model, model_device, model_dtype
+
+    device = model_device(model)
+    if device.type != "cuda":
+        return int(cap), f"{cap} (no CUDA device: not sized from VRAM)"
+    cfg = getattr(base_model(model).config, "text_config", None) or base_model(model).config
+    free, _ = torch.cuda.mem_get_info(device)
+    dtype = model_dtype(model)
+    dtype_bytes = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    n = eval_batch_size(free, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, seq_len=seq_len,
+                        dtype_bytes=dtype_bytes, num_heads=getattr(cfg, "num_attention_heads", None),
+                        num_kv_heads=getattr(cfg, "num_key_value_heads", None),
+                        vocab_size=getattr(cfg, "vocab_size", 0), cap=cap)
+    return n, f"{n} (sized from {free / 1024**3:.1f} GiB free VRAM for {seq_len}-token sequences, cap {cap})"
+
+
 class BatchedActionPredictor:
     """Actions for a batch of frames in one ``generate()`` call, identical to per-frame ``predict_action``.
 
@@ -241,7 +278,7 @@ class BatchedActionPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, unnorm_key: str, center_crop: bool,
-                 max_batch_size: int = DEFAULT_MAX_BATCH, padding: bool = False, threads: int | None = None):
+                 max_batch_size: int | str | None = "auto", padding: bool = False, threads: int | None = None):
         from .models.openvla import base_model, check_unnorm_key, model_device, model_dtype, model_image_size
 
         self.model = model
@@ -258,6 +295,13 @@ class BatchedActionPredictor:
         self.image_size = model_image_size(processor)
         self.device = model_device(model)
         self.dtype = model_dtype(model)
+        if max_batch_size in (None, "auto"):   # sized from free VRAM: [BOS][patches][prompt][▁] + the action tokens
+            from .tokenization import num_image_patches
+
+            seq_len = num_image_patches(model) + EVAL_PROMPT_TOKENS + self.action_dim
+            max_batch_size, self.batch_reason = auto_eval_batch_size(model, seq_len)
+        else:
+            self.batch_reason = f"{int(max_batch_size)} (given)"
         self.max_batch_size = max(1, int(max_batch_size))
         self.padding = bool(padding)
         self.threads = threads
@@ -403,7 +447,7 @@ class BatchedActionPredictor:
 
     def __repr__(self) -> str:
         return (f"BatchedActionPredictor(unnorm_key={self.unnorm_key!r}, center_crop={self.center_crop}, "
-                f"image_size={self.image_size}, max_batch_size={self.max_batch_size}, padding={self.padding})")
+                f"image_size={self.image_size}, max_batch_size={self.batch_reason}, padding={self.padding})")
 
 
 def per_frame_predict(model: torch.nn.Module, processor: Any, images: Sequence[Any], instructions: Sequence[str],
@@ -997,7 +1041,7 @@ def run_evaluation(
     action_stats: Mapping[str, Any] | None = None,
     seed: int | None = None,
     n_boot: int = N_BOOT,
-    max_batch_size: int = DEFAULT_MAX_BATCH,
+    max_batch_size: int | str | None = "auto",
     threads: int | None = None,
     contrast_tasks: int = 3,
     train_result: Any = None,
@@ -1017,7 +1061,8 @@ def run_evaluation(
     Knobs for the time budget: ``episodes_per_task``, ``max_tasks_per_group``, ``groups`` (see
     :func:`select_eval_tasks`), ``policies`` (subset of "fine-tuned", "base", "mean-action"), ``closed_loop``
     ("auto": on the embedded world; False: skip it and report the proxy), ``max_steps`` (closed loop, default 60),
-    ``max_batch_size`` (frames per generate() call), ``threads`` (torch threads; None: unchanged).
+    ``max_batch_size`` (frames per generate() call; "auto": sized from free VRAM by :func:`eval_batch_size`, 64 on
+    a CPU), ``threads`` (torch threads; None: unchanged).
 
     The mean-action baseline is ``mean_action`` if given, else the mean over the training split's frames: one pass
     over the parquet columns for a local dataset; for a hub stream the ``action_stats`` entry's mean when given (the

@@ -15,8 +15,10 @@ A forced ``openvla`` picks bf16 or 4-bit by the VRAM it finds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.metadata as md
+import json
 import os
 import platform
 import shutil
@@ -50,8 +52,12 @@ DEFAULT_MODEL_IDS = {
     "tiny": "data/tiny_vla_base",
 }
 
-# Free disk (GiB) each path needs: weights + HF cache of the streamed shards + checkpoints/outputs.
-DISK_NEEDS_GB = {"openvla": 40.0, "openvla-4bit": 40.0, "octo": 10.0, "tiny": 2.0}
+# Free disk (GiB) each location needs (checked per location; locations on one disk add up, see `check_disks`):
+# the model's weights in the HF hub cache (OpenVLA-7B: 15.2 GB of safetensors), the stream's metadata (lerobot's
+# cache) and datasets' cache for a hub dataset, and checkpoints/logs/figures under OUTPUTS_DIR.
+HUB_CACHE_NEEDS_GB = {"openvla": 20.0, "openvla-4bit": 20.0, "octo": 2.0, "tiny": 0.0}
+STREAM_CACHE_NEEDS_GB = {"HF_LEROBOT_HOME": 5.0, "HF_DATASETS_CACHE": 1.0}
+OUTPUTS_NEEDS_GB = {"openvla": 20.0, "openvla-4bit": 20.0, "octo": 8.0, "tiny": 2.0}
 
 # Packages whose versions the install-verification cell prints.
 REPORTED_PACKAGES = (
@@ -214,6 +220,13 @@ def choose_policy(
 
 
 def _forced(name: str, source: str, hw: HardwareInfo, vram: float, gpu: str, bnb: bool) -> Decision:
+    if name == "openvla-4bit" and not hw.cuda_available:
+        # caught here, in the first cell, not in section 4 after the data section has streamed its batches
+        raise PreflightError(
+            f"{source.split()[0]}=openvla-4bit needs a CUDA GPU and bitsandbytes (NF4 kernels), and this machine has "
+            "no CUDA GPU: use POLICY=tiny (the demo world), POLICY=octo, or POLICY=openvla (fp32 on CPU, only "
+            "practical for a small local checkpoint)"
+        )
     if name == "openvla" and hw.cuda_available and vram < OPENVLA_BF16_MIN_GB:
         if vram >= OPENVLA_4BIT_MIN_GB and bnb:
             return Decision("openvla-4bit", f"{source} asks for OpenVLA; {gpu} < {OPENVLA_BF16_MIN_GB:.1f} GiB → 4-bit")
@@ -350,15 +363,67 @@ def check_bitsandbytes(policy: str) -> CheckResult:
     return CheckResult("bitsandbytes", True, f"bitsandbytes {package_versions(('bitsandbytes',))['bitsandbytes']}")
 
 
-def check_disk(path: str | os.PathLike, policy: str) -> CheckResult:
-    need = DISK_NEEDS_GB.get(policy, 2.0)
-    p = Path(path)
+def hf_cache_dirs(env: dict[str, str] | None = None) -> dict[str, Path]:
+    """Where the Hugging Face stack writes, resolved from ``env`` as huggingface_hub, datasets and lerobot do it:
+    HF_HOME (else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface); HF_HUB_CACHE (else the legacy
+    HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub: model weights, hub files); HF_DATASETS_CACHE (else $HF_HOME/datasets);
+    HF_LEROBOT_HOME (else $HF_HOME/lerobot: a streamed dataset's metadata)."""
+    env = os.environ if env is None else env
+
+    def path(value: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    home = path(env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
+                                                   "huggingface"))
+    return {"HF_HOME": home,
+            "HF_HUB_CACHE": path(env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or str(home / "hub")),
+            "HF_DATASETS_CACHE": path(env.get("HF_DATASETS_CACHE") or str(home / "datasets")),
+            "HF_LEROBOT_HOME": path(env.get("HF_LEROBOT_HOME") or str(home / "lerobot"))}
+
+
+def _existing(path: Path) -> Path:
+    p = Path(path).expanduser()
     while not p.exists() and p != p.parent:
         p = p.parent
-    free = shutil.disk_usage(p).free / 1024**3
-    ok = free >= need
-    return CheckResult("disk", ok, f"{free:.1f} GB free at {p} (the {policy} path needs ~{need:.0f} GB)",
-                       "" if ok else f"free {need - free:.1f} GB or point HF_HOME / the outputs dir to a bigger disk")
+    return p
+
+
+def _disk(path: Path) -> tuple[int, float]:
+    """(device id, free GiB) of an existing path."""
+    return path.stat().st_dev, shutil.disk_usage(path).free / 1024**3
+
+
+def check_disks(policy: str, dataset: str, model_id: str, outputs_dir: str | os.PathLike,
+                env: dict[str, str] | None = None) -> list[CheckResult]:
+    """Free space where each thing goes, each with its own threshold: the weights in the HF hub cache (a hub
+    MODEL_ID), the stream's caches (a hub DATASET), checkpoints and figures under OUTPUTS_DIR. Locations on the same
+    filesystem must fit together; a failing check names the location that is short and the variable that moves it."""
+    dirs = hf_cache_dirs(env)
+    wanted: list[tuple[str, str, Path, float, str]] = []   # (check name, variable, path, GB, what goes there)
+    if policy != "tiny" and model_id_kind(policy, model_id) == "hub":
+        wanted.append(("disk hf-hub", "HF_HUB_CACHE", dirs["HF_HUB_CACHE"], HUB_CACHE_NEEDS_GB.get(policy, 2.0),
+                       f"the {policy} weights"))
+    if dataset != EMBEDDED_DATASET and not Path(dataset).expanduser().exists():
+        for var, gb in STREAM_CACHE_NEEDS_GB.items():
+            wanted.append((f"disk {var[3:].split('_')[0].lower()}", var, dirs[var], gb, f"{dataset}'s stream cache"))
+    wanted.append(("disk outputs", "OUTPUTS_DIR", Path(outputs_dir), OUTPUTS_NEEDS_GB.get(policy, 2.0),
+                   "checkpoints, logs, figures"))
+    where = {}
+    for name, _, path, _, _ in wanted:
+        p = _existing(path)
+        where[name] = (p, *_disk(p))
+    results = []
+    for name, var, path, need, what in wanted:
+        p, dev, free = where[name]
+        shared = [(v, gb) for n, v, _, gb, _ in wanted if n != name and where[n][1] == dev and gb > 0]
+        total = need + sum(gb for _, gb in shared)
+        ok = free >= total
+        together = f"; ~{total:.0f} GB together with {', '.join(v for v, _ in shared)} on the same disk" if shared else ""
+        fix = "" if ok else (f"free {total - free:.1f} GB on that disk, or point "
+                             f"{'HF_HOME or ' if var.startswith('HF_') else ''}{var} at a bigger one")
+        results.append(CheckResult(name, ok, f"{var}={path}{' is short' if not ok else ''}: {free:.1f} GB free, "
+                                             f"{what} need ~{need:.0f} GB{together}", fix))
+    return results
 
 
 def check_octo_env(policy: str, root: str | os.PathLike | None = None) -> CheckResult:
@@ -399,6 +464,44 @@ def check_model_id(policy: str, model_id: str) -> CheckResult:
     return CheckResult("model", False, f"MODEL_ID={model_id!r}: no such directory", fix)
 
 
+def model_norm_stats_keys(model_id: str) -> list[str] | None:
+    """The ``norm_stats`` keys in MODEL_ID's config.json when it can be read without a download (a local directory,
+    or a hub id already in the HF cache); None otherwise (then the loader checks after loading)."""
+    path = Path(model_id).expanduser() / "config.json" if _is_local_dir(model_id) else None
+    if path is None and model_id and model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_id, "config.json")
+            path = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # an unusual cache layout must not break the first cell
+            path = None
+    try:
+        stats = json.loads(path.read_text()).get("norm_stats") if path is not None and path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sorted(stats) if isinstance(stats, dict) else None
+
+
+def unnorm_key_typo(unnorm_key: str, keys: list[str] | tuple[str, ...], cutoff: float = 0.85) -> str | None:
+    """The existing key that a NEW ``unnorm_key`` is most likely a typo of ('bridge_orgi' → 'bridge_orig'), or None
+    when it is not close to any (a new dataset's name). Compared ignoring case and '-' vs '_'."""
+    if not keys or unnorm_key in keys:
+        return None
+    canon = {k.lower().replace("-", "_"): k for k in keys}
+    close = difflib.get_close_matches(unnorm_key.lower().replace("-", "_"), list(canon), n=1, cutoff=cutoff)
+    return canon[close[0]] if close else None
+
+
+def check_unnorm_key_name(unnorm_key: str, keys: list[str] | None) -> None:
+    """One-line PreflightError when UNNORM_KEY is new to the model but close to one of its keys."""
+    close = unnorm_key_typo(unnorm_key, keys or [])
+    if close is not None:
+        raise PreflightError(f"UNNORM_KEY={unnorm_key!r} is not one of the model's norm_stats keys — did you mean "
+                             f"{close!r}? (set UNNORM_KEY={close!r}; a new dataset's key must not be this close to an "
+                             f"existing one)")
+
+
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
     needs_hub = (dataset != EMBEDDED_DATASET and not Path(dataset).exists()) or (
         policy != "tiny" and model_id_kind(policy, model_id) == "hub"
@@ -411,6 +514,19 @@ def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> Ch
     return CheckResult("hub", True, detail, required=needs_hub)
 
 
+def check_tiny_base(policy: str, dataset: str) -> CheckResult:
+    """POLICY=tiny fine-tunes a base pretrained on the embedded demo world; on another dataset say so (a warning)."""
+    if policy != "tiny":
+        return CheckResult("tiny base", True, "not used by this policy", required=False)
+    if dataset == EMBEDDED_DATASET:
+        return CheckResult("tiny base", True, "pretrained on the embedded demo world's pretraining tasks (this "
+                                              "dataset's world)", required=False)
+    return CheckResult("tiny base", False, f"the tiny VLA's base is pretrained on the embedded demo world, not on "
+                       f"{dataset}: fine-tuning starts from a model that has never seen this dataset's scenes",
+                       "for a real base use POLICY=openvla (or a local OpenVLA checkpoint as MODEL_ID)",
+                       required=False)
+
+
 def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outputs_dir: str | os.PathLike) -> list[CheckResult]:
     """All checks for the chosen path; the notebook prints them and raises on the first required failure."""
     return [
@@ -418,10 +534,11 @@ def run_preflight(policy: str, dataset: str, model_id: str, hub: Decision, outpu
         check_torchcodec(),
         check_model_id(policy, model_id),
         check_hub_for(dataset, policy, model_id, hub),
-        check_disk(outputs_dir, policy),
+        *check_disks(policy, dataset, model_id, outputs_dir),
         check_timm(policy),
         check_bitsandbytes(policy),
         check_octo_env(policy),
+        check_tiny_base(policy, dataset),
     ]
 
 

@@ -224,9 +224,11 @@ def describe_base(info: dict) -> str:
     """One line about a base from its marker: built or reused, budget, loss and action-token accuracy."""
     how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
     p = info["params"]
+    kept = f"; {info['kept']}, left untouched" if info.get("kept") else ""
     return (f"tiny base: {how} ({p['vision_steps']} vision + {p['steps']} action steps on {info['frames']} frames "
-            f"of {info['pretrain_episodes']} generated pretraining episodes; action loss {info['first_loss']:.2f} → "
-            f"{info['last_loss']:.2f}, action-token accuracy {info['last_action_accuracy']:.2f})")
+            f"of {info['pretrain_episodes']} generated pretraining episodes of the embedded demo world; action loss "
+            f"{info['first_loss']:.2f} → {info['last_loss']:.2f}, action-token accuracy "
+            f"{info['last_action_accuracy']:.2f}{kept})")
 
 
 def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: PretrainParams | None = None,
@@ -246,6 +248,18 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
     if info and info.get("key") == key and not force:
         info["reused"] = True
         return out, info
+    if out.is_dir() and any(out.iterdir()) and not force:
+        # out holds another run's base (other PRETRAIN_STEPS, older code) or one put there by hand: never overwrite
+        # it - this run's base lives beside it, under its own key (``pretrain-tiny --force`` rebuilds out itself)
+        keyed = out.parent / f"{out.name}-{key}"
+        kept = f"{out} holds {'a base with key ' + str(info.get('key')) if info else 'a checkpoint not built here'}"
+        info = read_base_info(keyed)
+        if info and info.get("key") == key:
+            info["reused"], info["kept"] = True, kept
+            return keyed, info
+        path, info = ensure_tiny_base(keyed, unnorm_key, params, force=True, progress=progress)
+        info["kept"] = kept
+        return path, info
 
     t0 = time.time()
     prev_threads = torch.get_num_threads()

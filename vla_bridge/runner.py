@@ -48,6 +48,27 @@ def parse_kv(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def describe_failed_cell(src: Path, nb: Any, exc: Any) -> str:
+    """Name the failed cell the ways a reader finds it: the line in ``notebook.py`` (the VS Code gutter), the
+    section heading above it, ``In [n]`` in the executed notebook, and papermill's own "Cell k" (its streamed log
+    counts every cell from 1, markdown and the injected-parameters cell included, so it differs from both)."""
+    parts = []
+    cells = list(getattr(nb, "cells", []))
+    index = next((i for i, c in enumerate(cells) if c.cell_type == "code" and c.source == exc.source), None)
+    if index is not None:
+        if src.suffix == ".py" and exc.source.strip():
+            text = src.read_text()
+            at = text.find(exc.source)
+            if at >= 0:
+                parts.append(f"{src.name} line {text.count(chr(10), 0, at) + 1}")
+        heading = next((c.source.lstrip("#").strip().splitlines()[0] for c in reversed(cells[:index])
+                        if c.cell_type == "markdown" and c.source.lstrip().startswith("#")), None)
+        if heading:
+            parts.append(f"section {heading!r}")
+    where = ", ".join(parts) or "a notebook cell"
+    return f"the cell at {where} (In [{exc.exec_count}] in the executed notebook; papermill's Cell {exc.cell_index + 1})"
+
+
 def execute_notebook(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -100,8 +121,8 @@ def execute_notebook(
         )
     except PapermillExecutionError as exc:
         print(
-            f"error: notebook cell {exc.exec_count} raised {exc.ename}: {exc.evalue.splitlines()[0] if exc.evalue else ''}"
-            f" — executed notebook with the traceback: {out}",
+            f"error: {describe_failed_cell(src, nb, exc)} raised {exc.ename}: "
+            f"{exc.evalue.splitlines()[0] if exc.evalue else ''} — executed notebook with the traceback: {out}",
             file=sys.stderr, flush=True,
         )
         raise SystemExit(1) from None

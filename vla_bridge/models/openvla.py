@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+import transformers
 
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
 
@@ -295,8 +296,8 @@ def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     cuda = torch.cuda.is_available()
     if precision == "4bit" and not cuda:
-        raise ModelLoadError("precision='4bit' needs a CUDA GPU (bitsandbytes NF4 kernels); on this machine use "
-                             "precision='fp32' or 'bf16', or the tiny policy")
+        raise ModelLoadError("POLICY=openvla-4bit (precision='4bit') needs a CUDA GPU (bitsandbytes NF4 kernels); "
+                             "on this machine use POLICY=tiny, octo or openvla (fp32)")
     if precision == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError("precision='4bit' needs bitsandbytes (pip install 'bitsandbytes>=0.43,<0.49')")
     device = torch.device(device if device is not None else ("cuda" if cuda else "cpu"))
@@ -338,6 +339,65 @@ def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[
     if verbose:
         print(info.summary())
     return processor, model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The silent-vision guard
+# ------------------------------------------------------------------------------------------------------------------
+VISION_CHECK_MIN_TV = 1e-6   # total variation between the two first-action-token distributions below this: blind
+PINNED_TRANSFORMERS = "4.40.1"
+
+
+class SilentVisionError(ModelLoadError):
+    """The loaded policy's actions do not depend on its image (e.g. OpenVLA on transformers >= 4.50, issue #346)."""
+
+
+def _probe_images(size: int) -> List[np.ndarray]:
+    """Two images as different as images get: black, and seeded bright noise."""
+    noise = np.random.default_rng(346).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return [np.zeros((size, size, 3), dtype=np.uint8), noise]
+
+
+@torch.no_grad()
+def first_action_token_probs(model: nn.Module, processor: Any, image: Any,
+                             instruction: str = "put the block on the plate") -> torch.Tensor:
+    """The distribution of the first action token (softmax over the 256 action-token logits, float64) for one
+    (image, instruction), through the model's own ``generate()`` - the route ``predict_action`` takes, where
+    transformers >= 4.50 drops OpenVLA's image (an empty cache on the first step makes it skip the vision path)."""
+    from ..tokenization import ActionTokenizer
+
+    vla = base_model(model)
+    inputs = action_inputs(processor, instruction, image, model=vla)
+    was_training = vla.training
+    vla.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # generation-config chatter
+            out = vla.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=1, output_logits=True,
+                               return_dict_in_generate=True)
+    finally:
+        vla.train(was_training)
+    ids = ActionTokenizer(processor.tokenizer).action_token_ids
+    return torch.softmax(out.logits[0][0, ids.start:ids.stop].double(), dim=-1).cpu()
+
+
+def check_reads_image(model: nn.Module, processor: Any, model_id: str = "the model") -> float:
+    """Pre-flight right after loading (two one-token generate() calls): the first action token's distribution must
+    differ between a black and a noise image. Returns their total variation; raises a one-line
+    :class:`SilentVisionError` naming the transformers version and the pin when the image makes no difference."""
+    black, noise = (first_action_token_probs(model, processor, im) for im in _probe_images(model_image_size(processor)))
+    tv = 0.5 * float((black - noise).abs().sum())
+    if not tv >= VISION_CHECK_MIN_TV:
+        version = transformers.__version__
+        why = (f"this environment has transformers {version}, the pin is transformers=={PINNED_TRANSFORMERS}: pip "
+               f"install transformers=={PINNED_TRANSFORMERS} (requirements.txt)" if version != PINNED_TRANSFORMERS else
+               f"this environment has the pinned transformers {version}, so the checkpoint itself does not use its "
+               f"image (a zeroed or missing projector / vision backbone?)")
+        raise SilentVisionError(
+            f"vision check failed: {model_id} gives the same first-action-token distribution for a black and a noise "
+            f"image (total variation {tv:.1e}), so it ignores its image - OpenVLA does this on transformers >= 4.50 "
+            f"(openvla issue #346); {why}")
+    return tv
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -493,6 +553,6 @@ __all__ = [
     "model_device", "model_image_size", "action_inputs", "choose_attention", "missing_checkpoint_files",
     "check_local_checkpoint", "load_openvla", "available_unnorm_keys", "check_unnorm_key",
     "register_dataset_statistics", "save_dataset_statistics_beside", "load_dataset_statistics", "lora_config",
-    "attach_lora",
+    "attach_lora", "SilentVisionError", "first_action_token_probs", "check_reads_image",
     "lora_target_modules", "linear_module_names", "trainable_parameters", "trainable_summary",
 ]

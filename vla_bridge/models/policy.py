@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import EMBEDDED_UNNORM_KEY
-from .openvla import available_unnorm_keys, load_openvla, register_dataset_statistics
+from ..hardware import PreflightError, check_tiny_base, check_unnorm_key_name
+from .openvla import available_unnorm_keys, check_reads_image, load_openvla, register_dataset_statistics
 
 
 class PolicyLoadError(RuntimeError):
@@ -53,6 +54,9 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
                                           progress=progress)
             notes.append(describe_base(info))
             model_id = str(path)
+        scope = check_tiny_base(cfg.policy, cfg.dataset)
+        if not scope.ok:
+            notes.append(f"note: {scope.detail}")
         precision = "fp32"
     elif cfg.policy == "openvla-4bit":
         precision = "4bit"
@@ -62,8 +66,16 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
     processor, model = load_openvla(model_id, precision=precision)
     base_keys = list(available_unnorm_keys(model))
     existed = cfg.unnorm_key in base_keys
+    try:
+        check_unnorm_key_name(cfg.unnorm_key, base_keys)
+    except PreflightError as exc:
+        raise PolicyLoadError(str(exc)) from None
     register_dataset_statistics(model, cfg.unnorm_key, stats_entry)
-    notes.append(f"registered the fine-tuning dataset's statistics under {cfg.unnorm_key!r} "
-                 f"({'replacing the base model’s entry' if existed else 'a new key'}; base keys: "
-                 f"{', '.join(base_keys[:8]) + (' …' if len(base_keys) > 8 else '') or 'none'})")
+    shown = ', '.join(base_keys[:8]) + (f' … ({len(base_keys)} in all)' if len(base_keys) > 8 else '') or 'none'
+    notes.append(f"registered the fine-tuning dataset's statistics under UNNORM_KEY={cfg.unnorm_key!r} "
+                 + ("(replacing the base model's entry" if existed else
+                    "(a NEW key, not among the base model's: this dataset's own statistics") + f"; base keys: {shown})")
+    tv = check_reads_image(model, processor, model_id)   # one-token generate() on two images; raises when blind
+    notes.append(f"vision check: the first action token's distribution differs between a black and a noise image "
+                 f"(total variation {tv:.3f}), so the model reads its image")
     return LoadedPolicy(model, processor, cfg.policy, model_id, base_keys, notes, precision)
