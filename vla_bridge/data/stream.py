@@ -97,10 +97,6 @@ class DatasetSource:
         return str(self.info.get("codebase_version", "unknown"))
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
-
-
 def _local_repo_id(root: Path) -> str:
     build = root / "meta" / "vla_bridge_build.json"
     if build.is_file():
@@ -143,12 +139,12 @@ def resolve_source(dataset: str | os.PathLike, root: str | os.PathLike | None = 
         if not info_path.is_file():
             raise StreamError(f"{local} has no meta/info.json: not a LeRobot dataset root")
         info = json.loads(info_path.read_text())
-        repo_id = text if (root is not None and _looks_like_hub_id(text)) else _local_repo_id(local)
+        repo_id = text if (root is not None and hardware.looks_like_hub_id(text)) else _local_repo_id(local)
         return DatasetSource(text, repo_id, local, info)
-    if not _looks_like_hub_id(text):
+    if not hardware.looks_like_hub_id(text):
+        if "/" in text or text.startswith((".", "~")):
+            raise StreamError(hardware.no_such_directory("DATASET", text))
         raise StreamError(f"{text!r} is neither an existing local directory nor a hub id of the form owner/name")
-    if text.startswith(("data/", "outputs/")):  # a local path that is not there, not a hub organisation
-        raise StreamError(f"{text!r} does not exist (a local dataset root was meant?)")
     info, revision, commit = _hub_info(text)
     return DatasetSource(text, text, None, info, revision, commit)
 
