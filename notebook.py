@@ -57,7 +57,7 @@ RESUME = False
 HUB_TIMEOUT_S = 3.0
 OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
-DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N; or per split "finetune:100,…"
+DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N; or per-split counts (README)
 STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
 
 # %%

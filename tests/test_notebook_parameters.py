@@ -9,10 +9,8 @@ from pathlib import Path
 
 import jupytext
 import papermill
-import pytest
 
 from vla_bridge.config import DEFAULT_PARAMS
-from vla_bridge.data import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +29,3 @@ def test_papermill_parses_every_parameter_line(tmp_path, caplog):
     assert list(inferred) == assignments and set(inferred) == set(DEFAULT_PARAMS)
     for name, p in inferred.items():
         assert ast.literal_eval(p["default"]) == DEFAULT_PARAMS[name], name   # the value papermill read is whole
-
-
-@pytest.mark.parametrize("text", ["finetune:3,heldout:2", "finetune=3,heldout=2"])
-def test_demo_episodes_per_split_syntax_in_the_comment_works(text):
-    counts = build.resolve_episode_counts(text)
-    assert counts["finetune"] == 3 and counts["heldout"] == 2

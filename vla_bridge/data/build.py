@@ -125,11 +125,9 @@ def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None
             episodes = int(text)
         else:
             try:
-                # "split=n" or "split:n" (the notebook's parameter comment uses ":" — papermill cannot parse a
-                # second "=" on a parameter line)
-                episodes = {k.strip(): int(v) for k, v in (kv.replace(":", "=").split("=") for kv in text.split(","))}
+                episodes = {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
             except ValueError:
-                raise ValueError(f"episodes={text!r}: expected an integer or 'split:n,split:n' (or split=n)") from None
+                raise ValueError(f"episodes={text!r}: expected an integer or 'split=n,split=n'") from None
     if isinstance(episodes, Mapping):
         unknown = set(episodes) - set(DEFAULT_EPISODES)
         if unknown:
