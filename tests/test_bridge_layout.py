@@ -137,3 +137,13 @@ def test_stream_decodes_only_the_cameras_asked_for(bridge):
     assert all(side in f for f in next(iter(got.values())))
     with pytest.raises(ValueError, match="image_9"):
         stream.open_dataset(ds.root, probe=False, cameras=["observation.images.image_9"])
+
+
+def test_bench_loader_warms_up_both_paths_and_decodes_one_camera(bridge_layout):
+    """The loader benchmark on the two-camera copy: both rows after an untimed warm-up, the main camera only."""
+    from vla_bridge.bench import bench_loader, format_bench
+
+    res = bench_loader(str(bridge_layout), frames=60, image_size=64, workers=0, buffer_size=16, warmup=30)
+    assert res["warmup_frames"] == 30 and res["cameras"] == ["observation.images.image_0"]
+    assert [r["frames"] for r in res["rows"]] == [60, 60]
+    assert "after 30 warm-up frames" in format_bench(res) and "cameras decoded: image_0" in format_bench(res)
