@@ -223,13 +223,16 @@ print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
 # statistics are saved as `dataset_statistics.json` in OpenVLA's `norm_stats` layout; the checkpoints later carry a
 # copy.
 #
-# They come from `meta/stats.json` when it has the percentiles, else from one pass over the training episodes'
-# Parquet columns (no video decoded).
+# As upstream OpenVLA defines them — `np.quantile` over the concatenated actions — but over the **training** episodes
+# only, in one pass over their Parquet columns (no video decoded), cached under `DATA_DIR/action_stats/` by dataset
+# revision and split. `meta/stats.json` is printed beside for comparison only: lerobot stores there the mean of
+# per-episode quantiles over all episodes, held-out ones included — narrower than the true percentiles, and leaking
+# the evaluation split into the normalization.
 
 # %%
-action_stats = dstats.compute_action_stats(ds, episodes=split.train)
+action_stats = dstats.compute_action_stats(ds, episodes=split.train, cache_dir=Path(cfg.data_dir) / "action_stats")
 stats_path = dstats.save_dataset_statistics(cfg.path("logs"), cfg.unnorm_key, action_stats)
-print(dstats.format_stats_table(action_stats, ds.meta.features["action"].get("names")))
+print(dstats.format_stats_table(action_stats, ds.meta.features["action"]))
 print(f"\nsaved {stats_path} under unnorm_key {cfg.unnorm_key!r}")
 
 # %% [markdown]
@@ -379,7 +382,7 @@ else:
     print(f"instruction : {frame['instruction']!r}")
     print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
     print(action_tokenizer)
-    names = ds.meta.features["action"].get("names") or [f"a{i}" for i in range(len(raw))]
+    names = stream.feature_names(ds.meta.features["action"], len(raw))  # list or IPEC's {"motors": [...]}
     print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
     for i, n in enumerate(names):
         print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "
