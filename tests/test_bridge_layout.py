@@ -147,3 +147,44 @@ def test_bench_loader_warms_up_both_paths_and_decodes_one_camera(bridge_layout):
     assert res["warmup_frames"] == 30 and res["cameras"] == ["observation.images.image_0"]
     assert [r["frames"] for r in res["rows"]] == [60, 60]
     assert "after 30 warm-up frames" in format_bench(res) and "cameras decoded: image_0" in format_bench(res)
+
+
+# ------------------------------------------------------------------------------------------- item 1: downstream
+
+
+@pytest.fixture(scope="module")
+def tiny_on_bridge(bridge):
+    import torch
+    from peft import get_peft_model
+
+    from vla_bridge.models.lora import lora_target_modules
+    from vla_bridge.models.openvla import lora_config
+    from vla_bridge.models.tiny_vla import build_tiny_vla
+
+    ds, split = bridge
+    entry = stats.compute_action_stats(ds, episodes=split.train)
+    torch.manual_seed(0)
+    model, processor = build_tiny_vla(norm_stats={"bridge_orig": stats.norm_stats_entry(entry)}, seed=0, image_size=32,
+                                      vision_width=48, vision_depth=2, hidden_size=64, num_layers=1,
+                                      intermediate_size=128)
+    model = get_peft_model(model, lora_config(4, 4, target_modules=lora_target_modules(model)))
+    return model, processor, entry
+
+
+def test_evaluation_and_probes_label_dimensions_with_the_datasets_names(bridge, tiny_on_bridge, tmp_path):
+    """On a Bridge copy the per-dimension numbers are keyed by ITS names (was: {"motors": ...} in the evaluation,
+    the demo world's dx … dyaw in the probes)."""
+    from vla_bridge import evaluation as ev
+    from vla_bridge import probes
+
+    ds, split = bridge
+    model, processor, entry = tiny_on_bridge
+    rep = ev.run_evaluation(model, processor, ds, split, unnorm_key="bridge_orig", out_dir=tmp_path / "eval",
+                            run_name="bridge", episodes_per_task=1, max_tasks_per_group=1, closed_loop=False,
+                            center_crop=False, contrast_tasks=0, progress=False, threads=1, n_boot=50,
+                            action_stats=entry)
+    rows = rep.rows(ev.POLICY_FINETUNED)
+    assert rows and all(list(r["l1_per_dim"]) == NAMES for r in rows)
+    res = probes.run_probes(model, processor, ds, split, unnorm_key="bridge_orig", out_dir=tmp_path / "probe",
+                            max_episodes=1, frame_stride=4, closed_loop=False, verbose=False)
+    assert res.rows and all(list(r["mean_abs_delta"]) == NAMES for r in res.rows if r.get("mean_abs_delta"))

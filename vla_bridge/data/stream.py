@@ -19,6 +19,9 @@ Two bugs of lerobot 0.4.4's ``StreamingLeRobotDataset`` are worked around in :cl
   ``IndexError`` or returns another episode's frame. We query ``from_timestamp`` of the episode's file + the frame's
   time within its episode, as the map-style ``LeRobotDataset`` does.
 
+lerobot also decodes every camera of every frame (Bridge has four; training and evaluation read ``image_0``): the
+stream decodes only ``cameras`` (default the main camera; the data figures and the camera probe ask for more).
+
 A third issue is made explicit rather than left to chance: inside ``torch.utils.data.DataLoader`` workers,
 ``datasets`` splits each of lerobot's one-shard sub-streams across workers, so worker 0 streams everything and the
 other workers stream nothing. :class:`BridgeStreamingDataset` gives each worker its own share of the episodes.
