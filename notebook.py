@@ -78,7 +78,7 @@ RESUME = False
 HUB_TIMEOUT_S = 3.0
 OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
-DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N, or "split=n,..."
+DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N; or per-split counts (README)
 STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
 EXPORT = "auto"          # section 13: merge LoRA into a standalone checkpoint; auto → on for tiny, off for 7B
 
@@ -253,13 +253,16 @@ print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
 # never rotates about those axes) normalizes to 0 for every frame and always maps to **one** token; its round trip
 # below is exact, and it makes token accuracy look better than the motion it predicts.
 #
-# They come from `meta/stats.json` when it has the percentiles, else from one pass over the training episodes'
-# Parquet columns (no video decoded).
+# As upstream OpenVLA defines them — `np.quantile` over the concatenated actions — but over the **training** episodes
+# only, in one pass over their Parquet columns (no video decoded), cached under `DATA_DIR/action_stats/` by dataset
+# revision and split. `meta/stats.json` is printed beside for comparison only: lerobot stores there the mean of
+# per-episode quantiles over all episodes, held-out ones included — narrower than the true percentiles, and leaking
+# the evaluation split into the normalization.
 
 # %%
-action_stats = dstats.compute_action_stats(ds, episodes=split.train)
+action_stats = dstats.compute_action_stats(ds, episodes=split.train, cache_dir=Path(cfg.data_dir) / "action_stats")
 stats_path = dstats.save_dataset_statistics(cfg.path("logs"), cfg.unnorm_key, action_stats)
-print(dstats.format_stats_table(action_stats, ds.meta.features["action"].get("names")))
+print(dstats.format_stats_table(action_stats, ds.meta.features["action"]))
 print(f"\nsaved {stats_path} under unnorm_key {cfg.unnorm_key!r}")
 
 # %% [markdown]
@@ -409,7 +412,7 @@ else:
     print(f"instruction : {frame['instruction']!r}")
     print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
     print(action_tokenizer)
-    names = ds.meta.features["action"].get("names") or [f"a{i}" for i in range(len(raw))]
+    names = stream.feature_names(ds.meta.features["action"], len(raw))  # list or IPEC's {"motors": [...]}
     print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
     for i, n in enumerate(names):
         print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "

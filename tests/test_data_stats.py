@@ -31,7 +31,7 @@ def _check_entry(entry):
 
 def test_meta_source(train_ds):
     ds, _ = train_ds
-    entry = stats.compute_action_stats(ds)
+    entry = stats.compute_action_stats(ds, source="meta")
     _check_entry(entry)
     assert entry["source"].startswith("meta/stats.json") and entry["quantiles_exact"]
     assert entry["num_trajectories"] == sum(SMALL.values())
@@ -51,13 +51,15 @@ def test_stream_source_matches_the_training_frames(train_ds, small):
     np.testing.assert_allclose(entry["action"]["mean"], acts.mean(0), atol=1e-6)
 
 
-def test_auto_falls_back_to_stream_without_quantiles(train_ds, tmp_path, monkeypatch):
+def test_auto_is_the_training_split_with_meta_only_for_comparison(train_ds):
+    """The embedded build's meta/stats.json is exact but over ALL episodes (held-out included): "auto" does not use it
+    for normalization, only prints it beside."""
     ds, split = train_ds
-    monkeypatch.setattr(stats, "stats_from_meta", lambda root: None)
     entry = stats.compute_action_stats(ds, episodes=split.train)
-    assert entry["source"].startswith("streaming pass")
+    assert entry["source"].startswith("exact over") and entry["num_trajectories"] == len(split.train)
+    assert entry["lerobot"]["num_trajectories"] == sum(SMALL.values()) and entry["lerobot"]["quantiles_exact"]
     with pytest.raises(ValueError, match="source='stream'"):
-        stats.compute_action_stats(ds, source="meta")
+        stats.compute_action_stats(ds.meta.root / "nowhere", source="meta")
 
 
 def test_save_and_load_openvla_layout(train_ds, tmp_path):

@@ -41,7 +41,7 @@ def test_old_codebase_version_gives_our_error(tmp_path, version):
 
 def test_hub_v20_dataset_checked_before_lerobot(monkeypatch):
     """A hub id is judged by its info.json alone (one small download), before lerobot touches it."""
-    monkeypatch.setattr(stream, "_hub_info", lambda repo: ({"codebase_version": "v2.0"}, None))
+    monkeypatch.setattr(stream, "_hub_info", lambda repo: ({"codebase_version": "v2.0"}, None, None))
     with pytest.raises(stream.DatasetVersionError, match="IPEC-COMMUNITY/bridge_orig_lerobot is a LeRobot v2.0"):
         stream.open_dataset("IPEC-COMMUNITY/bridge_orig_lerobot")
 

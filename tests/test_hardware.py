@@ -95,7 +95,7 @@ def test_dataset_decision(tmp_path):
     assert hwm.choose_dataset("someone/bridge", "octo", True).value == "someone/bridge"
     with pytest.raises(PreflightError, match="hub is unreachable"):
         hwm.choose_dataset("someone/bridge", "octo", False)
-    with pytest.raises(PreflightError, match="neither"):
+    with pytest.raises(PreflightError, match="no such directory"):
         hwm.choose_dataset("./no/such/dir", "octo", True)
 
 

@@ -58,7 +58,8 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
     res = bench_loader(args.dataset, root=args.root, frames=args.frames, image_size=args.image_size,
                        workers=args.workers, data_dir=args.data_dir, seed=args.seed, buffer_size=args.buffer_size,
-                       default_threads=args.default_threads, batch_size=args.batch_size, split=args.split)
+                       default_threads=args.default_threads, batch_size=args.batch_size, split=args.split,
+                       warmup=args.warmup)
     print(format_bench(res))
     if args.json:
         from .config import write_json
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench-loader", help="frames/s: bare streaming vs the training input pipeline")
     p.add_argument("dataset", nargs="?", default="embedded", help="embedded | hub id | local LeRobot v3.0 root")
     p.add_argument("--frames", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=200, help="untimed frames through each path first (cold caches)")
     p.add_argument("--image-size", type=int, default=224, help="model image size the pipeline resizes to")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the third row (0: skip)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size of the DataLoader row")

@@ -61,6 +61,7 @@ from .tokenization import (
     unnormalize_actions,
 )
 from .data.splits import GROUP_TITLES as _SPLIT_GROUP_TITLES
+from .data.stream import feature_names
 
 SCHEMA_VERSION = 1
 REPLAY_HORIZON = 16                # predicted / demonstrated xyz deltas integrated for the drift
@@ -723,7 +724,8 @@ def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
 
         bar = tqdm(total=len(eps), desc="decoding evaluation episodes", unit="episode", leave=False, mininterval=1.0)
     for i in range(0, len(eps), chunk):
-        part = collect_episodes(ds, eps[i:i + chunk])
+        part = collect_episodes(ds, eps[i:i + chunk], cameras=[camera] + ([other_camera] if other_camera and
+                                                                            other_camera in ds.meta.video_keys else []))
         for e, frames in part.items():
             out[e] = EpisodeData(
                 episode_index=e, instruction=str(frames[0].get("task", "")),
@@ -1189,8 +1191,8 @@ def run_evaluation(
     timing["closed_loop_s"] = time.perf_counter() - t0
 
     # ---- per-episode metrics
-    action_names = list(getattr(getattr(ds, "meta", None), "features", {}).get("action", {}).get("names") or
-                        world.ACTION_NAMES)
+    action_dim = int(np.asarray(data[all_eps[0]].actions).shape[1]) if all_eps else len(world.ACTION_NAMES)
+    action_names = feature_names(getattr(getattr(ds, "meta", None), "features", {}).get("action"), action_dim)
     per_episode: list[dict] = []
     task_of = {e: t for t in tasks for e in t.episodes}
     for p in pol_objs:

@@ -21,6 +21,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
@@ -175,6 +176,29 @@ def package_available(name: str) -> bool:
         return False
 
 
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+
+
+def looks_like_hub_id(text: str | os.PathLike) -> bool:
+    """Whether a DATASET / MODEL_ID value that is not an existing directory should be read as a hub id: exactly
+    ``owner/name`` with the hub's characters (letters, digits, ``-``, ``_``, ``.``, not at either end). Anything
+    else that names a directory is a (mistyped) local path: it starts with ``.``, ``/`` or ``~``, ends with ``/``,
+    has more than one ``/`` — or its first part is a directory here (``data/bridge_copy`` with ``data/`` present)."""
+    t = str(text).strip()
+    if not _HUB_ID.fullmatch(t) or ".." in t:
+        return False
+    return not Path(t.split("/", 1)[0]).is_dir()
+
+
+def no_such_directory(label: str, text: str | os.PathLike) -> str:
+    """The one-line error for a DATASET / MODEL_ID that reads as a local path that does not exist."""
+    t = str(text).strip()
+    full = Path(t).expanduser().resolve()
+    return (f"{label}={t!r}: no such directory: {full} (read as a local path; a hub id is exactly owner/name). "
+            f"Check the path, or give the hub id")
+
+
 def _is_local_dir(model_id: str | None) -> bool:
     return bool(model_id) and model_id != "auto" and Path(model_id).expanduser().is_dir()
 
@@ -254,7 +278,9 @@ def choose_dataset(requested: str, policy: str, hub_ok: bool) -> Decision:
         return Decision(EMBEDDED_DATASET, "DATASET parameter asks for the embedded demo dataset")
     if Path(req).expanduser().exists():
         return Decision(str(Path(req).expanduser()), "DATASET parameter is a local LeRobot root")
-    if "/" in req and not req.startswith((".", "/")):
+    if "/" in req and not looks_like_hub_id(req):
+        raise PreflightError(no_such_directory("DATASET", req))
+    if looks_like_hub_id(req):
         if not hub_ok:
             raise PreflightError(
                 f"DATASET={req!r} is a hub id but the hub is unreachable: set DATASET to a local root or 'embedded'"
@@ -450,8 +476,7 @@ def model_id_kind(policy: str, model_id: str) -> str:
         return "built"
     if policy == "octo":
         return "random" if model_id == RANDOM_INIT else "hub" if model_id.startswith("hf://") else "missing"
-    looks_like_path = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
-    return "missing" if looks_like_path else "hub"
+    return "hub" if looks_like_hub_id(model_id) else "missing"
 
 
 def check_model_id(policy: str, model_id: str) -> CheckResult:
@@ -461,7 +486,7 @@ def check_model_id(policy: str, model_id: str) -> CheckResult:
     fix = (f"point MODEL_ID at a local Octo checkpoint directory, or use hf://rail-berkeley/octo-small-1.5 (hub) or "
            f"{RANDOM_INIT} (offline, random weights)" if policy == "octo" else
            "point MODEL_ID at an existing local checkpoint directory or a hub id (owner/name)")
-    return CheckResult("model", False, f"MODEL_ID={model_id!r}: no such directory", fix)
+    return CheckResult("model", False, no_such_directory("MODEL_ID", model_id), fix)
 
 
 def model_norm_stats_keys(model_id: str) -> list[str] | None:
@@ -503,7 +528,11 @@ def check_unnorm_key_name(unnorm_key: str, keys: list[str] | None) -> None:
 
 
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
-    needs_hub = (dataset != EMBEDDED_DATASET and not Path(dataset).exists()) or (
+    missing_local = dataset != EMBEDDED_DATASET and not Path(dataset).expanduser().exists()
+    if missing_local and not looks_like_hub_id(dataset):
+        return CheckResult("dataset", False, no_such_directory("DATASET", dataset),
+                           "point DATASET at an existing LeRobot v3.0 root, a hub id (owner/name) or 'embedded'")
+    needs_hub = missing_local or (
         policy != "tiny" and model_id_kind(policy, model_id) == "hub"
     )
     detail = f"hub {'reachable' if hub.value == 'yes' else 'unreachable'}: {hub.reason}"

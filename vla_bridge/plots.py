@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .data.stream import feature_names
+
 _UNITS = {"dx": "m", "dy": "m", "dz": "m", "droll": "rad", "dpitch": "rad", "dyaw": "rad", "gripper": "1 = open"}
 
 
@@ -138,7 +140,7 @@ def plot_action_stream(episode_frames: Mapping[int, Sequence[Mapping[str, Any]]]
     acts = {ep: np.stack([np.asarray(f["action"].detach().cpu().numpy() if hasattr(f["action"], "detach")
                                      else f["action"], dtype=np.float64) for f in episode_frames[ep]]) for ep in eps}
     dim = next(iter(acts.values())).shape[1]
-    names = list(action_names or [f"a{i}" for i in range(dim)])
+    names = feature_names(action_names, dim)
     fig, axes = plt.subplots(dim, 1, figsize=(8, 1.35 * dim + 0.8), sharex=True, squeeze=False)
     for d in range(dim):
         ax = axes[d][0]
@@ -166,10 +168,9 @@ def plot_data_figures(ds, episodes: Sequence[int], out_dir: str | os.PathLike, n
     from .data.stream import collect_episodes
 
     picked = pick_episodes(episodes, n, seed)
-    frames = collect_episodes(ds, picked)
+    frames = collect_episodes(ds, picked, cameras="all")  # this figure shows every camera
     fps = float(ds.meta.fps)
-    names = ds.meta.features.get("action", {}).get("names")
-    names = names if isinstance(names, (list, tuple)) else None
+    names = feature_names(ds.meta.features.get("action")) or None
     return {
         "episodes": picked,
         "episode_frames": plot_episode_frames(frames, out_dir, ds.meta.camera_keys, fps=fps),

@@ -79,6 +79,7 @@ import torch
 
 from .images import to_uint8_hwc
 from .evaluation import ClosedLoopEpisode, run_closed_loop
+from .data.stream import feature_names
 
 MAIN_CAMERA = "observation.images.image_0"
 OTHER_CAMERA = "observation.images.image_1"
@@ -92,7 +93,6 @@ PROBE_TITLES = {"paraphrase": "Paraphrased instructions", "color_shift": "A {deg
 REFERENCE = "other_scene"
 # Evaluation groups probed, in this order, when present in the split (world: first three; Bridge: heldout + object).
 PROBE_GROUPS = ("heldout", "heldout_family", "unseen_color", "heldout_object")
-ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
 HUE_SHIFT_DEG = 90.0
 BLACK_MAX = 10                # an image whose 99th-percentile pixel is <= this is "black" (a dead camera)
@@ -454,7 +454,7 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
 
     stats = base_model(model).config.norm_stats[unnorm_key]["action"]
     dim_range = np.maximum(np.asarray(stats["q99"], np.float64) - np.asarray(stats["q01"], np.float64), 1e-8)
-    names = list(ACTION_NAMES) if len(dim_range) == len(ACTION_NAMES) else [f"a{i}" for i in range(len(dim_range))]
+    names = feature_names(ds.meta.features.get("action"), len(dim_range))  # the dataset's own names (dict form too)
 
     with torch_threads(threads):
         t = time.perf_counter()

@@ -5,24 +5,35 @@ where ``mask`` is False: Bridge's gripper (index 6) is already in [0, 1] and pas
 de-normalizes its predictions with the same numbers, looked up under an ``unnorm_key`` — so the statistics the
 training normalized with are saved next to the adapter and registered under that key.
 
+The definition is upstream OpenVLA's (``prismatic/vla/datasets/rlds/utils/data_utils.py: get_dataset_statistics``):
+the action rows of every transition concatenated, then ``mean`` / ``std`` (population) / ``min`` / ``max`` and
+``np.quantile(actions, 0.01 | 0.99, axis=0)`` over them. One deliberate difference: upstream pools every split of
+the RLDS dataset; here the transitions are the TRAINING split's, so the held-out evaluation episodes do not shape
+the normalization they are evaluated under.
+
 Where the numbers come from (``source``):
 
-* ``"meta"`` — ``meta/stats.json`` when it has ``q01``/``q99`` for ``action`` (whole dataset). Our embedded build
-  writes exact percentiles there. lerobot's own writer/converter stores the frame-weighted MEAN of per-episode
-  percentiles, which is narrower than the true percentiles (``quantiles_exact`` tells which one you got);
-* ``"stream"`` — one streaming pass over the ``episodes`` given (the training split), reading only the parquet
-  columns (no video is decoded) and computing exact percentiles;
-* ``"auto"`` — ``"meta"`` when it has the quantiles, else ``"stream"``.
+* ``"auto"`` / ``"stream"`` (the default) — one pass over the ``episodes`` given (the training split), reading only
+  the Parquet columns (no video is decoded), exact quantiles; cached under ``cache_dir`` by the dataset's revision
+  (hub: the commit sha; local: a fingerprint of its metadata and data files) and the episode list. When
+  ``meta/stats.json`` has quantiles, its figures are attached as ``entry["lerobot"]`` for a printed comparison only:
+  lerobot 0.4.4 stores the frame-weighted MEAN of per-episode (histogram) quantiles over ALL episodes — narrower
+  than the true quantiles, and it includes the held-out split;
+* ``"meta"`` — ``meta/stats.json`` itself (whole dataset), for when that is really what is wanted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .stream import feature_names
 
 ACTION_KEY = "action"
 STATE_KEY = "observation.state"
@@ -101,7 +112,8 @@ def stats_from_stream(ds, episodes: Sequence[int] | None = None, batch_size: int
     if not acts:
         raise ValueError("no frames in the requested episodes: cannot compute action statistics")
     return stats_from_arrays(np.concatenate(acts), np.concatenate(states) if states else None, len(eps),
-                             source=f"streaming pass over {len(eps)} episodes (parquet columns)")
+                             source=f"exact over {len(eps)} episodes' transitions (one pass over the Parquet "
+                                    "columns, no video decoded)")
 
 
 def stats_from_arrays(actions: np.ndarray, states: np.ndarray | None = None, num_trajectories: int = 0,
@@ -120,20 +132,87 @@ def stats_from_arrays(actions: np.ndarray, states: np.ndarray | None = None, num
     return entry
 
 
-def compute_action_stats(ds, episodes: Sequence[int] | None = None, source: str = "auto") -> dict[str, Any]:
+STATS_CACHE_FORMAT = 1   # bump when the definition or the cached layout changes
+
+
+def dataset_fingerprint(ds_or_root: Any) -> str:
+    """What identifies the dataset's content: ``hub:<repo>@<commit sha>`` (or the revision name when the sha is not
+    known), or for a local root ``local:<sha256>`` of meta/info.json, meta/episodes (per-episode lengths and stats,
+    rewritten by lerobot whenever the data change) and the data files' names and sizes."""
+    source = getattr(ds_or_root, "source", None)
+    if source is not None and getattr(source, "root", None) is None:
+        rev = getattr(source, "commit", None) or getattr(source, "revision", None) or "main"
+        return f"hub:{source.repo_id}@{rev}"
+    root = _meta_root(ds_or_root)
+    if root is None:
+        raise ValueError(f"cannot fingerprint {ds_or_root!r}: neither an opened stream nor a local dataset root")
+    h = hashlib.sha256()
+    h.update((root / "meta" / "info.json").read_bytes())
+    for p in sorted((root / "meta" / "episodes").rglob("*.parquet")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    for p in sorted((root / "data").rglob("*.parquet")):
+        h.update(f"{p.relative_to(root)}:{p.stat().st_size}".encode())
+    return f"local:{h.hexdigest()[:24]}"
+
+
+def _episodes_key(episodes: Sequence[int]) -> str:
+    return hashlib.sha256(",".join(str(int(e)) for e in sorted(set(episodes))).encode()).hexdigest()[:12]
+
+
+def stats_cache_path(cache_dir: str | os.PathLike, fingerprint: str, episodes: Sequence[int]) -> Path:
+    fp = hashlib.sha256(f"{STATS_CACHE_FORMAT}|{fingerprint}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"action_stats-{fp}-{_episodes_key(episodes)}.json"
+
+
+def _lerobot_figures(ds: Any) -> dict[str, Any] | None:
+    root = _meta_root(ds)
+    if root is None:
+        return None
+    with_q = stats_from_meta(root)
+    if with_q is None:
+        return None
+    return {"action": {k: with_q["action"][k] for k in STAT_FIELDS}, "quantiles_exact": with_q["quantiles_exact"],
+            "num_trajectories": with_q["num_trajectories"], "num_transitions": with_q["num_transitions"]}
+
+
+def compute_action_stats(ds, episodes: Sequence[int] | None = None, source: str = "auto",
+                         cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The norm_stats entry ``{"action": {...,"mask"}, "proprio": {...}, "num_transitions", "num_trajectories"}``
-    plus ``source`` / ``quantiles_exact`` (dropped when saving). ``ds``: an opened stream (or a local root for
-    ``source="meta"``)."""
+    plus ``source`` / ``quantiles_exact`` / ``lerobot`` (dropped when saving). ``ds``: an opened stream (or a local
+    root for ``source="meta"``); ``episodes``: the training split (default: the episodes ``ds`` streams)."""
     if source not in ("auto", "meta", "stream"):
         raise ValueError(f"source={source!r}: expected auto, meta or stream")
-    if source in ("auto", "meta"):
+    if source == "meta":
         root = _meta_root(ds)
         entry = stats_from_meta(root) if root is not None else None
-        if entry is not None:
-            return entry
-        if source == "meta":
+        if entry is None:
             raise ValueError("meta/stats.json has no q01/q99 for 'action': use source='stream'")
-    return stats_from_stream(ds, episodes)
+        return entry
+    if episodes is None:
+        episodes = list(getattr(ds, "selected_episodes", []) or [])
+    cache = None
+    if cache_dir is not None and episodes:
+        fingerprint = dataset_fingerprint(ds)
+        cache = stats_cache_path(cache_dir, fingerprint, episodes)
+        if cache.is_file():
+            with contextlib.suppress(ValueError, KeyError):
+                saved = json.loads(cache.read_text())
+                if saved["fingerprint"] == fingerprint and saved["episodes"] == sorted(int(e) for e in episodes):
+                    entry = saved["entry"]
+                    entry["source"] = f"{entry['source']}; cached in {cache}"
+                    return entry
+    entry = stats_from_stream(ds, episodes or None)
+    lerobot = _lerobot_figures(ds)
+    if lerobot is not None:
+        entry["lerobot"] = lerobot
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"format": STATS_CACHE_FORMAT, "fingerprint": fingerprint,
+                                   "episodes": sorted(int(e) for e in episodes), "entry": entry}))
+        tmp.replace(cache)
+    return entry
 
 
 def norm_stats_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,11 +252,13 @@ def load_dataset_statistics(path: str | os.PathLike, unnorm_key: str | None = No
     return data[unnorm_key]
 
 
-def format_stats_table(entry: Mapping[str, Any], names: Sequence[str] | None = None) -> str:
-    """Per-dimension q01 / q99 / mean / std / min / max and whether the dimension is normalized."""
+def format_stats_table(entry: Mapping[str, Any], names: Any = None) -> str:
+    """Per-dimension q01 / q99 / mean / std / min / max and whether the dimension is normalized. ``names``: the
+    action feature's spec or its ``names`` (a list, or the dict form ``{"motors": [...]}``; see
+    ``stream.feature_names``)."""
     a = entry["action"]
     dim = len(a["q01"])
-    names = list(names) if names else [f"a{i}" for i in range(dim)]
+    names = feature_names(names, dim)
     head = f"{'dim':<8}{'q01':>10}{'q99':>10}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}  normalized"
     rows = [head, "-" * len(head)]
     for i in range(dim):
@@ -188,4 +269,16 @@ def format_stats_table(entry: Mapping[str, Any], names: Sequence[str] | None = N
         exact = entry.get("quantiles_exact")
         rows.append(f"source: {src}; {entry['num_transitions']:,} transitions, {entry['num_trajectories']:,} "
                     f"trajectories; quantiles {'exact' if exact else 'lerobot-aggregated (mean of per-episode)'}")
+    lr = entry.get("lerobot")
+    if lr:
+        how = ("exact, all episodes" if lr.get("quantiles_exact") else
+               "lerobot's mean of per-episode quantiles over all episodes, held-out included")
+        rows += ["", f"for comparison only, meta/stats.json ({how}; {lr['num_trajectories']:,} trajectories) — "
+                     "not used for normalization:",
+                 f"{'dim':<8}{'q01':>10}{'q99':>10}  {'width vs the q01..q99 used':>26}"]
+        for i in range(dim):
+            used = a["q99"][i] - a["q01"][i]
+            width = lr["action"]["q99"][i] - lr["action"]["q01"][i]
+            ratio = f"{width / used:>25.2f}x" if used > 0 else f"{'-':>26}"
+            rows.append(f"{names[i]:<8}{lr['action']['q01'][i]:>10.4f}{lr['action']['q99'][i]:>10.4f}  {ratio}")
     return "\n".join(rows)

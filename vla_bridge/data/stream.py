@@ -19,6 +19,9 @@ Two bugs of lerobot 0.4.4's ``StreamingLeRobotDataset`` are worked around in :cl
   ``IndexError`` or returns another episode's frame. We query ``from_timestamp`` of the episode's file + the frame's
   time within its episode, as the map-style ``LeRobotDataset`` does.
 
+lerobot also decodes every camera of every frame (Bridge has four; training and evaluation read ``image_0``): the
+stream decodes only ``cameras`` (default the main camera; the data figures and the camera probe ask for more).
+
 A third issue is made explicit rather than left to chance: inside ``torch.utils.data.DataLoader`` workers,
 ``datasets`` splits each of lerobot's one-shard sub-streams across workers, so worker 0 streams everything and the
 other workers stream nothing. :class:`BridgeStreamingDataset` gives each worker its own share of the episodes.
@@ -86,6 +89,7 @@ class DatasetSource:
     root: Path | None
     info: dict
     revision: str | None = None
+    commit: str | None = None      # hub: the commit sha the info.json was read at (its snapshot directory)
 
     @property
     def is_local(self) -> bool:
@@ -96,10 +100,6 @@ class DatasetSource:
         return str(self.info.get("codebase_version", "unknown"))
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
-
-
 def _local_repo_id(root: Path) -> str:
     build = root / "meta" / "vla_bridge_build.json"
     if build.is_file():
@@ -108,15 +108,17 @@ def _local_repo_id(root: Path) -> str:
     return f"local/{root.resolve().name}"
 
 
-def _hub_info(repo_id: str) -> tuple[dict, str | None]:
+def _hub_info(repo_id: str) -> tuple[dict, str | None, str | None]:
     """meta/info.json from the hub: lerobot streams the "v3.0" tag when there is one, else the default branch."""
     from huggingface_hub import hf_hub_download
 
     last: Exception | None = None
     for revision in ("v3.0", None):
         try:
-            path = hf_hub_download(repo_id, "meta/info.json", repo_type="dataset", revision=revision)
-            return json.loads(Path(path).read_text()), revision
+            path = Path(hf_hub_download(repo_id, "meta/info.json", repo_type="dataset", revision=revision))
+            snapshot = path.parent.parent.name  # <cache>/snapshots/<commit sha>/meta/info.json
+            commit = snapshot if len(snapshot) == 40 and all(c in "0123456789abcdef" for c in snapshot) else None
+            return json.loads(path.read_text()), revision, commit
         except Exception as exc:  # RevisionNotFoundError, EntryNotFoundError, offline, gated ...
             last = exc
             if type(exc).__name__ != "RevisionNotFoundError":
@@ -140,14 +142,14 @@ def resolve_source(dataset: str | os.PathLike, root: str | os.PathLike | None = 
         if not info_path.is_file():
             raise StreamError(f"{local} has no meta/info.json: not a LeRobot dataset root")
         info = json.loads(info_path.read_text())
-        repo_id = text if (root is not None and _looks_like_hub_id(text)) else _local_repo_id(local)
+        repo_id = text if (root is not None and hardware.looks_like_hub_id(text)) else _local_repo_id(local)
         return DatasetSource(text, repo_id, local, info)
-    if not _looks_like_hub_id(text):
+    if not hardware.looks_like_hub_id(text):
+        if "/" in text or text.startswith((".", "~")):
+            raise StreamError(hardware.no_such_directory("DATASET", text))
         raise StreamError(f"{text!r} is neither an existing local directory nor a hub id of the form owner/name")
-    if text.startswith(("data/", "outputs/")):  # a local path that is not there, not a hub organisation
-        raise StreamError(f"{text!r} does not exist (a local dataset root was meant?)")
-    info, revision = _hub_info(text)
-    return DatasetSource(text, text, None, info, revision)
+    info, revision, commit = _hub_info(text)
+    return DatasetSource(text, text, None, info, revision, commit)
 
 
 def read_info(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
@@ -236,6 +238,22 @@ def _hide_worker_info() -> Iterator[None]:
         tud.get_worker_info = original
 
 
+def resolve_cameras(video_keys: Sequence[str], cameras: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """The camera keys a stream decodes. ``None``: what training and evaluation read — the main camera
+    (``image_0``), or every camera when the dataset has no ``image_0``; ``"all"``: every camera; else the given keys
+    (a bare ``image_1`` means ``observation.images.image_1``), each of which must be one of the dataset's."""
+    keys = list(video_keys)
+    if cameras is None:
+        return (MAIN_CAMERA,) if MAIN_CAMERA in keys else tuple(keys)
+    if isinstance(cameras, str):
+        cameras = keys if cameras == "all" else [cameras]
+    out = tuple(c if c in keys or c.startswith("observation.") else f"observation.images.{c}" for c in cameras)
+    bad = [c for c in out if c not in keys]
+    if bad:
+        raise ValueError(f"camera(s) {bad} not in the dataset; it has {keys}")
+    return out
+
+
 def _make_streaming_class():
     from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
 
@@ -244,7 +262,7 @@ def _make_streaming_class():
         per-worker episode shards (see the module docstring). ``delta_timestamps`` is not supported."""
 
         def __init__(self, repo_id: str, root: str | os.PathLike | None = None, episodes: Sequence[int] | None = None,
-                     **kwargs: Any):
+                     cameras: Sequence[str] | str | None = None, **kwargs: Any):
             if kwargs.get("delta_timestamps"):
                 raise NotImplementedError("BridgeStreamingDataset streams single frames (no delta_timestamps)")
             if episodes is not None and len(episodes) == 0:
@@ -265,6 +283,7 @@ def _make_streaming_class():
             else:
                 self.selected_episodes = sorted(known)
             self._select(self.selected_episodes if episodes is not None else None)
+            self.cameras = resolve_cameras(self.meta.video_keys, cameras)
 
         # -- the episode filter (lerobot 0.4.4 ignores `episodes`)
         def _select(self, episodes: Sequence[int] | None) -> None:
@@ -291,11 +310,13 @@ def _make_streaming_class():
             return {int(e): int(t.at[e, "length"]) for e in self.selected_episodes}
 
         # -- file-relative video timestamps (lerobot 0.4.4 uses the dataset-global index / fps)
+        # -- and only the cameras asked for (lerobot decodes every video key of every frame)
         def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict:
             row = self._episode_table.loc[int(ep_idx)]
             ep_start = float(row["dataset_from_index"]) / self.fps
+            wanted = self.cameras
             fixed = {key: [float(row[f"videos/{key}/from_timestamp"]) + (ts - ep_start) for ts in tss]
-                     for key, tss in query_timestamps.items()}
+                     for key, tss in query_timestamps.items() if wanted is None or key in wanted}
             return super()._query_videos(fixed, ep_idx)
 
         # -- DataLoader workers: each worker streams its own episodes
@@ -410,11 +431,13 @@ def open_dataset(
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     probe: bool = True,
     timeout_s: float | None = None,
+    cameras: Sequence[str] | str | None = None,
 ):
     """Open a hub id or a local LeRobot root for streaming, after the checks in the module docstring.
 
     Returns a :class:`BridgeStreamingDataset`; with ``probe`` its first frames (stream order) are in
-    ``ds.first_frames`` and ``ds.source`` is the :class:`DatasetSource`.
+    ``ds.first_frames`` and ``ds.source`` is the :class:`DatasetSource`. ``cameras``: the video keys each frame
+    decodes (:func:`resolve_cameras`; default the main camera only — Bridge has four, training reads one).
     """
     if episodes is not None and len(episodes) == 0:
         raise ValueError("no episodes to stream: the episode list (the split) is empty")
@@ -425,7 +448,8 @@ def open_dataset(
     check_version(source.info, str(dataset))
     require_torchcodec()
     cls = streaming_class()
-    kwargs: dict[str, Any] = dict(episodes=episodes, shuffle=shuffle, seed=seed, buffer_size=buffer_size)
+    kwargs: dict[str, Any] = dict(episodes=episodes, shuffle=shuffle, seed=seed, buffer_size=buffer_size,
+                                  cameras=cameras)
     if source.revision:
         kwargs["revision"] = source.revision
     with warnings.catch_warnings():
@@ -449,11 +473,26 @@ def task_table(meta) -> dict[int, str]:
     return {int(ti): str(task) for task, ti in zip(tasks.index, tasks["task_index"])}
 
 
-def _names(ft: Mapping[str, Any]) -> list[str]:
-    names = ft.get("names")
-    if isinstance(names, Mapping):  # v2-era conversions: {"motors": [...]}
-        names = next(iter(names.values()), None)
-    return [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+def feature_names(feature: Any, dim: int | None = None) -> list[str]:
+    """Per-dimension names of a LeRobot feature — THE one reading of a feature's ``names`` in this package.
+
+    ``feature``: a feature spec from ``meta/info.json`` (a mapping with ``shape`` / ``dtype`` / ``names``) or its
+    ``names`` value alone. ``names`` is a list, or — in v2-era conversions such as IPEC's Bridge — a dict of lists
+    (``{"motors": [...]}``), whose lists are joined in order. The dimension count is the spec's ``shape[0]`` (or
+    ``dim``); names that do not give exactly that many strings (none, a dict of non-lists, the wrong count) fall back
+    to ``a0 … a{dim-1}``. Without any dimension count, whatever names there are come back ([] when none)."""
+    names = feature
+    if isinstance(feature, Mapping) and ("shape" in feature or "dtype" in feature or "names" in feature):
+        names = feature.get("names")
+        if dim is None and feature.get("shape"):
+            dim = int(feature["shape"][0])
+    if isinstance(names, Mapping):  # {"motors": [...]} (several lists: concatenated)
+        lists = [v for v in names.values() if isinstance(v, (list, tuple))]
+        names = [n for v in lists for n in v] if lists else None
+    out = [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+    if dim is not None and len(out) != int(dim):
+        return [f"a{i}" for i in range(int(dim))]
+    return out
 
 
 def schema(ds) -> dict[str, Any]:
@@ -468,7 +507,7 @@ def schema(ds) -> dict[str, Any]:
     for key in ("observation.state", "action"):
         if key in info["features"]:
             ft = info["features"][key]
-            vectors[key] = {"dim": int(ft["shape"][0]), "names": _names(ft)}
+            vectors[key] = {"dim": int(ft["shape"][0]), "names": feature_names(ft.get("names"))}
     tasks = task_table(meta)
     first = []
     for fr in getattr(ds, "first_frames", []) or []:
@@ -645,7 +684,9 @@ class TrainingStream:
                  loader_threads: int | None = 1, strict: bool = True, example_fn: Callable[[dict], Any] | None = None,
                  ds=None):
         self.ds = ds if ds is not None else open_dataset(dataset, root, episodes, shuffle=shuffle, seed=seed,
-                                                         buffer_size=buffer_size, probe=True)
+                                                         buffer_size=buffer_size, probe=True, cameras=[camera])
+        if camera not in getattr(self.ds, "cameras", (camera,)):  # a stream opened for other cameras: add ours
+            self.ds.cameras = tuple(self.ds.cameras) + (camera,)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.pipeline = FramePipeline(image_size, camera, example_fn)
         self.loader_threads = loader_threads
@@ -714,12 +755,16 @@ class TrainingStream:
 # ----------------------------------------------------------------------------------------------- whole episodes
 
 
-def collect_episodes(ds, episodes: Sequence[int], timeout_s: float | None = None) -> dict[int, list[dict]]:
+def collect_episodes(ds, episodes: Sequence[int], timeout_s: float | None = None,
+                     cameras: Sequence[str] | str | None = None) -> dict[int, list[dict]]:
     """Every frame of a few ``episodes`` (sorted by frame_index), streamed through a copy of ``ds`` restricted to
-    them (for figures: nothing else is decoded)."""
+    them (for figures: nothing else is decoded). ``cameras``: the video keys to decode (default: ``ds.cameras``;
+    ``"all"``, or a list: :func:`resolve_cameras`)."""
     want = [int(e) for e in episodes]
     lengths = {e: int(ds._episode_table.at[e, "length"]) for e in want}
     sub = copy.copy(ds)
+    if cameras is not None:
+        sub.cameras = resolve_cameras(ds.meta.video_keys, cameras)
     sub.buffer_size = 1
     sub.video_decoder_cache = None
     sub._select(want)
