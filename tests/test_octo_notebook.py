@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,7 +58,8 @@ def test_octo_notebook_runs_to_the_reflection_with_the_standin_worker(tmp_path):
     assert "Octo is fully fine-tuned, so its checkpoints/<run>/latest/ is already standalone" in text  # 13
     assert "POLICY=octo: the rank sweep is a LoRA ablation" in text   # section 11
     assert "### Evaluation" in text and "What it scored" in text      # the table and the reflection, displayed
-    assert "Contact sheet: 6 of 6 panels show the episode's first frame" in text   # section 10b, from the eval
+    sheet = re.search(r"Contact sheet: (\d+) of (\d+) panels show the episode's first frame", text)  # 10b
+    assert sheet and sheet[1] == sheet[2] and int(sheet[1]) >= 6, sheet and sheet[0]
     figures, problems = plots.check_figures(outputs / "figures" / run)
     assert {p.name for p in figures} >= {"episode_frames.png", "worst_episodes.png", "loss_curve.png"}
     assert problems == []

@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-import transformers
 
 from vla_bridge import hardware as hwm
 from vla_bridge.config import resolve_run_config
@@ -120,7 +119,7 @@ def test_a_zeroed_projector_is_caught(checkpoint):
 def test_generate_dropping_the_image_is_caught_with_the_version_and_pin(checkpoint, monkeypatch):
     model, processor = _load(checkpoint)
     _drop_image_in_generate(monkeypatch)
-    monkeypatch.setattr(transformers, "__version__", "4.50.0")   # the message names the running version
+    monkeypatch.setattr(ov.transformers, "__version__", "4.50.0")   # the message names the running version
     with pytest.raises(ov.SilentVisionError) as e:
         ov.check_reads_image(model, processor)
     msg = str(e.value)
