@@ -46,3 +46,9 @@ def test_check_figures_cli_fails_on_an_empty_sheet(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("check-figures:") == 1 and "bad/worst_episodes.png" in err
     assert cli.main(["check-figures", str(tmp_path / "nothing")]) == 1
+
+
+def test_action_axes_have_units_under_the_datasets_own_names():
+    assert [plots._unit(n) for n in ("x", "y", "z", "roll", "pitch", "yaw", "gripper")] == \
+        ["m", "m", "m", "rad", "rad", "rad", "1 = open"]
+    assert plots._unit("dx") == "m" and plots._unit("Delta_Yaw") == "rad" and plots._unit("motor_3") == ""

@@ -22,6 +22,13 @@ from .data.stream import feature_names
 _UNITS = {"dx": "m", "dy": "m", "dz": "m", "droll": "rad", "dpitch": "rad", "dyaw": "rad", "gripper": "1 = open"}
 
 
+def _unit(name: str) -> str:
+    """The unit of an action dimension under the world's names (dx … gripper) or a dataset's own (Bridge's
+    x y z roll pitch yaw gripper, also with a `d`/`delta_` prefix or any case)."""
+    key = name.lower().removeprefix("delta_")
+    return _UNITS.get(key) or _UNITS.get(f"d{key}", "")
+
+
 def _plt():
     import matplotlib
 
@@ -148,7 +155,7 @@ def plot_action_stream(episode_frames: Mapping[int, Sequence[Mapping[str, Any]]]
             t = np.arange(len(acts[ep])) / fps
             ax.plot(t, acts[ep][:, d], marker=".", ms=3, lw=1.2,
                     label=f"ep {ep}: {_task(episode_frames[ep])[:48]}")
-        unit = _UNITS.get(names[d], "")
+        unit = _unit(names[d])
         ax.set_ylabel(f"{names[d]}\n[{unit}]" if unit else names[d], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
