@@ -259,3 +259,19 @@ def test_every_number_in_the_reflection_traces_to_the_jsons():
     found = re.findall(r"(?<![\w.])[+-]?\d+(?:,\d{3})*(?:\.\d+)?", text)
     untraced = sorted({x.lstrip("+").lstrip("-") for x in found} - {a.lstrip("-") for a in allowed})
     assert not untraced, untraced
+
+
+def test_a_task_with_one_episode_gets_no_verdict():
+    """One episode resamples to a zero-width "interval" (0.2640 [0.2640, 0.2640]) that separates from anything:
+    the paraphrase group has one episode per task, and it must not read as helped or hurt."""
+    r = _mixed_report()
+    ft, base = (next(x for x in r.data["rows"] if x["task_name"] == "move the red block to the towel"
+                     and x["policy"] == p) for p in (POLICY_FINETUNED, POLICY_BASE))
+    for row, v in ((ft, 0.2640), (base, 0.2116)):
+        row["n_episodes"] = 1
+        row["l1_motion"] = {"mean": v, "ci": [v, v], "n": 1}
+    verdict = {x["task_name"]: x for x in task_verdicts(r.data)}["move the red block to the towel"]
+    assert verdict["verdict"] == "too_few" and not verdict["worse"]
+    assert "no verdict: n = 1 is too few episodes for an interval" in format_verdicts(r.data)
+    text = report.reflection(r, None, {"groups": {}}, _Train(), _TinyCfg())
+    assert "LoRA hurt" not in text and "1 task(s) in heldout have fewer than 3 episodes" in text

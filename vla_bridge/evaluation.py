@@ -838,6 +838,7 @@ def format_metric(m: Mapping[str, Any] | None, kind: str = "l1", missing: str = 
 VERDICT_METRICS = (("success_rate", "success", "rate"), ("l1_motion", "L1 motion", "l1"),
                    ("l1_gripper", "L1 gripper", "l1"), ("grasp_rate", "grasp", "rate"))
 SATURATED_SUCCESS = 0.9   # the base's success at or above this: "already saturated", nothing left to help
+MIN_VERDICT_EPISODES = 3  # fewer episodes than this: a bootstrap "interval" is one or two points, no verdict
 
 
 def task_verdicts(data: Mapping[str, Any], baseline: str = POLICY_BASE) -> list[dict[str, Any]]:
@@ -845,7 +846,8 @@ def task_verdicts(data: Mapping[str, Any], baseline: str = POLICY_BASE) -> list[
     "better" / "worse" only when the two 95 % CIs do not overlap, else "same"; the verdict is "helped" (some metric
     better, none worse), "hurt" (the reverse), "mixed" (both) or "same" (no difference detectable at this n).
     ``saturated``: the base's success is already ≥ :data:`SATURATED_SUCCESS`. Rows without finite numbers are
-    skipped for that metric (a NaN is not a finding)."""
+    skipped for that metric (a NaN is not a finding). A task with fewer than :data:`MIN_VERDICT_EPISODES` episodes
+    gets "too_few": resampling one episode gives a zero-width "interval" that separates from anything."""
     rows = {(r["group"], r["task_name"], r["policy"]): r for r in data["rows"]}
     out = []
     for (g, t, p), ft in rows.items():
@@ -865,6 +867,8 @@ def task_verdicts(data: Mapping[str, Any], baseline: str = POLICY_BASE) -> list[
         ups = [k for k, v in metrics.items() if v == "better"]
         downs = [k for k, v in metrics.items() if v == "worse"]
         verdict = "mixed" if ups and downs else "helped" if ups else "hurt" if downs else "same"
+        if ft["n_episodes"] < MIN_VERDICT_EPISODES or base["n_episodes"] < MIN_VERDICT_EPISODES:
+            metrics, ups, downs, verdict = {k: "too_few" for k in metrics}, [], [], "too_few"
         bs = base.get("success_rate") or {}
         out.append({"group": g, "task_name": t, "n_episodes": ft["n_episodes"], "metrics": metrics,
                     "better": ups, "worse": downs, "verdict": verdict,
@@ -889,6 +893,8 @@ def format_verdicts(data: Mapping[str, Any]) -> str:
         if word in ("helped", "hurt", "mixed"):
             word += ": " + ", ".join(f"{dict((k, l) for k, l, _ in VERDICT_METRICS)[m]} "
                                      f"{'better' if m in v['better'] else 'worse'}" for m in v["better"] + v["worse"])
+        elif word == "too_few":
+            word = f"no verdict: n = {v['n_episodes']} is too few episodes for an interval"
         else:
             word = f"same: no difference detectable at n = {v['n_episodes']}"
         if v["saturated"]:
@@ -1316,7 +1322,7 @@ def run_evaluation(
 
 __all__ = [
     "REPLAY_HORIZON", "DRIFT_THRESHOLD_CM", "GRIPPER_TOLERANCE_STEPS", "GRIPPER_THRESHOLD", "N_BOOT", "CI_LEVEL",
-    "POLICY_FINETUNED", "POLICY_BASE", "POLICY_MEAN", "DEFAULT_POLICIES", "GROUP_TITLES",
+    "POLICY_FINETUNED", "POLICY_BASE", "MIN_VERDICT_EPISODES", "POLICY_MEAN", "DEFAULT_POLICIES", "GROUP_TITLES",
     "l1_action_error", "integrate_xyz", "replay_drift_cm", "gripper_events", "gripper_events_match",
     "proxy_success", "bootstrap_ci", "summarize", "BatchedActionPredictor", "per_frame_predict", "Policy",
     "format_metric", "VLAPolicy", "ConstantPolicy", "ExpertPolicy", "RandomPolicy", "ClosedLoopEpisode",

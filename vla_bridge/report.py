@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .evaluation import (CONTRAST_GROUPS, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, compare_metric, format_metric,
-                         task_verdicts)
+from .evaluation import (CONTRAST_GROUPS, MIN_VERDICT_EPISODES, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN,
+                         compare_metric, format_metric, task_verdicts)
 from .ablations import compare_runs, rank_findings
 from .probes import KL_SMALL
 
@@ -192,6 +192,11 @@ def _task_text(report) -> tuple[str | None, list[dict]]:
         ns = sorted({v["n_episodes"] for v in same})
         parts.append(f"no difference from the base was detectable on {len(same)} task(s) ("
                      + ", ".join(f"'{v['task_name']}'" for v in same) + f") at n = {'/'.join(map(str, ns))} each")
+    few = [v for v in verdicts if v["verdict"] == "too_few"]
+    if few:
+        groups = sorted({v["group"] for v in few})
+        parts.append(f"{len(few)} task(s) in {', '.join(groups)} have fewer than {MIN_VERDICT_EPISODES} episodes "
+                     "each, too few for an interval, so they get no verdict")
     sat = [v for v in verdicts if v["saturated"]]
     if sat:
         parts.append("the base was already saturated on success for " + ", ".join(f"'{v['task_name']}'" for v in sat))
@@ -299,7 +304,7 @@ def _reasons(path, report, cfg, train_result, holdout, verdicts, contrast, held,
                   f" — no effect of the extra steps detectable at n = {main['n_episodes']}"))
     out.append(r1 + ".")
     # (2) the base already knows the data
-    n_tasks = len(verdicts)
+    n_tasks = sum(v["verdict"] != "too_few" for v in verdicts)
     same = sum(v["verdict"] == "same" for v in verdicts)
     helped = sum(v["verdict"] in ("helped", "mixed") for v in verdicts)
     what = ("OpenVLA-7B's pretraining mixture contains BridgeData V2, and the held-out strings (ranked 2nd, 4th and "
