@@ -623,7 +623,8 @@ if failures.sheet_path:
 # Two questions every LoRA run raises, answered by re-running the shared training and evaluation:
 #
 # - **How much rank does the adapter need?** One run per rank in `ABLATION_RANKS` (same data, seed and schedule,
-#   fewer steps than the main run to fit the CPU budget), plotted as success and L1 against rank.
+#   fewer steps than the main run to fit the CPU budget), plotted as success, motion L1 and gripper L1 against rank
+#   (apart, because the gripper dominates the 7-dimension L1).
 #   **The LoRA scale α/r is held at the main run's** (`LORA_ALPHA / LORA_RANK` = 16/32 = 0.5): α = 0.5 r. PEFT
 #   multiplies the adapter's update by α/r, so a fixed α (8 → 64 would take the scale from 2 to 0.25) or upstream's
 #   `lora_alpha=min(lora_rank, 16)` in OpenVLA's `vla-scripts/finetune.py` (1 up to r = 16, then 0.5, 0.25) also

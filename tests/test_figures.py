@@ -52,3 +52,23 @@ def test_action_axes_have_units_under_the_datasets_own_names():
     assert [plots._unit(n) for n in ("x", "y", "z", "roll", "pitch", "yaw", "gripper")] == \
         ["m", "m", "m", "rad", "rad", "rad", "1 = open"]
     assert plots._unit("dx") == "m" and plots._unit("Delta_Yaw") == "rad" and plots._unit("motor_3") == ""
+
+
+def test_the_rank_sweep_shows_motion_and_gripper_apart(tmp_path):
+    from PIL import Image
+
+    from vla_bridge.ablations import AblationRun
+
+    def summary(mean):
+        return {"mean": mean, "ci": [0.8 * mean, 1.2 * mean], "n": 8}
+
+    def run(rank, split):
+        g = {"n_episodes": 8, "success_rate": summary(0.1), "mean_l1_action_error": summary(0.04)}
+        if split:
+            g.update(l1_motion=summary(0.01 * rank / 8), l1_gripper=summary(0.2))
+        return AblationRun(f"r{rank}", rank, rank / 2, 75, 1000, 1.0, 1.0, {"heldout": g}, [])
+
+    split = plots.plot_rank_sweep([run(r, True) for r in (8, 16, 32)], tmp_path / "split.png")
+    legacy = plots.plot_rank_sweep([run(r, False) for r in (8, 16, 32)], tmp_path / "legacy.png")
+    assert Image.open(split).width == 1815 and Image.open(legacy).width == 1210   # 3 panels vs 2 (5.5 in each)
+    assert plots.check_figure(split) is None and plots.check_figure(legacy) is None

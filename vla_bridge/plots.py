@@ -405,20 +405,24 @@ def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any]
     return path
 
 
+_SWEEP_PANELS = (("success_rate", "closed-loop success rate", "success"),
+                 ("l1_motion", "open-loop L1, motion (xyz + rot)", "motion L1"),
+                 ("l1_gripper", "open-loop L1, gripper (0/1)", "gripper L1"))
+
+
 def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
-    """Success rate and open-loop L1 against LoRA rank, one line per evaluation group, with 95 % CIs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Success rate, motion L1 and gripper L1 against LoRA rank (the 7-dimension L1 when a run has no split), one
+    line per evaluation group, with 95 % CIs: the gripper dominates the 7-dimension mean, so the two are apart."""
+    plt = _plt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = list(dict.fromkeys(g for r in runs for g in r.groups))
     ranks = [r.rank for r in runs]
-    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for g in groups:
-        for ax, key in ((ax_s, "success_rate"), (ax_l, "mean_l1_action_error")):
+    split = all("l1_motion" in r.groups[g] for r in runs for g in r.groups)
+    panels = _SWEEP_PANELS if split else (_SWEEP_PANELS[0], ("mean_l1_action_error", "open-loop mean L1", "L1"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, ylabel, title) in zip(axes[0], panels):
+        for g in groups:
             m = [r.groups[g][key] if g in r.groups else None for r in runs]
             xs = [x for x, v in zip(ranks, m) if v is not None]
             ys = np.array([v["mean"] for v in m if v is not None])
@@ -427,10 +431,9 @@ def plot_rank_sweep(runs: Sequence[Any], path: str | os.PathLike) -> Path:
             n = next((r.groups[g]["n_episodes"] for r in runs if g in r.groups), 0)
             ax.errorbar(xs, ys, yerr=[np.maximum(ys - lo, 0), np.maximum(hi - ys, 0)], marker="o", capsize=3,
                         label=f"{g} (n={n})")
-    ax_s.set(xscale="log", xlabel="LoRA rank", ylabel="closed-loop success rate", ylim=(-0.02, 1.02),
-             title="success vs LoRA rank")
-    ax_l.set(xscale="log", xlabel="LoRA rank", ylabel="open-loop mean L1 (action units)", title="L1 vs LoRA rank")
-    for ax in (ax_s, ax_l):
+        ax.set(xscale="log", xlabel="LoRA rank", ylabel=ylabel, title=f"{title} vs LoRA rank")
+        if key == "success_rate":
+            ax.set_ylim(-0.02, 1.02)
         ax.minorticks_off()  # the log axis' own minor labels (3×10¹, …) would print over the rank labels
         ax.set_xticks(ranks)
         ax.set_xticklabels([str(r) for r in ranks])
