@@ -854,21 +854,20 @@ def task_verdicts(data: Mapping[str, Any], baseline: str = POLICY_BASE) -> list[
         base = rows.get((g, t, baseline))
         if p != POLICY_FINETUNED or base is None:
             continue
+        too_few = min(ft["n_episodes"], base["n_episodes"]) < MIN_VERDICT_EPISODES
         metrics = {}
         for key, _label, _kind in VERDICT_METRICS:
             a, b = ft.get(key), base.get(key)
             if not (a and b and _finite_summary(a) and _finite_summary(b)):
                 continue
-            c = compare_metric(key if key.endswith("_rate") else "l1", a, b)
             higher = key.endswith("_rate")
-            same_mean = a["mean"] == b["mean"]
-            metrics[key] = ("same" if same_mean or not c["separated"] else
+            separated = compare_metric(key if higher else "l1", a, b)["separated"]
+            metrics[key] = ("too_few" if too_few else "same" if a["mean"] == b["mean"] or not separated else
                             "better" if (a["mean"] > b["mean"]) == higher else "worse")
         ups = [k for k, v in metrics.items() if v == "better"]
         downs = [k for k, v in metrics.items() if v == "worse"]
-        verdict = "mixed" if ups and downs else "helped" if ups else "hurt" if downs else "same"
-        if ft["n_episodes"] < MIN_VERDICT_EPISODES or base["n_episodes"] < MIN_VERDICT_EPISODES:
-            metrics, ups, downs, verdict = {k: "too_few" for k in metrics}, [], [], "too_few"
+        verdict = ("too_few" if too_few else "mixed" if ups and downs else "helped" if ups else "hurt" if downs
+                   else "same")
         bs = base.get("success_rate") or {}
         out.append({"group": g, "task_name": t, "n_episodes": ft["n_episodes"], "metrics": metrics,
                     "better": ups, "worse": downs, "verdict": verdict,
