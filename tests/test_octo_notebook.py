@@ -14,7 +14,7 @@ import nbformat
 
 from vla_bridge import evaluation as ev
 from vla_bridge import plots
-from vla_bridge.config import PROJECT_ROOT
+from vla_bridge.paths import PROJECT_ROOT
 from vla_bridge.models import octo
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from vla_bridge.models import octo
+from vla_bridge.paths import PROJECT_ROOT, octo_python
 
-OCTO_PY = octo.octo_python()
+OCTO_PY = octo_python()
 REAL = octo.WorkerCommand(OCTO_PY, octo.WORKER_MODULES["octo"])   # whatever VLA_BRIDGE_OCTO_WORKER says
 pytestmark = pytest.mark.skipif(
     not OCTO_PY.exists(),
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _octo(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(OCTO_PY), "-c", code], cwd=str(octo.PROJECT_ROOT), env=octo.worker_env(False),
+    return subprocess.run([str(OCTO_PY), "-c", code], cwd=str(PROJECT_ROOT), env=octo.worker_env(False),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from . import hardware as hwmod
 from .hardware import Decision, HardwareInfo, PreflightError
 
-PROJECT_ROOT = Path(os.environ.get("VLA_BRIDGE_ROOT", Path(__file__).resolve().parent.parent))
 
 # The parameter names the notebook's parameters cell defines, with their defaults. ``"auto"`` means "decide from
 # the hardware / policy" (see ``_auto_training``). Tests and the CLI use this table, so it is the single list.

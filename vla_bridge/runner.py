@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import DEFAULT_PARAMS, PROJECT_ROOT, check_params, parse_param
+from .config import DEFAULT_PARAMS, check_params, parse_param
+from .paths import PROJECT_ROOT
 from .hardware import PreflightError
 
 

@@ -31,12 +31,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..config import PROJECT_ROOT
 from ..hardware import model_id_kind
+from ..paths import OCTO_SETUP_HINT as SETUP_HINT, PROJECT_ROOT, octo_python
 from ..octo_worker import RESULT_PREFIX, read_frame, write_frame   # stdlib + numpy only: safe in this environment
 
-OCTO_VENV = ".venv-octo"
-SETUP_HINT = "run `bash setup.sh --octo` (offline: OCTO_SOURCE=/path/to/a/copy/of/octo-models/octo bash setup.sh --octo)"
 REQUEST_FRAMES = 64                 # frames per predict request (the worker pads to its own batch size)
 
 # Which worker the main environment starts: "octo" (default) is vla_bridge.octo_worker in .venv-octo; "standin" is
@@ -56,14 +54,6 @@ class OctoEnvError(RuntimeError):
     def __init__(self, detail: str, fix: str):
         super().__init__(f"{detail}: {fix}")
         self.detail, self.fix = detail, fix
-
-
-def octo_python(root: str | os.PathLike | None = None) -> Path:
-    """``.venv-octo/bin/python`` of the project (``VLA_BRIDGE_OCTO_PYTHON`` overrides it)."""
-    override = os.environ.get("VLA_BRIDGE_OCTO_PYTHON")
-    if override:
-        return Path(override)
-    return Path(root or PROJECT_ROOT) / OCTO_VENV / "bin" / "python"
 
 
 def check_octo_env(root: str | os.PathLike | None = None) -> Path:
