@@ -250,8 +250,8 @@ def resolve_run_config(
         model_id = str(Path(p["DATA_DIR"]) / "tiny_vla_base")
     unnorm = str(p["UNNORM_KEY"])
     if unnorm == "auto":
-        unnorm = EMBEDDED_UNNORM_KEY if ds.value == hwmod.EMBEDDED_DATASET else BRIDGE_UNNORM_KEY
-    elif ds.value == hwmod.EMBEDDED_DATASET and unnorm != EMBEDDED_UNNORM_KEY:
+        unnorm = EMBEDDED_UNNORM_KEY if hwmod.is_embedded(ds.value) else BRIDGE_UNNORM_KEY
+    elif hwmod.is_embedded(ds.value) and unnorm != EMBEDDED_UNNORM_KEY:
         raise PreflightError(f"UNNORM_KEY={unnorm!r}: the embedded demo world's action statistics are named "
                              f"{EMBEDDED_UNNORM_KEY!r} — set UNNORM_KEY='auto' (or {EMBEDDED_UNNORM_KEY!r})")
     elif not unnorm.strip():

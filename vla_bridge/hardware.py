@@ -30,6 +30,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import torch
+
 from .octo_worker import RANDOM_INIT   # stdlib + numpy only
 
 POLICIES = ("openvla", "openvla-4bit", "octo", "tiny")
@@ -52,6 +55,13 @@ DEFAULT_MODEL_IDS = {
     "octo": "hf://rail-berkeley/octo-small-1.5",
     "tiny": "data/tiny_vla_base",
 }
+
+
+
+def is_embedded(dataset: str | os.PathLike | None) -> bool:
+    """Whether DATASET names the embedded demo world (the one question, asked in one place)."""
+    return str(dataset) == EMBEDDED_DATASET
+
 
 # Free disk (GiB) each location needs (checked per location; locations on one disk add up, see `check_disks`):
 # the model's weights in the HF hub cache (OpenVLA-7B: 15.2 GB of safetensors), the stream's metadata (lerobot's
@@ -122,8 +132,6 @@ def detect_hardware() -> HardwareInfo:
     """Read CUDA, VRAM, bf16 support, CPU count and RAM. Never raises when torch has no CUDA."""
     cuda, name, count, total, free, bf16 = False, "cpu", 0, 0.0, 0.0, False
     try:
-        import torch
-
         cuda = bool(torch.cuda.is_available())
         if cuda:
             count = torch.cuda.device_count()
@@ -429,7 +437,7 @@ def check_disks(policy: str, dataset: str, model_id: str, outputs_dir: str | os.
     if policy != "tiny" and model_id_kind(policy, model_id) == "hub":
         wanted.append(("disk hf-hub", "HF_HUB_CACHE", dirs["HF_HUB_CACHE"], HUB_CACHE_NEEDS_GB.get(policy, 2.0),
                        f"the {policy} weights"))
-    if dataset != EMBEDDED_DATASET and not Path(dataset).expanduser().exists():
+    if not is_embedded(dataset) and not Path(dataset).expanduser().exists():
         for var, gb in STREAM_CACHE_NEEDS_GB.items():
             wanted.append((f"disk {var[3:].split('_')[0].lower()}", var, dirs[var], gb, f"{dataset}'s stream cache"))
     wanted.append(("disk outputs", "OUTPUTS_DIR", Path(outputs_dir), OUTPUTS_NEEDS_GB.get(policy, 2.0),
@@ -495,9 +503,7 @@ def model_norm_stats_keys(model_id: str) -> list[str] | None:
     path = Path(model_id).expanduser() / "config.json" if _is_local_dir(model_id) else None
     if path is None and model_id and model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
         try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model_id, "config.json")
+            cached = huggingface_hub.try_to_load_from_cache(model_id, "config.json")
             path = Path(cached) if isinstance(cached, str) else None
         except Exception:  # an unusual cache layout must not break the first cell
             path = None
@@ -528,7 +534,7 @@ def check_unnorm_key_name(unnorm_key: str, keys: list[str] | None) -> None:
 
 
 def check_hub_for(dataset: str, policy: str, model_id: str, hub: Decision) -> CheckResult:
-    missing_local = dataset != EMBEDDED_DATASET and not Path(dataset).expanduser().exists()
+    missing_local = not is_embedded(dataset) and not Path(dataset).expanduser().exists()
     if missing_local and not looks_like_hub_id(dataset):
         return CheckResult("dataset", False, no_such_directory("DATASET", dataset),
                            "point DATASET at an existing LeRobot v3.0 root, a hub id (owner/name) or 'embedded'")
@@ -547,7 +553,7 @@ def check_tiny_base(policy: str, dataset: str) -> CheckResult:
     """POLICY=tiny fine-tunes a base pretrained on the embedded demo world; on another dataset say so (a warning)."""
     if policy != "tiny":
         return CheckResult("tiny base", True, "not used by this policy", required=False)
-    if dataset == EMBEDDED_DATASET:
+    if is_embedded(dataset):
         return CheckResult("tiny base", True, "pretrained on the embedded demo world's pretraining tasks (this "
                                               "dataset's world)", required=False)
     return CheckResult("tiny base", False, f"the tiny VLA's base is pretrained on the embedded demo world, not on "

@@ -27,7 +27,7 @@ What the rest of the notebook relies on, and where it comes from:
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import json
 import os
 import time
@@ -35,11 +35,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import huggingface_hub
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import transformers
+from transformers import AutoModelForVision2Seq, AutoProcessor, BitsAndBytesConfig
+from transformers.utils import HF_MODULES_CACHE
 
+from ..hardware import OPENVLA_TIMM_VERSIONS
+from ..tokenization import ActionTokenizer, build_prompt, space_token_id, to_pil_image
+from . import tiny_vla  # noqa: F401  (registers the tiny VLA with transformers' Auto classes)
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
 
 PRECISIONS = ("bf16", "4bit", "fp32")
@@ -117,8 +124,6 @@ def action_inputs(processor: Any, instruction: str, image: Any, model: Optional[
     ``attention_mask`` (predict_action then leaves both alone), so inference works with any attention
     implementation. pixel_values are moved to the model's device and cast to its dtype (bf16 for OpenVLA-7B).
     """
-    from ..tokenization import build_prompt, space_token_id, to_pil_image
-
     inputs = processor(build_prompt(instruction), to_pil_image(image))
     input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
     if attention_mask is None:
@@ -153,9 +158,7 @@ def choose_attention(precision: str, requested: Optional[str] = None,
     if not cuda:
         return "sdpa", "no CUDA device, so no FlashAttention-2; PyTorch SDPA is the best available"
     try:
-        from transformers.utils import is_flash_attn_2_available
-
-        fa2 = importlib.util.find_spec("flash_attn") is not None and is_flash_attn_2_available()
+        fa2 = importlib.util.find_spec("flash_attn") is not None and transformers.utils.is_flash_attn_2_available()
     except Exception:  # pragma: no cover - broken flash_attn builds raise all sorts of errors
         fa2 = False
     if not fa2:
@@ -234,17 +237,13 @@ def _resolve_source(model_id: str) -> Tuple[str, str]:
     expanded = os.path.expanduser(str(model_id))
     if os.path.isdir(expanded):
         d = check_local_checkpoint(expanded)
-        if (_read_json(d / "config.json") or {}).get("model_type") == "tiny_vla":
-            importlib.import_module("vla_bridge.models.tiny_vla")  # registers the tiny VLA with the Auto classes
         return str(d), "local directory"
     if _looks_like_path(str(model_id)) or os.path.exists(expanded):
         raise FileNotFoundError(f"MODEL_ID {model_id!r} looks like a path but is not a directory")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
         os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(str(model_id), "config.json")
+        cached = huggingface_hub.try_to_load_from_cache(str(model_id), "config.json")
         if not isinstance(cached, str):
             raise ModelLoadError(f"HF_HUB_OFFLINE is set and {model_id!r} is neither a local directory nor in the "
                                  f"Hugging Face cache; download it first or point MODEL_ID at a local copy")
@@ -257,19 +256,12 @@ def _check_environment(source: str) -> None:
     checkpoints without remote code, such as the tiny VLA)."""
     if os.path.isdir(source) and not (_read_json(Path(source) / "config.json") or {}).get("auto_map"):
         return
-    import timm
-    import transformers
-
-    from ..hardware import OPENVLA_TIMM_VERSIONS
-
     if timm.__version__ not in OPENVLA_TIMM_VERSIONS:
         raise ModelLoadError(f"OpenVLA's remote code refuses timm {timm.__version__}; install timm==0.9.10 "
                              f"(requirements.txt)")
     if transformers.__version__ != "4.40.1":
         warnings.warn(f"OpenVLA was released against transformers==4.40.1 (found {transformers.__version__}); "
                       f"predict_action may differ", stacklevel=3)
-    from transformers.utils import HF_MODULES_CACHE
-
     try:
         os.makedirs(HF_MODULES_CACHE, exist_ok=True)
         writable = os.access(HF_MODULES_CACHE, os.W_OK)
@@ -309,13 +301,9 @@ def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[
     attn, attn_reason = choose_attention(precision, attn_implementation, cuda=device.type == "cuda")
     torch_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
-    from transformers import AutoModelForVision2Seq, AutoProcessor
-
     kwargs: Dict[str, Any] = dict(torch_dtype=torch_dtype, low_cpu_mem_usage=True, trust_remote_code=True,
                                   attn_implementation=attn)
     if precision == "4bit":
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
                                                            bnb_4bit_quant_type="nf4")
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
@@ -324,7 +312,7 @@ def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     model = AutoModelForVision2Seq.from_pretrained(source, **kwargs)
     if precision == "4bit":
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training   # lazy: peft is only needed once LoRA/4-bit is used
 
         model = prepare_model_for_kbit_training(model)
     else:
@@ -364,8 +352,6 @@ def first_action_token_probs(model: nn.Module, processor: Any, image: Any,
     """The distribution of the first action token (softmax over the 256 action-token logits, float64) for one
     (image, instruction), through the model's own ``generate()`` - the route ``predict_action`` takes, where
     transformers >= 4.50 drops OpenVLA's image (an empty cache on the first step makes it skip the vision path)."""
-    from ..tokenization import ActionTokenizer
-
     vla = base_model(model)
     inputs = action_inputs(processor, instruction, image, model=vla)
     was_training = vla.training
@@ -512,7 +498,7 @@ def lora_config(rank: int, alpha: float, dropout: float = 0.0, model: Optional[n
     where target_modules = ``lora_target_modules(model)`` (the names PEFT's "all-linear" expands to, without
     "lm_head"). Pass `model` (the VLA, PEFT-wrapped or not) or an explicit `target_modules`.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig   # lazy: peft is only needed once LoRA is attached
 
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -541,7 +527,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, dropout: f
     from different adapters (and end 0.2 apart in max |ΔW| on the tiny VLA). Every place that attaches LoRA (the
     notebook, the ablations, bench-train) goes through here.
     """
-    from peft import get_peft_model
+    from peft import get_peft_model   # lazy: peft is only needed once LoRA is attached
 
     config = lora_config(rank, alpha, dropout, model=model)
     torch.manual_seed(seed)
