@@ -295,7 +295,7 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 from vla_bridge.progress import tqdm
 
 n_batches = 1000 if STREAM_BATCHES == "auto" else int(STREAM_BATCHES)
-train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.model_image_size(cfg.policy),
+train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.policy_image_size(cfg.policy),
                                      seed=cfg.seed)
 t0 = time.perf_counter()
 for batch in tqdm(train_stream.batches(cfg.batch_size, n_batches), total=n_batches, desc="training batches",

@@ -224,8 +224,8 @@ def test_dataloader_workers_split_episodes(small, rows):
     assert counter.frames == ts.epoch_frames == counter.unique  # every frame once: no worker duplicates, none lost
 
 
-def test_model_image_size():
-    assert stream.model_image_size("openvla") == 224 and stream.model_image_size("tiny") == 128
+def test_policy_image_size():
+    assert stream.policy_image_size("openvla") == 224 and stream.policy_image_size("tiny") == 128
 
 
 # ------------------------------------------------------------------------------------------------ figures + bench

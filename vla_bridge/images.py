@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 CROP_AREA = 0.9
@@ -40,9 +42,6 @@ def to_uint8_hwc(image: Any, size: int | None = None) -> np.ndarray:
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
     if size and (arr.shape[0] != size or arr.shape[1] != size):
-        import torch
-        import torch.nn.functional as F
-
         t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
         shrink = arr.shape[0] > size or arr.shape[1] > size
         t = F.interpolate(t.contiguous(memory_format=torch.channels_last), size=(size, size), mode="bilinear",

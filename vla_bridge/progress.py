@@ -65,7 +65,7 @@ def tqdm(*args: Any, **kwargs: Any):
         kwargs.update(_HEADLESS_KW)
         return _LineBar(*args, **kwargs)
     if _in_jupyter_kernel() and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm as notebook_tqdm
+        from tqdm.notebook import tqdm as notebook_tqdm   # lazy: needs ipywidgets, present only in some kernels
 
         return notebook_tqdm(*args, **kwargs)
     return _std.tqdm(*args, **kwargs)

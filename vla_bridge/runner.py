@@ -8,6 +8,7 @@ executed notebook is still written so the traceback can be read there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -83,8 +84,7 @@ def execute_notebook(
     # keep the repository root off sys.path while importing them (vla_bridge is already imported).
     root = str(PROJECT_ROOT)
     sys.path[:] = [p for p in sys.path if p not in ("", ".", root) and Path(p or ".").resolve() != PROJECT_ROOT]
-    import logging
-
+    # lazy: only after the repository root is off sys.path (see above)
     import jupytext
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError

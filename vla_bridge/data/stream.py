@@ -73,7 +73,9 @@ class RepeatedSampleError(RuntimeError):
     """The same (episode_index, frame_index) came twice within one epoch."""
 
 
-def model_image_size(policy: str) -> int:
+def policy_image_size(policy: str) -> int:
+    """The square size POLICY works at, known before its model is loaded (a loaded processor says it itself:
+    ``models.openvla.model_image_size``)."""
     return MODEL_IMAGE_SIZE.get(policy, 224)
 
 
