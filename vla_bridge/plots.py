@@ -219,7 +219,7 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.probes)
+# Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.evaluation.video, .failures)
 # ------------------------------------------------------------------------------------------------------------------
 def _font(size: int):
     from PIL import ImageFont
