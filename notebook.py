@@ -548,8 +548,8 @@ if OCTO:  # the same evaluation, with the worker serving the fine-tuned and the 
                                                 train_result=result, policy_objects=octo_policies,
                                                 model_info=octo_path.model_info(cfg, result, octo_server))
 else:
-    eval_report = evaluation.run_evaluation(model, processor, ds, split, cfg=cfg, action_stats=action_stats,
-                                            train_result=result, threads=2)
+    eval_report = evaluation.run_evaluation(model, processor, ds, split, evaluation.EvalConfig(threads=2), cfg=cfg,
+                                            action_stats=action_stats, train_result=result)
 ipd.display(ipd.Markdown(eval_report.markdown))
 print("\n".join(eval_report.headline()))
 print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
@@ -573,16 +573,14 @@ print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
 # table's L1 above.
 
 # %%
-from vla_bridge import probes
-
 if OCTO:
     probe_result = None
     print("skipped on POLICY=octo: the probes read the VLA's first-action-token distribution (KL), which Octo's "
           "diffusion head does not have")
 else:
-    probe_result = probes.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key, out_dir=cfg.path("eval"),
-                                     center_crop=cfg.image_aug, max_episodes=min(cfg.eval_episodes, 6),
-                                     seed=cfg.seed, verbose=False)
+    probe_result = evaluation.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
+                                         out_dir=cfg.path("eval"), center_crop=cfg.image_aug,
+                                         max_episodes=min(cfg.eval_episodes, 6), seed=cfg.seed, verbose=False)
     ipd.display(ipd.Markdown(probe_result.table()))
     ipd.display(ipd.Markdown("\n".join(f"- {b}" for b in probe_result.bullets)))
     print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('probe_json')}")
@@ -598,8 +596,9 @@ if OCTO:
     print("skipped on POLICY=octo: the rollout video drives the torch VLA through its processor; Octo's closed-loop "
           "rollouts are in the evaluation above (per-episode records in eval.json)")
 else:
-    video = probes.rollout_video(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
-                                 out_dir=Path(cfg.outputs_dir) / "videos" / cfg.run_name, center_crop=cfg.image_aug)
+    video = evaluation.rollout_video(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
+                                     out_dir=Path(cfg.outputs_dir) / "videos" / cfg.run_name,
+                                     center_crop=cfg.image_aug)
     print(f"{video.kind} on episode {video.episode} ({video.instruction!r}): {video.n_frames} frames, "
           f"success={video.success}; saved {video.path}")
     ipd.display(ipd.Image(filename=str(video.strip_path)))
@@ -612,7 +611,7 @@ else:
 # fine-tuning data did not cover; failures spread evenly point at the policy itself.
 
 # %%
-failures = probes.mine_failures(eval_report, cfg.path("figures"))
+failures = evaluation.mine_failures(eval_report, cfg.path("figures"))
 print(failures.text())
 if failures.sheet_path:
     ipd.display(ipd.Image(filename=str(failures.sheet_path)))
@@ -645,7 +644,8 @@ if failures.sheet_path:
 from vla_bridge import ablations, report
 
 ablation_steps = max(20, cfg.max_steps // 4)
-ablation_eval = dict(episodes_per_task=4, max_tasks_per_group=2, groups=["heldout", "finetune_eval"], threads=2)
+ablation_eval = evaluation.EvalConfig(episodes_per_task=4, max_tasks_per_group=2, groups=["heldout", "finetune_eval"],
+                                      threads=2)
 if OCTO:
     rank_runs, holdout = [], {"skipped": "POLICY=octo: the rank sweep is a LoRA ablation and Octo is fully fine-tuned"}
     print(holdout["skipped"])
@@ -658,7 +658,7 @@ elif cfg.ablation_ranks:
     holdout = ablations.object_holdout(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
                                        build.load_episode_sidecar(DATA_SOURCE) if cfg.dataset == "embedded" else None,
                                        ablation_steps, eval_report.data["per_episode"],
-                                       dict(episodes_per_task=4, groups=["finetune_eval"], threads=2))
+                                       evaluation.EvalConfig(episodes_per_task=4, groups=["finetune_eval"], threads=2))
     print(report.format_holdout(holdout))
 else:
     rank_runs, holdout = [], {"skipped": "ABLATION_RANKS is empty (the default on OpenVLA-7B: about an A100-hour per run)"}
@@ -702,6 +702,7 @@ ipd.display(ipd.Markdown(reflection))
 # tiny path only: on OpenVLA-7B it writes ~15 GB (set `EXPORT=True`, or later `python -m vla_bridge export`).
 
 # %%
+from vla_bridge.data.episodes import load_episodes
 from vla_bridge.export import export_policy
 
 if OCTO:
@@ -711,7 +712,7 @@ elif not cfg.export:
           f"~15 GB for OpenVLA-7B); set EXPORT=True, or run later: python -m vla_bridge export --run {cfg.run_name}")
 else:
     held_ep = next(e for eps in split.eval.values() for e in eps)  # frames the adapter never trained on
-    ep = evaluation.load_episodes(ds, [held_ep])[held_ep]
+    ep = load_episodes(ds, [held_ep])[held_ep]
     export_frames = [(ep.images[i], ep.instruction) for i in sorted({0, len(ep.images) // 2, len(ep.images) - 1})]
     exported = export_policy(cfg.path("checkpoints") / "latest", out_dir=cfg.path("export"), base=loaded.model_id,
                              unnorm_key=cfg.unnorm_key, frames=export_frames)

@@ -175,16 +175,15 @@ def test_evaluation_and_probes_label_dimensions_with_the_datasets_names(bridge, 
     """On a Bridge copy the per-dimension numbers are keyed by ITS names (was: {"motors": ...} in the evaluation,
     the demo world's dx … dyaw in the probes)."""
     from vla_bridge import evaluation as ev
-    from vla_bridge import probes
 
     ds, split = bridge
     model, processor, entry = tiny_on_bridge
-    rep = ev.run_evaluation(model, processor, ds, split, unnorm_key="bridge_orig", out_dir=tmp_path / "eval",
-                            run_name="bridge", episodes_per_task=1, max_tasks_per_group=1, closed_loop=False,
-                            center_crop=False, contrast_tasks=0, progress=False, threads=1, n_boot=50,
-                            action_stats=entry)
+    config = ev.EvalConfig(unnorm_key="bridge_orig", out_dir=tmp_path / "eval", run_name="bridge",
+                           episodes_per_task=1, max_tasks_per_group=1, closed_loop=False, center_crop=False,
+                           contrast_tasks=0, progress=False, threads=1, n_boot=50)
+    rep = ev.run_evaluation(model, processor, ds, split, config, action_stats=entry)
     rows = rep.rows(ev.POLICY_FINETUNED)
     assert rows and all(list(r["l1_per_dim"]) == NAMES for r in rows)
-    res = probes.run_probes(model, processor, ds, split, unnorm_key="bridge_orig", out_dir=tmp_path / "probe",
-                            max_episodes=1, frame_stride=4, closed_loop=False, verbose=False)
+    res = ev.run_probes(model, processor, ds, split, unnorm_key="bridge_orig", out_dir=tmp_path / "probe",
+                        max_episodes=1, frame_stride=4, closed_loop=False, verbose=False)
     assert res.rows and all(list(r["mean_abs_delta"]) == NAMES for r in res.rows if r.get("mean_abs_delta"))

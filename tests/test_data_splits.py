@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from vla_bridge.data import build, splits, world
+from vla_bridge.data.tasks import normalize_task
 
 SMALL = {"pretrain": 20, "finetune": 16, "heldout": 5, "heldout_family": 5, "unseen_color": 5, "paraphrase": 5}
 
@@ -28,7 +29,7 @@ class FakeMeta:
 
 
 def test_normalize_and_leakage():
-    assert splits.normalize_task("  Put the RED block,  on the plate. ") == "put the red block on the plate"
+    assert normalize_task("  Put the RED block,  on the plate. ") == "put the red block on the plate"
     assert splits.assert_no_leakage(["put the red block on the plate"], ["move the cup"]) == 1
     with pytest.raises(splits.LeakageError, match="Put the red block on the plate!"):
         splits.assert_no_leakage(["put the red block on the plate", ""], ["Put the red block on the plate!"])
@@ -70,12 +71,12 @@ def test_hub_rule_is_deterministic_and_stated(tmp_path):
     # eggplant tasks out first; the rest ranked by episode count after normalization: spoon 9, open drawer 7,
     # close drawer 6, fold the cloth 5 ("Fold the cloth." + "fold the cloth"), wipe 5 (ties: alphabetical), stack 3
     # → ranks 2, 4, 6 are held out
-    held = {splits.normalize_task(t) for t in s.heldout_tasks["heldout"]}
+    held = {normalize_task(t) for t in s.heldout_tasks["heldout"]}
     assert held == {"open the drawer", "fold the cloth", "stack blocks"}
     assert len(s.eval["heldout_object"]) == 10 and all("eggplant" in s.tasks[e] for e in s.eval["heldout_object"])
     assert s.blank_dropped["train"] == 4
     assert s.check_leakage() == 5  # 3 held-out task strings + 2 eggplant strings
-    assert not {splits.normalize_task(s.tasks[e]) for e in s.train} & held
+    assert not {normalize_task(s.tasks[e]) for e in s.train} & held
     again = splits.hub_split(FakeMeta(tasks, tmp_path))
     assert again.eval == s.eval and again.train == s.train
     assert "ranked 2nd, 4th, 6th" in s.rule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vla_bridge import evaluation as ev
+from vla_bridge.evaluation import inference as ev
 from vla_bridge.models.tiny_vla import build_tiny_vla
 
 GiB = 1024**3

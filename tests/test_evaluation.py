@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vla_bridge import evaluation as ev
-from vla_bridge import plots, probes
+from vla_bridge import evaluation, plots
+from vla_bridge.evaluation import evaluate, inference, metrics, policies, rollout
 from vla_bridge.data import world
 
 pytestmark = [
@@ -45,61 +45,61 @@ def test_l1_hand_computed():
                      [0.0, 0.02, 0.0, 0.0, 0.0, 0.0, 0.0]])
     demo = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
-    overall, per_dim = ev.l1_action_error(pred, demo)
+    overall, per_dim = metrics.l1_action_error(pred, demo)
     np.testing.assert_allclose(per_dim, [0.005, 0.01, 0, 0, 0, 0, 0.5])
     assert overall == pytest.approx((0.01 + 0.02 + 1.0) / 14)
     with pytest.raises(ValueError):
-        ev.l1_action_error(pred[:1], demo)
+        metrics.l1_action_error(pred[:1], demo)
 
 
 def test_drift_integration_hand_computed():
     start = [0.3, 0.0, 0.1]
-    path = ev.integrate_xyz(start, np.tile([0.01, -0.005, 0.0], (4, 1)))
+    path = metrics.integrate_xyz(start, np.tile([0.01, -0.005, 0.0], (4, 1)))
     assert path.shape == (5, 3)
     np.testing.assert_allclose(path[0], start)
     np.testing.assert_allclose(path[-1], [0.34, -0.02, 0.1])
     demo = np.zeros((20, 7))
     pred = np.zeros((20, 7))
     pred[:, 0] = 0.01                       # 1 cm per step in x
-    assert ev.replay_drift_cm(pred, demo, start) == pytest.approx(16.0)          # first 16 steps only
-    assert ev.replay_drift_cm(pred, demo, start, horizon=4) == pytest.approx(4.0)
-    assert ev.replay_drift_cm(pred[:5], demo[:5], start) == pytest.approx(5.0)   # short episode: all its frames
+    assert metrics.replay_drift_cm(pred, demo, start) == pytest.approx(16.0)          # first 16 steps only
+    assert metrics.replay_drift_cm(pred, demo, start, horizon=4) == pytest.approx(4.0)
+    assert metrics.replay_drift_cm(pred[:5], demo[:5], start) == pytest.approx(5.0)   # short episode: all its frames
     pred[:, 1] = -0.0075                    # (16 cm, -12 cm) → 20 cm
-    assert ev.replay_drift_cm(pred, demo, start) == pytest.approx(20.0)
-    assert ev.replay_drift_cm(demo, demo, start) == 0.0
+    assert metrics.replay_drift_cm(pred, demo, start) == pytest.approx(20.0)
+    assert metrics.replay_drift_cm(demo, demo, start) == 0.0
 
 
 def test_gripper_events_and_proxy():
     g = [1, 1, 0, 0, 0, 1, 1]
-    assert ev.gripper_events(g, initial=1.0) == [(2, "close"), (5, "open")]
-    assert ev.gripper_events([0, 0, 1], initial=1.0) == [(0, "close"), (2, "open")]
-    assert ev.gripper_events([0, 0, 1]) == [(2, "open")]                 # no initial state: the first command
-    assert ev.gripper_events_match([(3, "close"), (7, "open")], [(2, "close"), (5, "open")], tolerance=2)
-    assert not ev.gripper_events_match([(3, "close")], [(2, "close"), (5, "open")])
-    assert not ev.gripper_events_match([(2, "open")], [(2, "close")])
-    assert not ev.gripper_events_match([(5, "close")], [(2, "close")], tolerance=2)
+    assert metrics.gripper_events(g, initial=1.0) == [(2, "close"), (5, "open")]
+    assert metrics.gripper_events([0, 0, 1], initial=1.0) == [(0, "close"), (2, "open")]
+    assert metrics.gripper_events([0, 0, 1]) == [(2, "open")]                 # no initial state: the first command
+    assert metrics.gripper_events_match([(3, "close"), (7, "open")], [(2, "close"), (5, "open")], tolerance=2)
+    assert not metrics.gripper_events_match([(3, "close")], [(2, "close"), (5, "open")])
+    assert not metrics.gripper_events_match([(2, "open")], [(2, "close")])
+    assert not metrics.gripper_events_match([(5, "close")], [(2, "close")], tolerance=2)
     demo = np.zeros((10, 7))
     demo[:, 6] = [1, 1, 1, 0, 0, 0, 0, 1, 1, 1]
     state = [0.3, 0.0, 0.1, 0, 0, 0, 0, 1.0]
     pred = demo.copy()
     pred[:, 6] = [1, 1, 1, 1, 0, 0, 0, 0, 1, 1]                         # both events one step late
-    assert ev.proxy_success(pred, demo, state)
+    assert metrics.proxy_success(pred, demo, state)
     pred[:, 0] = 0.01                                                     # 10 cm of drift
-    assert not ev.proxy_success(pred, demo, state)
-    assert not ev.proxy_success(np.where(np.arange(7) == 6, 1.0, demo), demo, state)  # never closes
+    assert not metrics.proxy_success(pred, demo, state)
+    assert not metrics.proxy_success(np.where(np.arange(7) == 6, 1.0, demo), demo, state)  # never closes
 
 
 def test_bootstrap_ci_contains_mean_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     small, big = rng.normal(1.0, 1.0, 10), rng.normal(1.0, 1.0, 400)
-    lo_s, hi_s = ev.bootstrap_ci(small, seed=1)
-    lo_b, hi_b = ev.bootstrap_ci(big, seed=1)
+    lo_s, hi_s = metrics.bootstrap_ci(small, seed=1)
+    lo_b, hi_b = metrics.bootstrap_ci(big, seed=1)
     assert lo_s <= small.mean() <= hi_s and lo_b <= big.mean() <= hi_b
     assert hi_b - lo_b < 0.5 * (hi_s - lo_s)
-    assert ev.bootstrap_ci(small, seed=1) == (lo_s, hi_s)                 # seeded
-    assert ev.bootstrap_ci([0.7]) == (0.7, 0.7)
-    assert all(np.isnan(ev.bootstrap_ci([])))
-    rates = ev.summarize([1.0, 0.0, 1.0, 1.0])
+    assert metrics.bootstrap_ci(small, seed=1) == (lo_s, hi_s)                 # seeded
+    assert metrics.bootstrap_ci([0.7]) == (0.7, 0.7)
+    assert all(np.isnan(metrics.bootstrap_ci([])))
+    rates = metrics.summarize([1.0, 0.0, 1.0, 1.0])
     assert rates["mean"] == 0.75 and rates["n"] == 4 and 0.0 <= rates["ci"][0] <= 0.75 <= rates["ci"][1] <= 1.0
 
 
@@ -110,15 +110,15 @@ def _world_episodes():
     tasks = [(world.SPLITS.finetune[0], 11), (world.SPLITS.finetune[5], 12), (world.SPLITS.heldout_tasks[0], 13),
              (world.SPLITS.heldout_family_tasks[1], 14), (world.SPLITS.unseen_color_tasks[2], 15),
              (world.SPLITS.pretrain[3], 16)]
-    return [ev.ClosedLoopEpisode(t, s, t, i) for i, (t, s) in enumerate(tasks)]
+    return [rollout.ClosedLoopEpisode(t, s, t, i) for i, (t, s) in enumerate(tasks)]
 
 
 def test_closed_loop_expert_succeeds_and_random_fails():
     eps = _world_episodes()
-    expert = ev.run_closed_loop(ev.ExpertPolicy(), eps, max_steps=60)
+    expert = rollout.run_closed_loop(policies.ExpertPolicy(), eps, max_steps=60)
     assert [r["success"] for r in expert] == [True] * len(eps)
     assert all(r["grasped"] and r["steps"] < 60 for r in expert)
-    rand = ev.run_closed_loop(ev.RandomPolicy(seed=0), eps * 2, max_steps=60)
+    rand = rollout.run_closed_loop(policies.RandomPolicy(seed=0), eps * 2, max_steps=60)
     assert sum(r["success"] for r in rand) <= 1
     assert all(r["steps"] == 60 for r in rand if not r["success"])
 
@@ -126,7 +126,7 @@ def test_closed_loop_expert_succeeds_and_random_fails():
 def test_closed_loop_batches_policy_calls_across_envs():
     calls = []
 
-    class Spy(ev.ConstantPolicy):
+    class Spy(policies.ConstantPolicy):
         needs_images = True
 
         def act(self, images, instructions, envs=None, progress=None):
@@ -135,14 +135,14 @@ def test_closed_loop_batches_policy_calls_across_envs():
             return super().act(images, instructions, envs)
 
     eps = _world_episodes()[:4]
-    res = ev.run_closed_loop(Spy(np.r_[np.zeros(6), 1.0], "still"), eps, max_steps=5, image_size=64)
+    res = rollout.run_closed_loop(Spy(np.r_[np.zeros(6), 1.0], "still"), eps, max_steps=5, image_size=64)
     assert calls == [4] * 5 and not any(r["success"] for r in res)
 
 
 def test_closed_loop_feeds_each_episode_its_camera_and_transform_and_records_the_path():
     seen = []
 
-    class Spy(ev.ConstantPolicy):
+    class Spy(policies.ConstantPolicy):
         needs_images = True
 
         def act(self, images, instructions, envs=None, progress=None):
@@ -150,11 +150,11 @@ def test_closed_loop_feeds_each_episode_its_camera_and_transform_and_records_the
             return super().act(images, instructions, envs)
 
     t, s = world.SPLITS.finetune[0], 11
-    eps = [ev.ClosedLoopEpisode(t, s, t),
-           ev.ClosedLoopEpisode(t, s, t, camera=world.IMAGE_KEYS[1]),
-           ev.ClosedLoopEpisode(t, s, t, transform=lambda im: 255 - im)]
+    eps = [rollout.ClosedLoopEpisode(t, s, t),
+           rollout.ClosedLoopEpisode(t, s, t, camera=world.IMAGE_KEYS[1]),
+           rollout.ClosedLoopEpisode(t, s, t, transform=lambda im: 255 - im)]
     up = np.r_[0.0, 0.0, 0.02, np.zeros(3), 1.0]
-    res = ev.run_closed_loop(Spy(up, "up"), eps, max_steps=3, image_size=64, record=True)
+    res = rollout.run_closed_loop(Spy(up, "up"), eps, max_steps=3, image_size=64, record=True)
     env = world.TabletopEnv(image_size=64)
     obs0 = env.reset(t, s)
     assert np.array_equal(seen[0][0], obs0[world.IMAGE_KEYS[0]])
@@ -205,10 +205,10 @@ def _mixed_frames(n_per_task=2):
 def test_batched_tokens_match_per_frame_predict_action(small_vla):
     model, processor = small_vla
     images, instructions = _mixed_frames()
-    pred = ev.BatchedActionPredictor(model, processor, KEY, center_crop=True, max_batch_size=8)
+    pred = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True, max_batch_size=8)
     lengths = {len(pred.prompt_ids(i)) for i in instructions}
     assert len(lengths) >= 3, "the batch must mix prompt lengths"
-    ref = ev.per_frame_predict(model, processor, images, instructions, KEY, center_crop=True)
+    ref = inference.per_frame_predict(model, processor, images, instructions, KEY, center_crop=True)
     pred.calls = 0
     out = pred.predict(images, instructions)
     assert pred.calls == len(lengths)                                    # one generate() per prompt length
@@ -217,12 +217,12 @@ def test_batched_tokens_match_per_frame_predict_action(small_vla):
     assert tokens.shape == (len(images), 7) and tokens.dtype == np.int64   # (random weights: not all action ids)
     np.testing.assert_array_equal(pred.decode(tokens), ref)
 
-    padded = ev.BatchedActionPredictor(model, processor, KEY, center_crop=True, padding=True)
+    padded = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True, padding=True)
     np.testing.assert_array_equal(padded.predict(images, instructions), ref)
     assert padded.calls == 1
 
     with model.disable_adapter():                                        # the base model, before LoRA
-        base_ref = ev.per_frame_predict(model, processor, images, instructions, KEY, center_crop=True)
+        base_ref = inference.per_frame_predict(model, processor, images, instructions, KEY, center_crop=True)
         base_out = pred.predict(images, instructions)
     np.testing.assert_array_equal(base_out, base_ref)
     assert not np.array_equal(base_out, out), "the adapter should change some actions"
@@ -233,7 +233,7 @@ def test_first_token_logits_match_the_forward_pass(small_vla):
 
     model, processor = small_vla
     images, instructions = _mixed_frames(1)
-    pred = ev.BatchedActionPredictor(model, processor, KEY, center_crop=False)
+    pred = inference.BatchedActionPredictor(model, processor, KEY, center_crop=False)
     logits = pred.first_token_logits(images, instructions, action_only=False)
     act = pred.first_token_logits(images, instructions)
     assert act.shape == (len(images), 256)
@@ -311,9 +311,9 @@ def e2e(tmp_path_factory):
     result = train(model, processor, Frames(), stats, cfg)
     # the test's split: trained on that one episode, no fresh-episode group → contrast = "train_seen"
     test_split = dataclasses.replace(split, train=[train_ep], contrast={})
-    report = ev.run_evaluation(model, processor, ds, test_split, unnorm_key=KEY, out_dir=out / "eval", run_name="e2e",
-                               episodes_per_task=8, center_crop=False, contrast_tasks=1, progress=False, threads=1,
-                               train_result=result)
+    config = evaluation.EvalConfig(unnorm_key=KEY, out_dir=out / "eval", run_name="e2e", episodes_per_task=8,
+                                   center_crop=False, contrast_tasks=1, progress=False, threads=1)
+    report = evaluation.run_evaluation(model, processor, ds, test_split, config, train_result=result)
     return dict(report=report, split=split, ds=ds, root=root, result=result, model=model, processor=processor,
                 test_split=test_split)
 
@@ -321,9 +321,9 @@ def e2e(tmp_path_factory):
 def test_end_to_end_finetuned_beats_baselines(e2e):
     rep = e2e["report"]
     assert e2e["result"].history[-1]["action_accuracy"] > 0.9
-    ft = rep.group("train_seen", ev.POLICY_FINETUNED)
-    base = rep.group("train_seen", ev.POLICY_BASE)
-    mean = rep.group("train_seen", ev.POLICY_MEAN)
+    ft = rep.group("train_seen", policies.POLICY_FINETUNED)
+    base = rep.group("train_seen", policies.POLICY_BASE)
+    mean = rep.group("train_seen", policies.POLICY_MEAN)
     print(f"\nfine-tuning task (seen episode): L1 fine-tuned {ft['mean_l1_action_error']['mean']:.4f} vs mean-action "
           f"{mean['mean_l1_action_error']['mean']:.4f} vs base {base['mean_l1_action_error']['mean']:.4f}; closed-loop "
           f"success {ft['success_rate']['mean']:.0%} vs base {base['success_rate']['mean']:.0%}; eval "
@@ -331,7 +331,7 @@ def test_end_to_end_finetuned_beats_baselines(e2e):
     assert ft["mean_l1_action_error"]["mean"] < 0.5 * mean["mean_l1_action_error"]["mean"]
     assert ft["success_rate"]["mean"] > base["success_rate"]["mean"]
     # held-out rows are there and reported as they come out
-    held = rep.rows(policy=ev.POLICY_FINETUNED, group="heldout")
+    held = rep.rows(policy=policies.POLICY_FINETUNED, group="heldout")
     assert len(held) == 5 and all(r["n_episodes"] == 1 for r in held)
 
 
@@ -343,8 +343,8 @@ def test_eval_json_schema(e2e):
                 "success_definition", "baselines", "rows", "groups", "per_episode", "timing"):
         assert key in data, key
     assert data["success_definition"]["kind"] == "closed_loop" and "max_steps" in data["success_definition"]
-    assert set(data["baselines"]) == {ev.POLICY_MEAN, ev.POLICY_BASE}
-    assert len(data["baselines"][ev.POLICY_MEAN]["action"]) == 7
+    assert set(data["baselines"]) == {policies.POLICY_MEAN, policies.POLICY_BASE}
+    assert len(data["baselines"][policies.POLICY_MEAN]["action"]) == 7
     assert data["model"]["peft"] and data["model"]["lora"]["r"] == 64 and data["model"]["training"]["steps"] == 400
     assert data["dataset"]["embedded_build"]["params"]["image_size"] == 64
     assert set(data["split"]["groups"]) == {"heldout", "train_seen"}
@@ -356,7 +356,7 @@ def test_eval_json_schema(e2e):
         for m in ("mean_l1_action_error", "replay_pose_drift_cm", "success_rate"):
             assert set(row[m]) == {"mean", "ci", "n"} and len(row[m]["ci"]) == 2
             assert row[m]["ci"][0] <= row[m]["mean"] + 1e-12 and row[m]["mean"] <= row[m]["ci"][1] + 1e-12
-    assert {r["policy"] for r in data["rows"]} == set(ev.DEFAULT_POLICIES)
+    assert {r["policy"] for r in data["rows"]} == set(policies.DEFAULT_POLICIES)
     assert len(data["rows"]) == 3 * 6 and len(data["per_episode"]) == 3 * 6
     assert set(data["rows"][0]["l1_per_dim"]) == set(world.ACTION_NAMES)
     assert "| task_name | group | policy | n_episodes | L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper |" in rep.markdown
@@ -369,40 +369,41 @@ def test_select_eval_tasks_uses_fresh_finetune_episodes(e2e):
     split = e2e["split"]
     assert "finetune_eval" in split.contrast and len(split.contrast["finetune_eval"]) == 4
     side = load_episode_sidecar(e2e["root"])
-    tasks = ev.select_eval_tasks(split, side, episodes_per_task=8)
+    tasks = evaluate.select_eval_tasks(split, side, episodes_per_task=8)
     groups = {t.group for t in tasks}
     assert groups == {"heldout", "finetune_eval"} | ({"paraphrase"} if split.eval.get("paraphrase") else set())
     fresh = [t for t in tasks if t.group == "finetune_eval"]
     assert sorted(t.task_name for t in fresh) == sorted(finetune_eval_tasks(0))
     train_keys = {(r["canonical_task"], r["seed"]) for r in side if r["split"] == "finetune"}
     assert all((side[e]["canonical_task"], side[e]["seed"]) not in train_keys for t in fresh for e in t.episodes)
-    capped = ev.select_eval_tasks(split, side, episodes_per_task=1, max_tasks_per_group=2)
+    capped = evaluate.select_eval_tasks(split, side, episodes_per_task=1, max_tasks_per_group=2)
     assert len(capped) == 4 and all(len(t.episodes) == 1 for t in capped)
     with pytest.raises(ValueError, match="no episodes"):
-        ev.select_eval_tasks(split, side, groups=["heldout_family"])
+        evaluate.select_eval_tasks(split, side, groups=["heldout_family"])
 
 
 
 def test_proxy_success_path_without_closed_loop(e2e):
     """What a Bridge run reports (no simulator): success = the drift + gripper-events proxy, stated in eval.json."""
-    rep = ev.run_evaluation(e2e["model"], e2e["processor"], e2e["ds"], e2e["test_split"], unnorm_key=KEY,
-                            closed_loop=False, groups=["train_seen", "heldout"], policies=["fine-tuned", "mean"],
-                            center_crop=False, contrast_tasks=1, progress=False, threads=1, write=False)
+    config = evaluation.EvalConfig(unnorm_key=KEY, closed_loop=False, groups=["train_seen", "heldout"],
+                                   policies=["fine-tuned", "mean"], center_crop=False, contrast_tasks=1,
+                                   progress=False, threads=1, write=False)
+    rep = evaluation.run_evaluation(e2e["model"], e2e["processor"], e2e["ds"], e2e["test_split"], config)
     d = rep.data
     assert d["success_definition"]["kind"] == "proxy" and d["success_definition"]["drift_threshold_cm"] == 5.0
     assert "closed_loop_steps" not in d["per_episode"][0]
     assert all(r["success"] == r["proxy_success"] for r in d["per_episode"])
-    assert {r["policy"] for r in d["rows"]} == {ev.POLICY_FINETUNED, ev.POLICY_MEAN}
+    assert {r["policy"] for r in d["rows"]} == {policies.POLICY_FINETUNED, policies.POLICY_MEAN}
     # the constant mean action never opens or closes the gripper, so it never passes the proxy
-    assert rep.group("train_seen", ev.POLICY_MEAN)["success_rate"]["mean"] == 0.0
-    assert rep.group("heldout", ev.POLICY_MEAN)["success_rate"]["mean"] == 0.0
+    assert rep.group("train_seen", policies.POLICY_MEAN)["success_rate"]["mean"] == 0.0
+    assert rep.group("heldout", policies.POLICY_MEAN)["success_rate"]["mean"] == 0.0
     assert rep.json_path is None and len(rep.episodes[e2e["test_split"].train[0]].images) == 1  # the first frame only
 
 
 def test_the_failure_sheet_of_a_default_evaluation_shows_frames(e2e, tmp_path):
     """The notebook's §10b as it calls it: run_evaluation without keep_frames, then mine_failures. Every panel of the
     contact sheet shows the episode's first frame (it was eight "(no image)" panels for two sessions)."""
-    rep = probes.mine_failures(e2e["report"], tmp_path)
+    rep = evaluation.mine_failures(e2e["report"], tmp_path)
     n_panels = min(8, len(rep.ranked))
     assert n_panels >= 2 and rep.n_with_image == n_panels
     assert f"{n_panels} of {n_panels} panels show" in rep.text()

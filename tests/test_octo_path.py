@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vla_bridge import evaluation as ev
+from vla_bridge.evaluation.policies import ConstantPolicy, RandomPolicy
 from vla_bridge import hardware
 from vla_bridge.data import splits, stream
 from vla_bridge.models import octo
@@ -50,10 +51,11 @@ def test_run_evaluation_with_policy_objects_keeps_the_layout(small, tmp_path):
     baseline is still added, and eval.json / table.md have the usual layout."""
     ds = stream.open_dataset(str(small.root), seed=0)
     split = splits.make_split(ds)
-    given = {"fine-tuned": ev.RandomPolicy(seed=1), "base": ev.ConstantPolicy(np.r_[np.zeros(6), 1.0], "base")}
-    rep = ev.run_evaluation(None, None, ds, split, unnorm_key="demo_world", out_dir=tmp_path, run_name="given",
-                            episodes_per_task=1, max_tasks_per_group=1, max_steps=5, progress=False,
-                            policy_objects=given, model_info={"class": "OctoModel", "base_description": "before"})
+    given = {"fine-tuned": RandomPolicy(seed=1), "base": ConstantPolicy(np.r_[np.zeros(6), 1.0], "base")}
+    config = ev.EvalConfig(unnorm_key="demo_world", out_dir=tmp_path, run_name="given", episodes_per_task=1,
+                           max_tasks_per_group=1, max_steps=5, progress=False)
+    rep = ev.run_evaluation(None, None, ds, split, config, policy_objects=given,
+                            model_info={"class": "OctoModel", "base_description": "before"})
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["evaluation"]["policies"] == [ev.POLICY_FINETUNED, ev.POLICY_BASE, ev.POLICY_MEAN]
     assert data["model"]["class"] == "OctoModel" and data["model"]["unnorm_key"] == "demo_world"

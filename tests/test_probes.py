@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from vla_bridge import plots, probes
-from vla_bridge.data import world
+from vla_bridge import plots
+from vla_bridge.data import episodes, tasks, world
+from vla_bridge.data.stream import MAIN_CAMERA
+from vla_bridge.evaluation import failures, metrics, perturbations, policies, probe_report, probes, video
 
 KEY = "demo_world"
 SMALL = dict(image_size=64, vision_width=96, vision_depth=2, hidden_size=128, num_layers=2, intermediate_size=256)
@@ -24,26 +26,26 @@ SMALL = dict(image_size=64, vision_width=96, vision_depth=2, hidden_size=128, nu
 def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
     rng = np.random.default_rng(0)
     p = rng.normal(size=(5, 256))
-    assert np.allclose(probes.kl_divergence(p, p), 0.0, atol=1e-12)
-    assert np.allclose(probes.kl_divergence(p, p + 3.0), 0.0, atol=1e-9)  # softmax ignores a constant shift
+    assert np.allclose(metrics.kl_divergence(p, p), 0.0, atol=1e-12)
+    assert np.allclose(metrics.kl_divergence(p, p + 3.0), 0.0, atol=1e-9)  # softmax ignores a constant shift
     q = rng.normal(size=(5, 256))
-    assert (probes.kl_divergence(p, q) > 0).all()
+    assert (metrics.kl_divergence(p, q) > 0).all()
     # hand-computed two-outcome case: p = (.5, .5), q = (.9, .1)
-    kl = probes.kl_divergence(np.log([[0.5, 0.5]]), np.log([[0.9, 0.1]]))[0]
+    kl = metrics.kl_divergence(np.log([[0.5, 0.5]]), np.log([[0.9, 0.1]]))[0]
     assert kl == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
 
 
 def test_mean_abs_delta_and_l1_per_dimension():
     a = np.array([[0.0, 1.0, -1.0], [2.0, 1.0, 0.0]])
     b = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
-    assert probes.mean_abs_delta(a, b) == pytest.approx([1.5, 0.0, 1.0])
-    assert probes.l1_per_frame(a, b) == pytest.approx([1.0, 2.0 / 3.0])
+    assert metrics.mean_abs_delta(a, b) == pytest.approx([1.5, 0.0, 1.0])
+    assert metrics.l1_per_frame(a, b) == pytest.approx([1.0, 2.0 / 3.0])
 
 
 def test_weighted_bootstrap_ci_brackets_the_mean():
-    lo, hi = probes.weighted_bootstrap_ci([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], seed=0)
+    lo, hi = metrics.weighted_bootstrap_ci([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 1], seed=0)
     assert lo <= 0.25 <= hi
-    assert probes.weighted_bootstrap_ci([0.5]) is None
+    assert metrics.weighted_bootstrap_ci([0.5]) is None
 
 
 # ------------------------------------------------------------------------------------------------------ perturbations
@@ -60,35 +62,35 @@ def _patch_image() -> np.ndarray:
 
 def test_color_shift_is_deterministic_changes_colours_and_keeps_greys():
     img = _patch_image()
-    a, b = probes.color_shift(img), probes.color_shift(img.copy())
+    a, b = perturbations.color_shift(img), perturbations.color_shift(img.copy())
     assert a.dtype == np.uint8 and a.shape == img.shape
     assert np.array_equal(a, b)
     assert np.abs(a.astype(int) - img.astype(int)).mean() > 20
     assert np.abs(a[20, 4].astype(int) - 128).max() <= 2             # grey stays grey
     r, g, bl = a[4, 4].astype(int)
     assert g > r and g > bl                                           # red rotated by 90° is yellow-green
-    assert not np.array_equal(probes.color_shift(img, 90), probes.color_shift(img, 180))
-    assert np.abs(probes.color_shift(img, 360).astype(int) - img.astype(int)).max() <= 3  # HSV round trip only
+    assert not np.array_equal(perturbations.color_shift(img, 90), perturbations.color_shift(img, 180))
+    assert np.abs(perturbations.color_shift(img, 360).astype(int) - img.astype(int)).max() <= 3  # HSV round trip only
 
 
 def test_missing_or_black_camera():
-    assert probes.is_missing_or_black(None)
-    assert probes.is_missing_or_black(np.zeros((8, 8, 3), np.uint8))
-    assert probes.is_missing_or_black(np.full((4, 8, 8, 3), 5, np.uint8))
-    assert not probes.is_missing_or_black(_patch_image())
+    assert episodes.is_missing_or_black(None)
+    assert episodes.is_missing_or_black(np.zeros((8, 8, 3), np.uint8))
+    assert episodes.is_missing_or_black(np.full((4, 8, 8, 3), 5, np.uint8))
+    assert not episodes.is_missing_or_black(_patch_image())
 
 
 def test_paraphrases_and_verb_noun():
-    assert "place the red block on the plate" in probes.bridge_paraphrases("put the red block on the plate")
-    assert probes.bridge_paraphrases("pick up the spoon")[0] == "grab the spoon"
-    assert probes.bridge_paraphrases("") == []
-    world_alt = probes.paraphrase_for("put the red block on the plate", 0, world_mode=True)
+    assert "place the red block on the plate" in tasks.bridge_paraphrases("put the red block on the plate")
+    assert tasks.bridge_paraphrases("pick up the spoon")[0] == "grab the spoon"
+    assert tasks.bridge_paraphrases("") == []
+    world_alt = tasks.paraphrase_for("put the red block on the plate", 0, world_mode=True)
     assert world_alt != "put the red block on the plate"
     assert world.parse_task(world_alt)["family"] == "block"
-    assert probes.verb_noun("put the red block on the plate") == {"verb": "put", "noun": "block"}
-    assert probes.verb_noun("pick up the green spoon and put it in the pot") == {"verb": "pick up", "noun": "spoon"}
-    assert probes.verb_noun("open the drawer") == {"verb": "open", "noun": "drawer"}
-    assert probes.verb_noun("grab the purple banana and drop it on the towel", world_mode=True) == \
+    assert tasks.verb_noun("put the red block on the plate") == {"verb": "put", "noun": "block"}
+    assert tasks.verb_noun("pick up the green spoon and put it in the pot") == {"verb": "pick up", "noun": "spoon"}
+    assert tasks.verb_noun("open the drawer") == {"verb": "open", "noun": "drawer"}
+    assert tasks.verb_noun("grab the purple banana and drop it on the towel", world_mode=True) == \
         {"verb": "grab", "noun": "banana"}
 
 
@@ -96,8 +98,8 @@ def test_world_projection_lands_on_the_rendered_object():
     env = world.TabletopEnv(image_size=128)
     env.reset("put the red block on the plate", 3)
     o = env.instructed_object
-    img = env.render()[probes.MAIN_CAMERA]
-    u, v = probes.world_to_image0(np.array([[o.x, o.y, 0.04]]), 128)[0]   # the block's top face
+    img = env.render()[MAIN_CAMERA]
+    u, v = video.world_to_image0(np.array([[o.x, o.y, 0.04]]), 128)[0]   # the block's top face
     patch = img[int(v) - 1:int(v) + 2, int(u) - 1:int(u) + 2].reshape(-1, 3).astype(int).mean(0)
     assert patch[0] > 150 and patch[1] < 90 and patch[2] < 90, patch    # red
 
@@ -120,7 +122,7 @@ def _summary():
         rows += [_row(g, "paraphrase", 0.10 * f, 0.102 * f, 0.03, ci=[-0.001, 0.004]),
                  _row(g, "color_shift", 0.10 * f, 0.13 * f * f, 0.4, ci=[0.01, 0.05]),
                  _row(g, "other_camera", 0.10 * f, 0.31 * f, 2.0, skipped=2 if g != "heldout" else 0)]
-    rows.append(_row("all", probes.REFERENCE, 0.11, 0.30, 4.0))
+    rows.append(_row("all", perturbations.REFERENCE, 0.11, 0.30, 4.0))
     spread = {"pred_distinct_per_episode": 9.0, "demo_distinct_per_episode": 12.0, "pred_spread_ratio": 0.8}
     groups = {"heldout": {"title": "held-out task strings", "l1_base": 0.10, "n_episodes": 10, "n_frames": 120},
               "unseen_color": {"title": "unseen colour", "l1_base": 0.13, "n_episodes": 10, "n_frames": 120},
@@ -132,7 +134,7 @@ def _summary():
 
 def test_bullets_are_generated_from_the_numbers():
     s = _summary()
-    bullets = probes.probe_bullets(s)
+    bullets = probe_report.probe_bullets(s)
     assert 5 <= len(bullets) <= 10
     text = "\n".join(bullets)
     assert "Paraphrased instructions barely move the policy: KL 0.03" in text and "+2%" in text
@@ -154,25 +156,25 @@ def test_bullets_are_generated_from_the_numbers():
             r.update(kl=0.02, l1_probe=r["l1_base"] * 1.01, l1_ratio=1.01, dl1_rel=0.01)
     changed["closed_loop"]["all"]["other_camera"]["successes"] = 4
     changed["groups"]["all"].update(pred_distinct_per_episode=1.0, pred_spread_ratio=0.01)
-    next(r for r in changed["rows"] if r["probe"] == probes.REFERENCE)["kl"] = 0.01
-    text2 = "\n".join(probes.probe_bullets(changed))
+    next(r for r in changed["rows"] if r["probe"] == perturbations.REFERENCE)["kl"] = 0.01
+    text2 = "\n".join(probe_report.probe_bullets(changed))
     assert text2 != text
     assert "Paraphrased instructions break the policy: open-loop L1 ×2.0" in text2
     assert "The other camera (image_1 for image_0) barely moves the policy: KL 0.02" in text2
     assert "4/8 with the other camera" in text2
     assert text2.startswith("Caution: the policy's actions hardly change within an episode (on average 1.0 distinct")
-    next(r for r in changed["rows"] if r["probe"] == probes.REFERENCE).update(dl1_rel=0.02)
-    text2 = "\n".join(probes.probe_bullets(changed))
+    next(r for r in changed["rows"] if r["probe"] == perturbations.REFERENCE).update(dl1_rel=0.02)
+    text2 = "\n".join(probe_report.probe_bullets(changed))
     assert "the policy barely looks at the scene" in text2
-    assert probes.probe_verdict(_row("all", "color_shift", 0.1, 0.101, 0.5)) == "shifts"
-    assert probes.probe_verdict(_row("all", "color_shift", 0.1, 0.05, 0.5)) == "improves"
+    assert probe_report.probe_verdict(_row("all", "color_shift", 0.1, 0.101, 0.5)) == "shifts"
+    assert probe_report.probe_verdict(_row("all", "color_shift", 0.1, 0.05, 0.5)) == "improves"
 
 
 def test_nan_probe_numbers_are_not_reported_as_findings():
     s = copy.deepcopy(_summary())
     for r in s["rows"]:
         r.update(kl=float("nan"), dl1_rel=float("nan"), l1_probe=float("nan"), l1_ratio=float("nan"))
-    text = "\n".join(probes.probe_bullets(s))
+    text = "\n".join(probe_report.probe_bullets(s))
     assert "came out non-finite (NaN/inf)" in text and "barely" not in text and "KL nan" not in text
 
 
@@ -194,20 +196,20 @@ def _table():
 
 def test_failure_ranking_and_slices_on_a_hand_made_table(tmp_path):
     rows = _table()
-    ranked = probes.rank_failures(rows)
+    ranked = failures.rank_failures(rows)
     assert [r["episode"] for r in ranked] == [2, 3, 4, 1]   # failures (by L1), unknown, successes
-    by_verb = {s["verb"]: s for s in probes.slice_failures(rows, "verb")}
+    by_verb = {s["verb"]: s for s in failures.slice_failures(rows, "verb")}
     assert by_verb["put"]["n"] == 2 and by_verb["put"]["mean_l1"] == pytest.approx(0.20)
     assert by_verb["put"]["successes"] == 1 and by_verb["put"]["n_closed_loop"] == 2
     assert by_verb["move"]["mean_l1"] == pytest.approx(0.35)
     assert by_verb["move"]["successes"] == 0 and by_verb["move"]["n_closed_loop"] == 1
-    by_noun = probes.slice_failures(rows, "noun")
+    by_noun = failures.slice_failures(rows, "noun")
     assert [s["noun"] for s in by_noun] == ["block", "cup"] and by_noun[0]["mean_l1"] == pytest.approx(0.30)
-    table = probes.format_slices(by_noun, "noun")
+    table = failures.format_slices(by_noun, "noun")
     assert "| block | 2 | 0.3000 | 1/1 |" in table and "| cup | 2 | 0.2500 | 0/2 |" in table
 
     images = {r["episode"]: np.full((32, 32, 3), 40 * r["episode"], np.uint8) for r in rows}
-    rep = probes.mine_failures(rows, tmp_path, n_worst=3, images=images)
+    rep = failures.mine_failures(rows, tmp_path, n_worst=3, images=images)
     assert rep.sheet_path.name == "worst_episodes.png" and rep.sheet_path.stat().st_size > 1000
     assert "| 1 | 2 | heldout | put the blue cup on the plate | 0.3000 | no |" in rep.text()
 
@@ -261,7 +263,7 @@ def test_run_probes_video_and_failures_end_to_end(small_world, tmp_path):
                             frame_stride=4, closed_loop_episodes=1, max_steps=6, verbose=False)
     assert set(res.config["groups"]) == {"heldout", "heldout_family", "unseen_color"}
     assert len(res.rows) == 4 * 4                                   # 3 groups + "all" × 3 probes + the reference
-    assert {r["probe"] for r in res.rows} == {*probes.PROBES, probes.REFERENCE}
+    assert {r["probe"] for r in res.rows} == {*perturbations.PROBES, perturbations.REFERENCE}
     for r in res.rows:
         assert r["n_frames"] > 0 and r["kl"] >= 0 and len(r["mean_abs_delta"]) == 7
     para = next(r for r in res.rows if r["group"] == "all" and r["probe"] == "paraphrase")
@@ -273,25 +275,25 @@ def test_run_probes_video_and_failures_end_to_end(small_world, tmp_path):
     data = json.loads((tmp_path / "eval" / "probe.json").read_text())
     assert data["bullets"] == res.bullets and len(data["episodes"]) == 4
 
-    rep = probes.mine_failures(res, tmp_path / "figures")
+    rep = failures.mine_failures(res, tmp_path / "figures")
     assert rep.sheet_path.stat().st_size > 1000 and len(rep.ranked) == 4
     assert {s["noun"] for s in rep.slices["noun"]} <= set(world.ALL_FAMILIES)
 
-    vid = probes.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path / "videos", max_steps=5,
+    vid = video.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path / "videos", max_steps=5,
                                scale=2)
     assert vid.kind == "closed_loop" and vid.n_frames == 6 and vid.path.stat().st_size > 0
     assert vid.strip_path.stat().st_size > 0
-    ol = probes.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path / "videos",
+    ol = video.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path / "videos",
                               kind="open_loop", scale=2)
     assert ol.kind == "open_loop" and ol.path.stat().st_size > 0 and ol.success is None
 
 
 def test_prediction_spread_flags_a_constant_policy():
     demo = [np.array([[0.0, 1.0], [0.02, 0.0], [0.01, 1.0]])]
-    const = probes.prediction_spread([np.tile([0.01, 1.0], (3, 1))], demo, np.array([0.04, 1.0]))
+    const = metrics.prediction_spread([np.tile([0.01, 1.0], (3, 1))], demo, np.array([0.04, 1.0]))
     assert const["pred_distinct_per_episode"] == 1 and const["demo_distinct_per_episode"] == 3
     assert const["pred_spread_ratio"] == 0.0
-    same = probes.prediction_spread(demo, demo, np.array([0.04, 1.0]))
+    same = metrics.prediction_spread(demo, demo, np.array([0.04, 1.0]))
     assert same["pred_spread_ratio"] == pytest.approx(1.0)
 
 
@@ -310,14 +312,15 @@ def test_bridge_mode_skips_black_cameras_and_films_open_loop(small_world, tmp_pa
     an episode whose image_1 is black is skipped and counted."""
     ds, split, model, processor = small_world
     monkeypatch.setattr(probes, "world_sidecar", lambda ds: None)
+    monkeypatch.setattr(video, "world_sidecar", lambda ds: None)
     calls = {"n": 0}
-    real = probes.is_missing_or_black
+    real = episodes.is_missing_or_black
 
     def first_is_black(image):
         calls["n"] += 1
         return True if calls["n"] == 1 else real(image)
 
-    monkeypatch.setattr(probes, "is_missing_or_black", first_is_black)
+    monkeypatch.setattr(episodes, "is_missing_or_black", first_is_black)
     res = probes.run_probes(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path, frame_stride=6,
                             groups=["heldout", "unseen_color"], probes=("paraphrase", "other_camera"), verbose=False)
     cam = next(r for r in res.rows if r["group"] == "all" and r["probe"] == "other_camera")
@@ -325,7 +328,7 @@ def test_bridge_mode_skips_black_cameras_and_films_open_loop(small_world, tmp_pa
     assert not res.closed_loop["all"] and res.config["closed_loop"] is False
     assert any("1 episode(s) skipped (image_1 missing or black)" in b for b in res.bullets)
     assert all(e["paraphrase"].startswith(("place", "put", "please", "go ahead", "bring")) for e in res.episodes)
-    vid = probes.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path, scale=2)
+    vid = video.rollout_video(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path, scale=2)
     assert vid.kind == "open_loop" and vid.path.stat().st_size > 0
 
 
@@ -346,7 +349,7 @@ def test_failures_from_an_evaluation_report(tmp_path):
     ]
     eps = {e: SimpleNamespace(images=[np.full((16, 16, 3), 20 * e, np.uint8)]) for e in (7, 8, 9)}
     report = SimpleNamespace(data={"per_episode": recs, "success_definition": {"kind": "closed_loop"}}, episodes=eps)
-    rep = probes.mine_failures(report, tmp_path)
+    rep = failures.mine_failures(report, tmp_path)
     assert [r["episode"] for r in rep.ranked] == [7, 8]           # fine-tuned policy, held-out groups only
     assert rep.ranked[0]["noun"] == "spoon" and rep.ranked[0]["success_kind"] == "closed loop"
     assert rep.sheet_path.stat().st_size > 0
@@ -362,11 +365,11 @@ def test_probe_predictor_gives_predict_action_tokens_and_the_first_token_logits(
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 64, 3)).astype(np.uint8) for _ in range(5)]
     instructions = ["put the red block on the plate"] * 3 + ["move the blue cup to the towel"] * 2
-    pred = probes.make_predictor(model, processor, KEY, center_crop=True)
+    pred = policies.VLAPolicy.from_model(model, processor, KEY, center_crop=True)
     acts, logits = pred.run(images, instructions)
     assert logits.shape == (5, 256)
     assert np.array_equal(acts, per_frame_predict(model, processor, images, instructions, KEY, True))
-    inner = pred.inner
+    inner = pred.predictor
     action_ids = list(ActionTokenizer(processor.tokenizer).action_token_ids)
     with torch.inference_mode():
         for i in (0, 4):
@@ -379,16 +382,16 @@ def test_a_change_whose_interval_includes_zero_is_not_a_finding():
     """The issue's case: other-scene L1 +11 % with a 95 % CI of [-0.0129, +0.0228] does not show that the policy
     reads the scene, and a probe whose ΔL1 interval includes 0 is reported as no change detectable."""
     s = copy.deepcopy(_summary())
-    ref = next(r for r in s["rows"] if r["group"] == "all" and r["probe"] == probes.REFERENCE)
+    ref = next(r for r in s["rows"] if r["group"] == "all" and r["probe"] == perturbations.REFERENCE)
     ref.update(kl=0.4, l1_probe=ref["l1_base"] * 1.11, l1_ratio=1.11, dl1_rel=0.11, dl1=0.11 * ref["l1_base"],
                dl1_ci95=[-0.0129, 0.0228])
     hue = next(r for r in s["rows"] if r["group"] == "all" and r["probe"] == "color_shift")
     hue.update(kl=0.3, l1_probe=hue["l1_base"] * 1.3, l1_ratio=1.3, dl1_rel=0.3, dl1=0.3 * hue["l1_base"],
                dl1_ci95=[0.004, 0.02])
-    text = "\n".join(probes.probe_bullets(s))
+    text = "\n".join(probe_report.probe_bullets(s))
     assert "cannot show that the policy's accuracy depends on the scene" in text
     assert "costs accuracy: L1 +30%" in text
-    assert probes.probe_verdict(ref) == "undetected" and probes.probe_verdict(hue) == "degrades"
+    assert probe_report.probe_verdict(ref) == "undetected" and probe_report.probe_verdict(hue) == "degrades"
     hue.update(dl1_ci95=[-0.001, 0.02])
-    assert probes.probe_verdict(hue) == "undetected"
-    assert "no change is detectable at n=" in "\n".join(probes.probe_bullets(s))
+    assert probe_report.probe_verdict(hue) == "undetected"
+    assert "no change is detectable at n=" in "\n".join(probe_report.probe_bullets(s))

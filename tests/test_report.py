@@ -8,7 +8,8 @@ from typing import Mapping
 
 from vla_bridge import report
 from vla_bridge.data import splits
-from vla_bridge.evaluation import POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, EvalReport, format_verdicts, task_verdicts
+from vla_bridge.evaluation import POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, EvalReport, task_verdicts
+from vla_bridge.evaluation.table import format_verdicts
 
 
 def _split() -> splits.Split:

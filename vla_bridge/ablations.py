@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import write_json
-from .evaluation import CONTRAST_GROUPS, POLICY_FINETUNED, ci_separated, format_metric, summarize
+from .data.stream import TrainingStream
+from .evaluation import (CONTRAST_GROUPS, POLICY_FINETUNED, EvalConfig, ci_separated, format_metric, run_evaluation,
+                         summarize)
+from .models.lora import trainable_parameters
+from .models.openvla import attach_lora, load_openvla, model_image_size, register_dataset_statistics
+from .progress import tqdm
+from .training import TrainConfig, train
 
 # The metrics the ablations compare (eval.json keys), with their formatter kind.
 ABLATION_METRICS = (("success_rate", "success", "rate"), ("l1_motion", "L1 motion", "l1"),
@@ -65,21 +71,13 @@ class AblationRun:
 
 
 def _fresh_lora_model(model_id: str, precision: str, rank: int, alpha: int, unnorm_key: str, stats_entry, seed: int):
-    from .models.openvla import attach_lora, load_openvla, register_dataset_statistics
-
     processor, base = load_openvla(model_id, precision=precision, verbose=False)
     register_dataset_statistics(base, unnorm_key, stats_entry)
     return attach_lora(base, rank, alpha, seed), processor
 
 
 def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, precision: str, stats_entry, data_source,
-                    train_episodes: Sequence[int], ds, split, steps: int, eval_kwargs: dict) -> AblationRun:
-    from .data.stream import TrainingStream
-    from .evaluation import run_evaluation
-    from .models.lora import trainable_parameters
-    from .models.openvla import model_image_size
-    from .training import TrainConfig, train
-
+                    train_episodes: Sequence[int], ds, split, steps: int, eval_config: EvalConfig) -> AblationRun:
     model, processor = _fresh_lora_model(model_id, precision, rank, alpha, cfg.unnorm_key, stats_entry, cfg.seed)
     trainable, _, _ = trainable_parameters(model)
     tcfg = TrainConfig(run_name=f"{cfg.run_name}-ablation-{name}", outputs_dir=cfg.outputs_dir, max_steps=steps,
@@ -90,8 +88,9 @@ def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, prec
     stream = TrainingStream(data_source, episodes=list(train_episodes), image_size=model_image_size(processor),
                             seed=cfg.seed)
     result = train(model, processor, stream, {cfg.unnorm_key: stats_entry}, tcfg)
-    report = run_evaluation(model, processor, ds, split, cfg=cfg, policies=[POLICY_FINETUNED], progress=False,
-                            out_dir=Path(cfg.path("eval")) / "ablations" / name, **eval_kwargs)
+    config = dataclasses.replace(eval_config, policies=[POLICY_FINETUNED], progress=False,
+                                 out_dir=Path(cfg.path("eval")) / "ablations" / name)
+    report = run_evaluation(model, processor, ds, split, config, cfg=cfg)
     groups = {g["group"]: g for g in report.data["groups"] if g["policy"] == POLICY_FINETUNED}
     per_episode = [r for r in report.data["per_episode"] if r["policy"] == POLICY_FINETUNED]
     return AblationRun(name=name, rank=rank, alpha=float(alpha), steps=result.steps, per_episode=per_episode, trainable=trainable, train_seconds=result.seconds,
@@ -100,15 +99,14 @@ def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, prec
 
 
 def rank_sweep(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, ranks: Sequence[int],
-               steps: int, eval_kwargs: dict | None = None, progress: bool = True) -> list[AblationRun]:
-    """Train and evaluate one LoRA run per rank (same data, seed, steps, schedule and LoRA scale α/r)."""
-    from .progress import tqdm
-
+               steps: int, eval_config: EvalConfig | None = None, progress: bool = True) -> list[AblationRun]:
+    """Train and evaluate one LoRA run per rank (same data, seed, steps, schedule and LoRA scale α/r); each is
+    evaluated with ``eval_config`` (the fine-tuned policy only)."""
     runs = []
     for r in tqdm(list(ranks), desc="LoRA rank sweep", disable=not progress):
         alpha = alpha_for_rank(r, cfg.lora_rank, cfg.lora_alpha)
         runs.append(_train_and_eval(f"rank{r}", int(r), alpha, cfg, model_id, precision, stats_entry, data_source,
-                                    split.train, ds, split, steps, dict(eval_kwargs or {})))
+                                    split.train, ds, split, steps, eval_config or EvalConfig()))
     write_json(Path(cfg.path("eval")) / "ablation_ranks.json",
                {"steps": steps, "scale": cfg.lora_alpha / cfg.lora_rank, "alpha_rule": "alpha = scale * rank",
                 "runs": [{**r.as_dict(), "scale": r.scale} for r in runs]})
@@ -159,7 +157,7 @@ def _finite(v) -> bool:
 
 
 def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, sidecar, steps: int,
-                   main_per_episode: Sequence[dict], eval_kwargs: dict | None = None) -> dict:
+                   main_per_episode: Sequence[dict], eval_config: EvalConfig | None = None) -> dict:
     """Retrain without one object family; compare its tasks with a same-budget control run that saw it.
 
     Two runs of ``steps`` steps at the main run's rank and α, same seed and schedule: **without** the family's
@@ -174,9 +172,9 @@ def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source,
     kept = [e for e in split.train if by_index.get(int(e), {}).get("family") != family]
     alpha = float(cfg.lora_alpha)
     without = _train_and_eval(f"without-{family}", cfg.lora_rank, alpha, cfg, model_id, precision, stats_entry,
-                              data_source, kept, ds, split, steps, dict(eval_kwargs or {}))
+                              data_source, kept, ds, split, steps, eval_config or EvalConfig())
     control = _train_and_eval(f"control-with-{family}", cfg.lora_rank, alpha, cfg, model_id, precision,
-                              stats_entry, data_source, split.train, ds, split, steps, dict(eval_kwargs or {}))
+                              stats_entry, data_source, split.train, ds, split, steps, eval_config or EvalConfig())
     runs = {"object_holdout_run": family_summary(without.per_episode, family),
             "control_run": family_summary(control.per_episode, family),
             "main_run": family_summary(main_per_episode, family)}

@@ -166,7 +166,8 @@ def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, t
     from .data.build import ensure_demo_dataset
     from .data.splits import make_split
     from .data.stats import compute_action_stats, norm_stats_entry
-    from .evaluation import BatchedActionPredictor, load_episodes, per_frame_predict
+    from .data.episodes import load_episodes
+    from .evaluation import BatchedActionPredictor, per_frame_predict
     from .models.openvla import register_dataset_statistics
 
     prev = torch.get_num_threads()

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .data.stream import feature_names
+from .images import to_uint8_hwc
 
 _UNITS = {"dx": "m", "dy": "m", "dz": "m", "droll": "rad", "dpitch": "rad", "dyaw": "rad", "gripper": "1 = open"}
 
@@ -46,18 +47,6 @@ def pick_episodes(episodes: Sequence[int], n: int = 3, seed: int = 0) -> list[in
         return eps
     rng = np.random.default_rng(seed)
     return sorted(int(e) for e in rng.choice(eps, size=n, replace=False))
-
-
-def _image(frame: Mapping[str, Any], key: str) -> np.ndarray:
-    img = frame[key]
-    if hasattr(img, "detach"):
-        img = img.detach().cpu().numpy()
-    img = np.asarray(img)
-    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
-        img = np.transpose(img, (1, 2, 0))
-    if img.dtype != np.uint8:
-        img = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-    return img
 
 
 def _task(frames: Sequence[Mapping[str, Any]]) -> str:
@@ -124,7 +113,7 @@ def plot_episode_frames(episode_frames: Mapping[int, Sequence[Mapping[str, Any]]
         for j, cam in enumerate(cameras):
             for c, (label, k) in enumerate(picks):
                 ax = axes[i][3 * j + c]
-                ax.imshow(_image(frames[k], cam))
+                ax.imshow(to_uint8_hwc(frames[k][cam]))
                 ax.set_xticks([])
                 ax.set_yticks([])
                 t = f", {k / fps:.1f} s" if fps else ""
@@ -230,7 +219,7 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.probes)
+# Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.evaluation.video, .failures)
 # ------------------------------------------------------------------------------------------------------------------
 def _font(size: int):
     from PIL import ImageFont
@@ -243,8 +232,6 @@ def _font(size: int):
 
 def _upscale(image: Any, scale: int):
     from PIL import Image
-
-    from .images import to_uint8_hwc
 
     img = Image.fromarray(to_uint8_hwc(image))
     return img.resize((img.width * scale, img.height * scale), Image.BICUBIC) if scale != 1 else img
@@ -272,7 +259,7 @@ def _caption(img, lines: Sequence[str], size: int):
 def draw_rollout_frame(image: Any, path_uv: np.ndarray, gripper_open: bool = True, scale: int = 4,
                        lines: Sequence[str] = ()) -> np.ndarray:
     """One closed-loop video frame: the camera image upscaled ``scale``×, the gripper's path so far (pixel coords
-    of the original image, e.g. ``probes.world_to_image0``) as a yellow polyline with the current position as a dot
+    of the original image, e.g. ``video.world_to_image0``) as a yellow polyline with the current position as a dot
     (green = gripper open, red = closed), and ``lines`` of text on top. Returns uint8 HxWx3."""
     from PIL import ImageDraw
 
@@ -387,7 +374,7 @@ def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any]
     for i, (r, img) in enumerate(zip(rows, list(images) + [None] * (len(rows) - len(images)))):
         ax = axes.flat[i]
         if img is not None:
-            ax.imshow(_image({"x": img}, "x"))
+            ax.imshow(to_uint8_hwc(img))
         else:
             ax.text(0.5, 0.5, "(no image)", ha="center", va="center", transform=ax.transAxes)
         s = r.get("success")

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from .evaluation import (CONTRAST_GROUPS, MIN_VERDICT_EPISODES, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN,
-                         compare_metric, format_metric, task_verdicts)
 from .ablations import compare_runs, rank_findings
-from .probes import KL_SMALL
+from .evaluation import (CONTRAST_GROUPS, KL_SMALL, MIN_VERDICT_EPISODES, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN,
+                         compare_metric, format_metric, task_verdicts)
 
 # Upstream's published figures (theirs, not measured here), quoted where the text compares with them.
 OPENVLA_PRETRAIN_EPISODES = 970_000   # Kim et al., 2024, "OpenVLA": Open X-Embodiment episodes, Bridge V2 among them

@@ -115,7 +115,7 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
                       progress: bool = True) -> OctoShards:
     """Write (or reuse) the shards of ``episodes`` (the training split) from the opened stream ``ds``, normalized
     with ``stats_entry`` (the notebook's action statistics) under ``out_root/<key>/``."""
-    from ..evaluation import load_episodes
+    from .episodes import load_episodes
     from ..tokenization import action_stats, normalize_actions
     from ..images import to_uint8_hwc
     from .stream import MAIN_CAMERA

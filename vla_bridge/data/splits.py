@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from .stream import _local_repo_id
+from .tasks import normalize_task, verb_noun
 
 HUB_HELDOUT_OBJECT = "eggplant"
 HUB_N_HELDOUT_TASKS = 3
@@ -50,12 +52,6 @@ CONTRAST_GROUPS = ("finetune_eval",)
 
 class LeakageError(AssertionError):
     """A held-out task string is among the training task strings."""
-
-
-def normalize_task(text: str | None) -> str:
-    """Lower case, punctuation → space, whitespace collapsed ("Put the red block, on the plate." → "put the red
-    block on the plate")."""
-    return " ".join(re.sub(r"[^\w\s]|_", " ", str(text or "").lower()).split())
 
 
 def assert_no_leakage(train_tasks: Iterable[str], heldout_tasks: Iterable[str]) -> int:
@@ -140,12 +136,10 @@ def instruction_overlap(split: Split, parse=None) -> dict[str, Any]:
     """How much of the held-out instructions' vocabulary training saw: per evaluation group, the share of its
     episodes whose verb / object noun / whole task string occur in the training (train + pretrain) instructions.
 
-    ``parse(task) -> {"verb": ..., "noun": ...}``; default :func:`vla_bridge.probes.verb_noun` (the world's parser on
+    ``parse(task) -> {"verb": ..., "noun": ...}``; default :func:`vla_bridge.data.tasks.verb_noun` (the world's parser on
     the embedded world, a first-verb / last-noun heuristic on Bridge). Blank tasks are skipped. A held-out split
     whose verbs and nouns were all trained measures recombination, not new concepts; this says which one it is."""
     if parse is None:
-        from ..probes import verb_noun
-
         world_mode = split.rule.startswith("embedded")
         parse = lambda t: verb_noun(t, world_mode)  # noqa: E731
     train_eps = [e for e in split.train + split.pretrain if normalize_task(split.tasks.get(int(e), ""))]
@@ -191,11 +185,9 @@ def _load_meta(dataset_or_meta: Any, root: str | Path | None = None):
         return dataset_or_meta
     if hasattr(dataset_or_meta, "meta"):
         return dataset_or_meta.meta
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata  # lazy: seconds to import; only for a path
 
     path = Path(root or dataset_or_meta)
-    from .stream import _local_repo_id
-
     return LeRobotDatasetMetadata(_local_repo_id(path), root=path)
 
 

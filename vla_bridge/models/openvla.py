@@ -45,6 +45,7 @@ from transformers import AutoModelForVision2Seq, AutoProcessor, BitsAndBytesConf
 from transformers.utils import HF_MODULES_CACHE
 
 from ..hardware import OPENVLA_TIMM_VERSIONS
+from ..jsonio import to_jsonable
 from ..tokenization import ActionTokenizer, build_prompt, space_token_id, to_pil_image
 from . import tiny_vla  # noqa: F401  (registers the tiny VLA with transformers' Auto classes)
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
@@ -408,23 +409,9 @@ def check_unnorm_key(model: nn.Module, unnorm_key: Optional[str]) -> str:
     return unnorm_key
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _validated_entry(stats_entry: Mapping[str, Any]) -> Dict[str, Any]:
     """OpenVLA's layout ``{"action": {q01, q99, mask?, mean?, ...}, "proprio"?: ..., ...}``, as plain JSON types."""
-    entry = _jsonable(stats_entry)
+    entry = to_jsonable(stats_entry)
     if "action" not in entry and "q01" in entry:   # the inner action dict was passed
         entry = {"action": entry}
     action = entry.get("action")
