@@ -228,6 +228,21 @@ def test_batched_tokens_match_per_frame_predict_action(small_vla):
     assert not np.array_equal(base_out, out), "the adapter should change some actions"
 
 
+def test_evaluation_refuses_statistics_other_than_the_models(small_vla):
+    """The mean-action baseline reads the statistics it is handed, the predictor the model's norm_stats: they must
+    be the same, or the table would compare policies de-normalized differently."""
+    from vla_bridge.models.openvla import base_model
+
+    model, _ = small_vla
+    carried = base_model(model).config.norm_stats[KEY]
+    evaluate.check_statistics_agree(carried, model, KEY)                         # the same: accepted
+    evaluate.check_statistics_agree(carried["action"], model, KEY)               # the inner dict: accepted
+    shifted = {"action": {**carried["action"], "q99": [v + 0.5 for v in carried["action"]["q99"]]}}
+    with pytest.raises(ValueError, match="differ from the model's norm_stats"):
+        evaluate.check_statistics_agree(shifted, model, KEY)
+    with pytest.raises(ValueError, match="carries no norm_stats"):
+        evaluate.check_statistics_agree(carried, model, "bridge_orig")
+
 def test_first_token_logits_match_the_forward_pass(small_vla):
     from vla_bridge.models.openvla import action_inputs, base_model
 

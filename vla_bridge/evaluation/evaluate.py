@@ -221,6 +221,19 @@ class EvalConfig:
     keep_frames: bool = False
 
 
+def check_statistics_agree(action_stats: Mapping[str, Any], model: Any, unnorm_key: str) -> None:
+    """The statistics handed to the evaluation must be the ones that de-normalize the model's predictions
+    (``config.norm_stats[unnorm_key]``, what ``predict_action`` reads): a ValueError with the fix when they are not."""
+    carried = (getattr(base_model(model).config, "norm_stats", None) or {}).get(unnorm_key)
+    if carried is None:
+        raise ValueError(f"the model carries no norm_stats[{unnorm_key!r}]: register the training statistics "
+                         f"(models.openvla.register_dataset_statistics) before evaluating")
+    given, used = _action_stats(action_stats), _action_stats(carried)
+    if any(not np.allclose(np.asarray(given[k], float), np.asarray(used[k], float)) for k in ("q01", "q99")):
+        raise ValueError(f"action_stats differ from the model's norm_stats[{unnorm_key!r}] (q01/q99), which "
+                         f"de-normalize its predictions: pass the statistics the model was trained with")
+
+
 def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: EvalConfig | None = None, *,
                    cfg: Any = None, action_stats: Mapping[str, Any] | None = None, train_result: Any = None,
                    policy_objects: Mapping[str, Any] | None = None,
@@ -268,6 +281,8 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
         out_dir = cfg.path("eval") if cfg is not None else Path("outputs") / "eval" / run_name
     out_dir = Path(out_dir)
     policies = resolve_policies(policies)
+    if policy_objects is None and action_stats is not None:
+        check_statistics_agree(action_stats, model, unnorm_key)
 
     root = getattr(getattr(ds, "meta", None), "root", None)
     sidecar = load_episode_sidecar(root) if root is not None else None
