@@ -261,7 +261,7 @@ print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
 
 # %%
 action_stats = dstats.compute_action_stats(ds, episodes=split.train, cache_dir=Path(cfg.data_dir) / "action_stats")
-stats_path = dstats.save_dataset_statistics(cfg.path("logs"), cfg.unnorm_key, action_stats)
+stats_path = dstats.save_dataset_statistics(cfg.path("logs"), {cfg.unnorm_key: dstats.norm_stats_entry(action_stats)})
 print(dstats.format_stats_table(action_stats, ds.meta.features["action"]))
 print(f"\nsaved {stats_path} under unnorm_key {cfg.unnorm_key!r}")
 

@@ -99,7 +99,7 @@ def test_statistics_equal_numpy_over_the_training_episodes(bridge_layout, bridge
     table = stats.format_stats_table(entry, ds.meta.features["action"])
     assert "for comparison only" in table and "not used for normalization" in table
     # what the notebook saves is the exact entry
-    saved = stats.load_dataset_statistics(stats.save_dataset_statistics(tmp_path / "logs", "bridge_orig", entry),
+    saved = stats.load_dataset_statistics(stats.save_dataset_statistics(tmp_path / "logs", {"bridge_orig": stats.norm_stats_entry(entry)}),
                                           "bridge_orig")
     assert saved["action"]["q99"] == pytest.approx(a["q99"]) and "lerobot" not in saved
 

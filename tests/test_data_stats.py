@@ -65,7 +65,7 @@ def test_auto_is_the_training_split_with_meta_only_for_comparison(train_ds):
 def test_save_and_load_openvla_layout(train_ds, tmp_path):
     ds, _ = train_ds
     entry = stats.compute_action_stats(ds)
-    path = stats.save_dataset_statistics(tmp_path / "logs", "demo_world", entry)
+    path = stats.save_dataset_statistics(tmp_path / "logs", {"demo_world": stats.norm_stats_entry(entry)})
     assert path.name == "dataset_statistics.json"
     raw = json.loads(path.read_text())
     assert list(raw) == ["demo_world"]

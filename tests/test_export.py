@@ -19,9 +19,10 @@ from vla_bridge.config import resolve_run_config
 from vla_bridge.export import (EXPORT_FILE, ExportError, action_tolerance, check_memory, default_out_dir,
                                export_policy, plan_memory)
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
-from vla_bridge.models.openvla import (DATASET_STATISTICS_FILE, action_inputs, attach_lora, load_openvla,
+from vla_bridge.models.openvla import (action_inputs, attach_lora, load_openvla,
                                        register_dataset_statistics)
 from vla_bridge.models.tiny_vla import build_tiny_vla
+from vla_bridge.paths import STATS_FILENAME
 
 KEY = "demo_world"
 MASK = [True] * 6 + [False]
@@ -51,7 +52,7 @@ def run(tmp_path_factory):
                 p.normal_(0.0, 0.3)
     ckpt = root / "outputs" / "checkpoints" / "unit" / "step_000003"
     peft_model.save_pretrained(str(ckpt))
-    (ckpt / DATASET_STATISTICS_FILE).write_text(json.dumps({KEY: FT_STATS}))
+    (ckpt / STATS_FILENAME).write_text(json.dumps({KEY: FT_STATS}))
     (ckpt / "checkpoint.json").write_text(json.dumps({"step": 3, "run": {"UNNORM_KEY": KEY}}))
     os.symlink("step_000003", ckpt.parent / "latest")
     rng = np.random.default_rng(0)
@@ -81,7 +82,7 @@ def test_cli_exports_a_standalone_checkpoint_that_acts_like_the_adapter(run, cap
     printed = capsys.readouterr().out
     assert "merge needs ≈" in printed and "parameters × 4 bytes (fp32)" in printed and "max |adapter" in printed
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", DATASET_STATISTICS_FILE, EXPORT_FILE} <= files
+    assert {"config.json", "model.safetensors", STATS_FILENAME, EXPORT_FILE} <= files
     assert not files & {"adapter_model.safetensors", "adapter_config.json"}
     assert not [p for p in out.parent.iterdir() if p.name != "unit"]  # no temporary or old directory left
 
@@ -113,7 +114,7 @@ def test_exported_statistics_are_the_fine_tuned_ones(run):
     config = json.loads((out / "config.json").read_text())
     assert config["norm_stats"][KEY] == FT_STATS                   # replaced the base's entry under the key
     assert config["norm_stats"]["bridge_orig"] == BASE_STATS       # the base's other keys stay
-    assert json.loads((out / DATASET_STATISTICS_FILE).read_text()) == {KEY: FT_STATS}
+    assert json.loads((out / STATS_FILENAME).read_text()) == {KEY: FT_STATS}
     exported = AutoModelForVision2Seq.from_pretrained(str(out))
     assert exported.get_action_stats(KEY)["q99"] == FT_STATS["action"]["q99"]
     # de-normalizing with the base's statistics would give other actions: the key's statistics matter

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from vla_bridge.data import stats as dstats
 from vla_bridge.models import openvla as ov
 from vla_bridge.tokenization import build_prompt
 
@@ -131,15 +132,15 @@ def test_save_dataset_statistics_layout(tmp_path):
                                        "mask": np.array([True, False]), "mean": np.zeros(2), "std": np.ones(2),
                                        "min": np.array([-2.0, 0.0]), "max": np.array([2.0, 1.0])},
                             "num_transitions": np.int64(10)}}
-    path = ov.save_dataset_statistics_beside(tmp_path / "adapter", stats)
+    path = dstats.save_dataset_statistics(tmp_path / "adapter", stats)
     assert path == tmp_path / "adapter" / "dataset_statistics.json"
     data = json.loads(path.read_text())
     assert list(data) == ["demo_world"]
     assert sorted(data["demo_world"]["action"]) == ["mask", "max", "mean", "min", "q01", "q99", "std"]
     assert data["demo_world"]["action"]["mask"] == [True, False] and data["demo_world"]["num_transitions"] == 10
-    assert ov.load_dataset_statistics(tmp_path / "adapter") == data
+    assert dstats.load_dataset_statistics(tmp_path / "adapter") == data
     with pytest.raises(FileNotFoundError, match="dataset_statistics.json"):
-        ov.load_dataset_statistics(tmp_path)
+        dstats.load_dataset_statistics(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
 
+from .data.stats import load_dataset_statistics, save_dataset_statistics
 from .models import tiny_vla  # noqa: F401  (registers the tiny VLA with the Auto classes)
-from .models.openvla import (DATASET_STATISTICS_FILE, _read_json, _resolve_source, action_inputs, load_openvla,
-                             missing_checkpoint_files, model_image_size, register_dataset_statistics,
-                             save_dataset_statistics_beside)
+from .models.openvla import (_read_json, _resolve_source, action_inputs, load_openvla, missing_checkpoint_files,
+                             model_image_size, register_dataset_statistics)
+from .paths import STATS_FILENAME
 
 PathLike = Union[str, os.PathLike]
 EXPORT_FILE = "export.json"
@@ -67,7 +68,7 @@ def check_adapter_dir(adapter_dir: PathLike) -> Path:
         hint = (" (train first: notebook section 7 writes outputs/checkpoints/<RUN_NAME>/latest/)"
                 if not d.exists() else "")
         raise ExportError(f"adapter directory {str(d)!r} does not exist{hint}")
-    missing = [f for f in ("adapter_config.json", DATASET_STATISTICS_FILE) if not (d / f).is_file()]
+    missing = [f for f in ("adapter_config.json", STATS_FILENAME) if not (d / f).is_file()]
     if not any((d / w).is_file() for w in ADAPTER_WEIGHTS):
         missing.insert(0, "adapter_model.safetensors")
     if missing:
@@ -97,7 +98,7 @@ def choose_unnorm_key(adapter_dir: Path, stats: Mapping[str, Any], unnorm_key: O
     if unnorm_key is None and len(keys) == 1:
         unnorm_key = keys[0]
     if unnorm_key not in stats:
-        raise ExportError(f"UNNORM_KEY {unnorm_key!r} has no statistics in {adapter_dir}/{DATASET_STATISTICS_FILE}; "
+        raise ExportError(f"UNNORM_KEY {unnorm_key!r} has no statistics in {adapter_dir}/{STATS_FILENAME}; "
                           f"available: [{', '.join(keys)}]")
     return str(unnorm_key)
 
@@ -249,7 +250,7 @@ class ExportResult:
         t = self.seconds
         return "\n".join([
             f"exported {self.out_dir}  ({self.base} + {self.adapter_dir}, merged in {self.dtype})",
-            f"  statistics under unnorm_key {self.unnorm_key!r} (config.json norm_stats and {DATASET_STATISTICS_FILE})",
+            f"  statistics under unnorm_key {self.unnorm_key!r} (config.json norm_stats and {STATS_FILENAME})",
             f"  reload check on {len(self.actions_adapter)} frames: max |adapter − exported| = {self.max_abs_diff:.3g} "
             f"(allowed {'≤ %.0e' % FP32_TOLERANCE if self.dtype == 'fp32' else 'one action bin per dimension'})",
             f"  time: load {t['load']:.1f} s, merge {t['merge']:.1f} s, save {t['save']:.1f} s, "
@@ -315,7 +316,7 @@ def export_policy(adapter_dir: PathLike, out_dir: Optional[PathLike] = None, bas
 
     say = print if verbose else (lambda *a, **k: None)
     adapter_dir = check_adapter_dir(adapter_dir)
-    stats = json.loads((adapter_dir / DATASET_STATISTICS_FILE).read_text())
+    stats = load_dataset_statistics(adapter_dir)
     key = choose_unnorm_key(adapter_dir, stats, unnorm_key)
     try:
         source = _resolve_source(adapter_base(adapter_dir, base))[0]
@@ -368,7 +369,7 @@ def export_policy(adapter_dir: PathLike, out_dir: Optional[PathLike] = None, bas
     merged.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
     _copy_remote_code(source, tmp)
-    save_dataset_statistics_beside(tmp, stats)
+    save_dataset_statistics(tmp, stats)
     missing = missing_checkpoint_files(tmp)
     if missing:
         raise ExportError(f"the saved checkpoint {tmp} lacks {', '.join(missing)}; it was not published")

@@ -40,11 +40,10 @@ import numpy as np
 import torch
 
 from .images import train_transform
-from .models.openvla import save_dataset_statistics_beside
+from .data.stats import save_dataset_statistics
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 
 STATE_FILE = "training_state.pt"
-STATS_FILE = "dataset_statistics.json"
 META_FILE = "checkpoint.json"     # step, frames_seen, saved_at and the run's parameters: small, read without torch
 LATEST = "latest"                 # a symlink to the newest step_XXXXXX/
 STEP_DIR = re.compile(r"step_\d{6,}")
@@ -260,7 +259,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np
         torch.save({"step": step, "frames_seen": frames_seen, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(np_rng),
                     "config": dataclasses.asdict(cfg), **(extra_state or {})}, tmp / STATE_FILE)
-        save_dataset_statistics_beside(tmp, norm_stats)
+        save_dataset_statistics(tmp, norm_stats)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
     step_dir = _atomic_dir_write(cfg.checkpoint_dir / f"step_{step:06d}", write)

@@ -171,7 +171,7 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
             bar.update(len(part))
     if bar is not None:
         bar.close()
-    save_dataset_statistics(tmp / STATS_FILENAME, unnorm_key, stats_entry)
+    save_dataset_statistics(tmp / STATS_FILENAME, {unnorm_key: norm_stats_entry(stats_entry)})
     manifest = {"format": SHARD_FORMAT, "key": key, "dataset": _dataset_id(ds), "unnorm_key": unnorm_key,
                 "window": int(window), "horizon": int(horizon), "image_size": int(image_size),
                 "camera": MAIN_CAMERA, "episodes": eps, "n_episodes": len(eps), "n_samples": n_samples,

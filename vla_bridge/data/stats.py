@@ -33,13 +33,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..jsonio import to_jsonable
+from ..paths import STATS_FILENAME
 from .stream import feature_names
 
 ACTION_KEY = "action"
 STATE_KEY = "observation.state"
 GRIPPER_MASK = [True] * 6 + [False]           # OpenVLA bridge_orig: normalize xyz + rotation, not the gripper
 STAT_FIELDS = ("mean", "std", "max", "min", "q01", "q99")
-STATS_FILENAME = "dataset_statistics.json"
+# The statistics predict_action needs per action dimension (mask is optional upstream: all True when absent).
+REQUIRED_ACTION_STATS = ("q01", "q99")
 
 
 def action_mask(dim: int) -> list[bool]:
@@ -226,31 +229,54 @@ def norm_stats_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_dataset_statistics(path: str | os.PathLike, unnorm_key: str, stats: Mapping[str, Any]) -> Path:
-    """Write ``{unnorm_key: norm_stats_entry}`` (OpenVLA's layout) atomically. ``path`` may be a directory, then
-    ``dataset_statistics.json`` is written inside it."""
+def validated_entry(stats_entry: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenVLA's layout ``{"action": {q01, q99, mask?, mean?, ...}, "proprio"?: ..., ...}``, as plain JSON types."""
+    entry = to_jsonable(stats_entry)
+    if "action" not in entry and "q01" in entry:   # the inner action dict was passed
+        entry = {"action": entry}
+    action = entry.get("action")
+    if not isinstance(action, Mapping):
+        raise ValueError(f"statistics entry needs an 'action' dict (OpenVLA layout); got keys {sorted(entry)}")
+    missing = [k for k in REQUIRED_ACTION_STATS if k not in action]
+    if missing:
+        raise ValueError(f"action statistics lack {missing}; predict_action de-normalizes with q01/q99 (+ mask)")
+    dim = len(action["q01"])
+    for k, v in action.items():
+        if isinstance(v, list) and len(v) != dim:
+            raise ValueError(f"action statistic {k!r} has {len(v)} values but q01 has {dim}")
+    if "mask" in action:
+        action["mask"] = [bool(m) for m in action["mask"]]
+    return entry
+
+
+def save_dataset_statistics(path: str | os.PathLike, norm_stats: Mapping[str, Mapping[str, Any]]) -> Path:
+    """The one writer of ``dataset_statistics.json``: ``{unnorm_key: entry, ...}`` in OpenVLA's layout, each entry
+    validated, written atomically. ``path`` may be a directory (a checkpoint, an adapter, a run's logs), then the
+    file goes inside it. A dataset's freshly computed entry goes in as ``{key: norm_stats_entry(entry)}``."""
     path = Path(path)
     if path.suffix != ".json":
         path = path / STATS_FILENAME
+    payload = {str(k): validated_entry(v) for k, v in norm_stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({unnorm_key: norm_stats_entry(stats)}, indent=2))
+    tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
     return path
 
-
 def load_dataset_statistics(path: str | os.PathLike, unnorm_key: str | None = None) -> dict[str, Any]:
-    """The whole file, or one key's entry. A missing key raises KeyError listing the available keys."""
+    """The one reader of ``dataset_statistics.json`` (``path``: the file or the directory holding it): the whole
+    file, or one key's entry. A missing file or key is a one-line error that says what is missing."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / STATS_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint or adapter needs the statistics it was trained with")
     data = json.loads(path.read_text())
     if unnorm_key is None:
         return data
     if unnorm_key not in data:
         raise KeyError(f"unnorm_key {unnorm_key!r} not in {path}; available: {sorted(data)}")
     return data[unnorm_key]
-
 
 def format_stats_table(entry: Mapping[str, Any], names: Any = None) -> str:
     """Per-dimension q01 / q99 / mean / std / min / max and whether the dimension is normalized. ``names``: the

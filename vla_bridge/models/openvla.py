@@ -14,10 +14,11 @@ What the rest of the notebook relies on, and where it comes from:
   PyTorch SDPA. Not "eager": OpenVLA's ``predict_action`` appends the "▁" token (id 29871) to ``input_ids`` but not
   to ``attention_mask``, which the eager path then rejects (SDPA drops an all-ones mask, so it never notices).
   ``action_inputs`` below appends both, which is safe under every implementation.
-* ``check_unnorm_key`` / ``register_dataset_statistics`` / ``save_dataset_statistics_beside`` - OpenVLA
+* ``check_unnorm_key`` / ``register_dataset_statistics`` - OpenVLA
   de-normalizes predicted actions with ``norm_stats[unnorm_key]["action"]`` (q01/q99/mask). After fine-tuning on
   our data that entry must hold *our* statistics (the ones training normalized with), so they are registered in the
-  model's config under the training key and written as ``dataset_statistics.json`` next to every adapter.
+  model's config under the training key, and training writes them as ``dataset_statistics.json`` next to every
+  adapter (``data.stats.save_dataset_statistics``, the file's one writer).
 * ``lora_config`` - upstream's LoRA recipe (gaussian init, no dropout) with an explicit target list: PEFT 0.13.2's
   ``"all-linear"`` also puts an adapter on ``language_model.lm_head`` (it only excludes a *top-level* output head)
   and then stores the whole 32064 x 4096 head in every adapter file. ``vla_bridge.models.lora.lora_target_modules``
@@ -45,16 +46,12 @@ from transformers import AutoModelForVision2Seq, AutoProcessor, BitsAndBytesConf
 from transformers.utils import HF_MODULES_CACHE
 
 from ..hardware import OPENVLA_TIMM_VERSIONS
-from ..jsonio import to_jsonable
+from ..data.stats import validated_entry
 from ..tokenization import ActionTokenizer, build_prompt, space_token_id, to_pil_image
 from . import tiny_vla  # noqa: F401  (registers the tiny VLA with transformers' Auto classes)
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
 
 PRECISIONS = ("bf16", "4bit", "fp32")
-DATASET_STATISTICS_FILE = "dataset_statistics.json"
-
-# The statistics predict_action needs per action dimension (mask is optional upstream: all True when absent).
-REQUIRED_ACTION_STATS = ("q01", "q99")
 
 PathLike = Union[str, os.PathLike]
 
@@ -409,26 +406,6 @@ def check_unnorm_key(model: nn.Module, unnorm_key: Optional[str]) -> str:
     return unnorm_key
 
 
-def _validated_entry(stats_entry: Mapping[str, Any]) -> Dict[str, Any]:
-    """OpenVLA's layout ``{"action": {q01, q99, mask?, mean?, ...}, "proprio"?: ..., ...}``, as plain JSON types."""
-    entry = to_jsonable(stats_entry)
-    if "action" not in entry and "q01" in entry:   # the inner action dict was passed
-        entry = {"action": entry}
-    action = entry.get("action")
-    if not isinstance(action, Mapping):
-        raise ValueError(f"statistics entry needs an 'action' dict (OpenVLA layout); got keys {sorted(entry)}")
-    missing = [k for k in REQUIRED_ACTION_STATS if k not in action]
-    if missing:
-        raise ValueError(f"action statistics lack {missing}; predict_action de-normalizes with q01/q99 (+ mask)")
-    dim = len(action["q01"])
-    for k, v in action.items():
-        if isinstance(v, list) and len(v) != dim:
-            raise ValueError(f"action statistic {k!r} has {len(v)} values but q01 has {dim}")
-    if "mask" in action:
-        action["mask"] = [bool(m) for m in action["mask"]]
-    return entry
-
-
 def register_dataset_statistics(model: nn.Module, unnorm_key: str, stats_entry: Mapping[str, Any]) -> Dict[str, Any]:
     """Put the fine-tuning dataset's statistics into ``model.config.norm_stats[unnorm_key]``.
 
@@ -439,7 +416,7 @@ def register_dataset_statistics(model: nn.Module, unnorm_key: str, stats_entry: 
     """
     if not unnorm_key or not isinstance(unnorm_key, str):
         raise ValueError(f"unnorm_key must be a non-empty string, got {unnorm_key!r}")
-    entry = _validated_entry(stats_entry)
+    entry = validated_entry(stats_entry)
     base = base_model(model)
     config = base.config
     if getattr(config, "norm_stats", None) is None:
@@ -448,30 +425,6 @@ def register_dataset_statistics(model: nn.Module, unnorm_key: str, stats_entry: 
     if not isinstance(getattr(type(base), "norm_stats", None), property):
         base.norm_stats = config.norm_stats              # OpenVLA: a plain attribute, read by predict_action
     return entry
-
-
-def save_dataset_statistics_beside(adapter_dir: PathLike, norm_stats: Mapping[str, Any]) -> Path:
-    """Write ``<adapter_dir>/dataset_statistics.json`` in OpenVLA's layout ``{key: {"action": {...}, ...}}``.
-
-    (``vla_bridge.data.stats.save_dataset_statistics`` writes one key computed from a dataset; this writes whatever
-    keys the model carries, validated, so an adapter directory is self-describing.)
-    """
-    payload = {str(k): _validated_entry(v) for k, v in norm_stats.items()}
-    adapter_dir = Path(adapter_dir)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    path = adapter_dir / DATASET_STATISTICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def load_dataset_statistics(adapter_dir: PathLike) -> Dict[str, Any]:
-    """Read ``dataset_statistics.json`` from a checkpoint/adapter directory (one-line error when absent)."""
-    path = Path(adapter_dir) / DATASET_STATISTICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: an adapter needs the statistics it was trained with")
-    return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -522,10 +475,10 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, seed: int, dropout: f
 
 
 __all__ = [
-    "PRECISIONS", "DATASET_STATISTICS_FILE", "ModelLoadError", "LoadInfo", "base_model", "model_dtype",
+    "PRECISIONS", "ModelLoadError", "LoadInfo", "base_model", "model_dtype",
     "model_device", "model_image_size", "action_inputs", "choose_attention", "missing_checkpoint_files",
     "check_local_checkpoint", "load_openvla", "available_unnorm_keys", "check_unnorm_key",
-    "register_dataset_statistics", "save_dataset_statistics_beside", "load_dataset_statistics", "lora_config",
+    "register_dataset_statistics", "lora_config",
     "attach_lora", "SilentVisionError", "first_action_token_probs", "check_reads_image",
     "lora_target_modules", "linear_module_names", "trainable_parameters", "trainable_summary",
 ]
