@@ -181,7 +181,7 @@ from vla_bridge import plots
 from vla_bridge.data import build, splits, stream
 from vla_bridge.data import stats as dstats
 
-if cfg.dataset == hardware.EMBEDDED_DATASET:
+if hardware.is_embedded(cfg.dataset):
     demo = build.ensure_demo_dataset(cfg.data_dir, episodes=DEMO_EPISODES, progress=True)
     print(demo.describe())
     print("episodes per split:", demo.info["episodes_per_split"])
@@ -655,9 +655,9 @@ elif cfg.ablation_ranks:
     ipd.display(ipd.Markdown(ablations.format_rank_table(rank_runs)))
     sweep_png = plots.plot_rank_sweep(rank_runs, cfg.path("figures") / "rank_sweep.png")
     ipd.display(ipd.Image(filename=str(sweep_png)))
+    world_rows = build.load_episode_sidecar(DATA_SOURCE) if hardware.is_embedded(cfg.dataset) else None
     holdout = ablations.object_holdout(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
-                                       build.load_episode_sidecar(DATA_SOURCE) if cfg.dataset == "embedded" else None,
-                                       ablation_steps, eval_report.data["per_episode"],
+                                       world_rows, ablation_steps, eval_report.data["per_episode"],
                                        evaluation.EvalConfig(episodes_per_task=4, groups=["finetune_eval"], threads=2))
     print(report.format_holdout(holdout))
 else:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from .ablations import compare_runs, rank_findings
 from .evaluation import (CONTRAST_GROUPS, KL_SMALL, MIN_VERDICT_EPISODES, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN,
                          compare_metric, format_metric, task_verdicts)
+from .hardware import is_embedded
 
 # Upstream's published figures (theirs, not measured here), quoted where the text compares with them.
 OPENVLA_PRETRAIN_EPISODES = 970_000   # Kim et al., 2024, "OpenVLA": Open X-Embodiment episodes, Bridge V2 among them
@@ -132,7 +133,7 @@ def _path(cfg, report) -> str:
     policy = getattr(cfg, "policy", None)
     if policy == "octo":
         return "octo"
-    if policy == "tiny" or getattr(cfg, "dataset", None) == "embedded":
+    if policy == "tiny" or is_embedded(getattr(cfg, "dataset", None)):
         return "tiny"
     return "openvla" if policy else ("tiny" if report.data.get("success_definition", {}).get("kind") ==
                                      "closed_loop" else "openvla")
