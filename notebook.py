@@ -326,7 +326,7 @@ print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.c
 # de-normalizes with exactly the statistics the training below normalizes with.
 
 # %%
-from vla_bridge.models.policy import load_policy
+from vla_bridge.policy import load_policy
 
 OCTO = cfg.policy == "octo"  # Octo-Small runs in .venv-octo: see "4-Octo" below
 if OCTO:

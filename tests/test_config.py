@@ -9,7 +9,7 @@ import pytest
 from vla_bridge import config
 from vla_bridge.config import DEFAULT_PARAMS, check_param, parse_param, resolve_run_config
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
-from vla_bridge.models import policy
+from vla_bridge import policy
 from vla_bridge.pretrain import PretrainParams
 from vla_bridge.runner import execute_notebook, parse_kv
 

@@ -12,7 +12,7 @@ from vla_bridge import hardware as hwm
 from vla_bridge.config import resolve_run_config
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 from vla_bridge.models import openvla as ov
-from vla_bridge.models.policy import PolicyLoadError, load_policy
+from vla_bridge.policy import PolicyLoadError, load_policy
 from vla_bridge.models.tiny_vla import TinyVLAForActionPrediction, TinyVLAProcessor
 
 torch.set_num_threads(1)

@@ -16,9 +16,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import EMBEDDED_UNNORM_KEY
-from ..hardware import PreflightError, check_tiny_base, check_unnorm_key_name
-from .openvla import available_unnorm_keys, check_reads_image, load_openvla, register_dataset_statistics
+from .config import EMBEDDED_UNNORM_KEY
+from .hardware import PreflightError, check_tiny_base, check_unnorm_key_name
+from .models.openvla import available_unnorm_keys, check_reads_image, load_openvla, register_dataset_statistics
+from .pretrain import PretrainParams, describe_base, ensure_tiny_base
 
 
 class PolicyLoadError(RuntimeError):
@@ -40,14 +41,12 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
     """Load the base model for ``cfg.policy`` and register ``stats_entry`` under ``cfg.unnorm_key``."""
     notes: list[str] = []
     if cfg.policy == "octo":
-        raise PolicyLoadError("POLICY=octo runs in its own JAX environment through vla_bridge.models.octo "
+        raise PolicyLoadError("POLICY=octo runs in its own JAX environment through vla_bridge.octo.client "
                               "(the notebook's Octo cells), not through load_policy")
     model_id = cfg.model_id
     if cfg.policy == "tiny":
         default_dir = Path(cfg.data_dir) / "tiny_vla_base"
         if Path(model_id) == default_dir:
-            from ..pretrain import PretrainParams, describe_base, ensure_tiny_base
-
             # pretrained on the embedded world under its own key and seed: UNNORM_KEY and SEED (the fine-tuning's)
             # must not select, re-pretrain and overwrite another base
             path, info = ensure_tiny_base(default_dir, EMBEDDED_UNNORM_KEY, PretrainParams(steps=cfg.pretrain_steps),
