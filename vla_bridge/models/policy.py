@@ -40,7 +40,7 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
     """Load the base model for ``cfg.policy`` and register ``stats_entry`` under ``cfg.unnorm_key``."""
     notes: list[str] = []
     if cfg.policy == "octo":
-        raise PolicyLoadError("POLICY=octo runs in its own JAX environment through vla_bridge.models.octo "
+        raise PolicyLoadError("POLICY=octo runs in its own JAX environment through vla_bridge.octo.client "
                               "(the notebook's Octo cells), not through load_policy")
     model_id = cfg.model_id
     if cfg.policy == "tiny":
