@@ -330,8 +330,8 @@ from vla_bridge.policy import load_policy
 
 OCTO = cfg.policy == "octo"  # Octo-Small runs in .venv-octo: see "4-Octo" below
 if OCTO:
-    from vla_bridge.data import octo_shards
-    from vla_bridge.models import octo as octo_path
+    from vla_bridge.octo import client as octo_path
+    from vla_bridge.octo import shards as octo_shards
 
     print(f"Octo worker: {octo_path.worker_command()}")
     shards = octo_shards.write_octo_shards(ds, split.train, action_stats, cfg.unnorm_key,

@@ -162,7 +162,7 @@ step_done "ready"
 
 # ------------------------------------------------------------------------------------------------ 8. .venv-octo (--octo)
 # Octo-Small (JAX/Flax) needs numpy 1.24 / jax 0.4.20 / tensorflow 2.15 and Python <= 3.11: its own environment.
-# The notebook starts vla_bridge/octo_worker.py with .venv-octo/bin/python; nothing here touches .venv.
+# The notebook starts vla_bridge/octo/worker.py with .venv-octo/bin/python; nothing here touches .venv.
 OCTO_COMMIT="241fb3514b7c40957a86d869fecb7c7fc353f540"   # octo-models/octo main, 2024-07-30 (octo-small-1.5 era)
 if [[ "$DO_OCTO" -eq 1 ]]; then
   OVENV="$ROOT/.venv-octo"
@@ -221,7 +221,7 @@ if [[ "$DO_OCTO" -eq 1 ]]; then
   fi
 
   step_start ".venv-octo: import check (octo.model, octo.utils.train_utils with our dlimp stand-in)"
-  OCHECK="$(cd "$ROOT" && HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PYTHONPATH="$ROOT" "$OVENV/bin/python" -m vla_bridge.octo_worker check 2>&1)" \
+  OCHECK="$(cd "$ROOT" && HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PYTHONPATH="$ROOT" "$OVENV/bin/python" -m vla_bridge.octo.worker check 2>&1)" \
     || { echo "$OCHECK" | tail -20 >&2; die ".venv-octo does not import octo (messages above); rebuild with: rm -rf .venv-octo && bash setup.sh --octo"; }
   step_done "$(echo "$OCHECK" | tail -1)"
 fi

@@ -15,7 +15,7 @@ import nbformat
 from vla_bridge import evaluation as ev
 from vla_bridge import plots
 from vla_bridge.paths import PROJECT_ROOT
-from vla_bridge.models import octo
+from vla_bridge.octo import protocol
 
 
 def _outputs_text(nb) -> str:
@@ -29,7 +29,7 @@ def _outputs_text(nb) -> str:
 
 def test_octo_notebook_runs_to_the_reflection_with_the_standin_worker(tmp_path):
     out_nb = tmp_path / "notebook.ci-octo.ipynb"
-    env = dict(os.environ, **{octo.WORKER_ENV: "standin", "HF_HUB_OFFLINE": "1"})
+    env = dict(os.environ, **{protocol.WORKER_ENV: "standin", "HF_HUB_OFFLINE": "1"})
     cmd = [sys.executable, "-m", "vla_bridge", "run-notebook", "--params-file", str(PROJECT_ROOT / "params" /
            "ci-octo.json"), "-p", f"OUTPUTS_DIR={tmp_path / 'outputs'}", "-p", f"DATA_DIR={tmp_path / 'data'}",
            "--out", str(out_nb)]
@@ -53,7 +53,7 @@ def test_octo_notebook_runs_to_the_reflection_with_the_standin_worker(tmp_path):
     assert "**What it scored.**" in reflection and "stand-in worker" in reflection
 
     text = _outputs_text(nbformat.read(str(out_nb), as_version=4))
-    assert "vla_bridge.octo_standin_worker" in text                   # section 4 names the worker it starts
+    assert "vla_bridge.octo.standin_worker" in text                   # section 4 names the worker it starts
     assert text.count("skipped on POLICY=octo") == 5                  # sections 5, 6, 10, 10a, 13
     assert "Octo is fully fine-tuned, so its checkpoints/<run>/latest/ is already standalone" in text  # 13
     assert "POLICY=octo: the rank sweep is a LoRA ablation" in text   # section 11

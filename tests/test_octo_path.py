@@ -12,13 +12,14 @@ from vla_bridge import evaluation as ev
 from vla_bridge.evaluation.policies import ConstantPolicy, RandomPolicy
 from vla_bridge import hardware
 from vla_bridge.data import splits, stream
-from vla_bridge.models import octo
+from vla_bridge.octo import client as octo
+from vla_bridge.octo import protocol
 
 
 def test_missing_octo_env_gives_the_setup_command(tmp_path, monkeypatch):
     monkeypatch.delenv("VLA_BRIDGE_OCTO_PYTHON", raising=False)
-    with pytest.raises(octo.OctoEnvError, match=r"bash setup.sh --octo.*OCTO_SOURCE="):
-        octo.check_octo_env(tmp_path)
+    with pytest.raises(protocol.OctoEnvError, match=r"bash setup.sh --octo.*OCTO_SOURCE="):
+        protocol.octo_interpreter(tmp_path)
     res = hardware.check_octo_env("octo", tmp_path)
     assert not res.ok and res.required and "bash setup.sh --octo" in res.fix
     assert hardware.check_octo_env("tiny", tmp_path).ok

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vla_bridge import tokenization as tok
-from vla_bridge.data import octo_shards, splits, stream
+from vla_bridge.data import splits, stream
+from vla_bridge.octo import shards as octo_shards
 from vla_bridge.data import stats as dstats
 
 

@@ -11,15 +11,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vla_bridge import octo_worker
-from vla_bridge.data import octo_shards, splits, stream
+from vla_bridge.data import splits, stream
 from vla_bridge.data import stats as dstats
-from vla_bridge.models import octo
+from vla_bridge.octo import client as octo
+from vla_bridge.octo import protocol
+from vla_bridge.octo import shards as octo_shards
 
 
 @pytest.fixture
 def standin(monkeypatch):
-    monkeypatch.setenv(octo.WORKER_ENV, "standin")
+    monkeypatch.setenv(protocol.WORKER_ENV, "standin")
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +35,21 @@ def shards(small, tmp_path_factory):
 
 def test_worker_selection(monkeypatch, tmp_path):
     monkeypatch.delenv("VLA_BRIDGE_OCTO_PYTHON", raising=False)
-    monkeypatch.delenv(octo.WORKER_ENV, raising=False)
-    with pytest.raises(octo.OctoEnvError, match="bash setup.sh --octo"):
-        octo.worker_command(tmp_path)                         # the real worker needs .venv-octo
-    monkeypatch.setenv(octo.WORKER_ENV, "standin")
-    cmd = octo.worker_command(tmp_path)
-    assert cmd.standin and cmd.argv("check") == [sys.executable, "-m", "vla_bridge.octo_standin_worker", "check"]
+    monkeypatch.delenv(protocol.WORKER_ENV, raising=False)
+    with pytest.raises(protocol.OctoEnvError, match="bash setup.sh --octo"):
+        protocol.worker_command(tmp_path)                         # the real worker needs .venv-octo
+    monkeypatch.setenv(protocol.WORKER_ENV, "standin")
+    cmd = protocol.worker_command(tmp_path)
+    assert cmd.standin and cmd.argv("check") == [sys.executable, "-m", "vla_bridge.octo.standin_worker", "check"]
     assert "not Octo" in str(cmd)
     from vla_bridge import hardware
 
     assert hardware.check_octo_env("octo", tmp_path).ok       # pre-flight accepts the stand-in
-    monkeypatch.setenv(octo.WORKER_ENV, "jax")
-    with pytest.raises(octo.OctoEnvError, match="not one of octo, standin"):
-        octo.worker_command(tmp_path)
+    monkeypatch.setenv(protocol.WORKER_ENV, "jax")
+    with pytest.raises(protocol.OctoEnvError, match="not one of octo, standin"):
+        protocol.worker_command(tmp_path)
     res = hardware.check_octo_env("octo", tmp_path)
-    assert not res.ok and octo.WORKER_ENV in res.fix
+    assert not res.ok and protocol.WORKER_ENV in res.fix
 
 
 def test_xla_flags_fast_compile_for_cpu_training_full_for_serving(monkeypatch, tmp_path):
@@ -83,7 +84,7 @@ def test_train_octo_and_serve_through_the_standin(standin, shards, tmp_path):
     res = octo.train_octo(cfg, sh.dir, echo=echoed.append)
     assert res.steps == 3 and res.frames_seen == 6 and res.stopped_reason == "max_steps"
     assert res.info["worker"] == "standin" and any("stand-in worker" in line for line in echoed)
-    assert not any(line.startswith(octo_worker.RESULT_PREFIX) for line in echoed)
+    assert not any(line.startswith(protocol.RESULT_PREFIX) for line in echoed)
     log = [json.loads(x) for x in res.log_path.read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and log[0]["lr"] == 0.0 and log[1]["lr"] > 0.0
     assert all(r["action_accuracy"] is None and np.isfinite(r["loss"]) for r in log)

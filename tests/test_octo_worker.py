@@ -9,11 +9,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from vla_bridge.models import octo
+from vla_bridge.octo import client as octo
+from vla_bridge.octo import protocol
 from vla_bridge.paths import PROJECT_ROOT, octo_python
 
 OCTO_PY = octo_python()
-REAL = octo.WorkerCommand(OCTO_PY, octo.WORKER_MODULES["octo"])   # whatever VLA_BRIDGE_OCTO_WORKER says
+REAL = protocol.WorkerCommand(OCTO_PY, protocol.WORKER_MODULES["octo"])   # whatever VLA_BRIDGE_OCTO_WORKER says
 pytestmark = pytest.mark.skipif(
     not OCTO_PY.exists(),
     reason=f"{OCTO_PY} does not exist: the Octo worker tests need `bash setup.sh --octo` "
@@ -34,7 +35,7 @@ def test_check_imports_octo_with_the_pinned_stack():
 
 
 def test_worker_module_imports_neither_torch_nor_lerobot():
-    r = _octo("import sys, vla_bridge.octo_worker as w; w.import_octo(); "
+    r = _octo("import sys, vla_bridge.octo.worker as w; w.import_octo(); "
               "print(sorted(m for m in ('torch', 'lerobot') if m in sys.modules)); print(type(sys.modules['dlimp']))")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[0] == "[]" and "module" in r.stdout
@@ -42,7 +43,7 @@ def test_worker_module_imports_neither_torch_nor_lerobot():
 
 def test_offline_t5_tokenizer_is_byte_level(tmp_path):
     r = _octo(f"""
-import json, vla_bridge.octo_worker as w
+import json, vla_bridge.octo.worker as w
 w.install_standins()
 d = w.build_offline_t5({str(tmp_path / 't5-x')!r})
 from transformers import AutoConfig, AutoTokenizer
@@ -58,14 +59,15 @@ print(json.dumps({{"keys": sorted(enc.keys()), "n": int(enc["attention_mask"][0]
     assert out["keys"] == ["attention_mask", "input_ids"]      # no token_type_ids: FlaxT5 would reject them
     assert out["n"] == len("put the red block on the plate") and out["n2"] == 2   # one token per UTF-8 byte
     assert out["model_type"] == "t5" and out["vocab"] == 259 and out["unk"] == 0
-    bad = _octo(f"import vla_bridge.octo_worker as w; w.build_offline_t5({str(tmp_path / 'no-name')!r})")
+    bad = _octo(f"import vla_bridge.octo.worker as w; w.build_offline_t5({str(tmp_path / 'no-name')!r})")
     assert bad.returncode != 0 and "contains 't5'" in bad.stderr
 
 
 @pytest.fixture(scope="module")
 def trained(small, tmp_path_factory):
-    """Shards of 4 training episodes → `octo_worker train` (octo-random, 2 steps, batch 2) → checkpoints."""
-    from vla_bridge.data import octo_shards, splits, stream
+    """Shards of 4 training episodes → `octo.worker train` (octo-random, 2 steps, batch 2) → checkpoints."""
+    from vla_bridge.data import splits, stream
+    from vla_bridge.octo import shards as octo_shards
     from vla_bridge.data import stats as dstats
 
     tmp = tmp_path_factory.mktemp("octo")
@@ -80,7 +82,7 @@ def trained(small, tmp_path_factory):
                                  "--save-every", "1"], hub_ok=False, echo=None, command=REAL,
                                 fast_compile=True)   # XLA level 0: the train step compiles in ~30 s
     assert rc == 0, "\n".join(lines[-30:])
-    prefix = octo.RESULT_PREFIX
+    prefix = protocol.RESULT_PREFIX
     result = json.loads(next(line for line in lines if line.startswith(prefix))[len(prefix):])
     return {"tmp": tmp, "stats": st, "result": result, "lines": lines, "shards": shards}
 
@@ -128,7 +130,7 @@ def test_served_policy_predicts_denormalized_actions(trained):
 
 def test_image_augmentation_keeps_shape_and_varies_with_the_rng():
     r = _octo("""
-import json, numpy as np, vla_bridge.octo_worker as w
+import json, numpy as np, vla_bridge.octo.worker as w
 x = np.zeros((3, 64, 64, 3), np.uint8); x[:, 16:48, 16:48] = (200, 40, 40)   # a red square on black
 a = w.augment_images(x, np.random.default_rng(0)); b = w.augment_images(x, np.random.default_rng(0))
 c = w.augment_images(x, np.random.default_rng(1))

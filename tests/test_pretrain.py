@@ -11,7 +11,7 @@ import torch
 from vla_bridge import hardware as hwm
 from vla_bridge import pretrain
 from vla_bridge.data import world as W
-from vla_bridge.data import world_labels as WL
+from vla_bridge.data.world import labels as WL
 
 
 def test_scene_labels_agree_with_the_world():

@@ -33,7 +33,7 @@ from typing import Any
 import huggingface_hub
 import torch
 
-from .octo_worker import RANDOM_INIT   # stdlib + numpy only
+from .octo.protocol import RANDOM_INIT, OctoEnvError, worker_command   # stdlib + numpy only
 
 POLICIES = ("openvla", "openvla-4bit", "octo", "tiny")
 POLICY_CHOICES = ("auto",) + POLICIES
@@ -464,8 +464,6 @@ def check_octo_env(policy: str, root: str | os.PathLike | None = None) -> CheckR
     """POLICY=octo runs in .venv-octo (its own JAX environment): it must exist (unless the stand-in is selected)."""
     if policy != "octo":
         return CheckResult("octo env", True, "not needed for this policy", required=False)
-    from .models.octo import OctoEnvError, worker_command
-
     try:
         command = worker_command(root)
     except OctoEnvError as exc:

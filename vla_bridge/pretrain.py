@@ -8,7 +8,7 @@ tokenizer and processor files), and the notebook then LoRA-fine-tunes that base 
 as it would OpenVLA-7B.
 
 Because the tiny model has no pretrained vision encoder, its pretraining gets help the world gives for free
-(``vla_bridge.data.world_labels``), in two stages over frames rendered from the world generator:
+(``vla_bridge.data.world.labels``), in two stages over frames rendered from the world generator:
 
 1. **vision stage** (``vision_steps``): the ViT alone learns dense per-patch labels - what colour / family / target
    is under each patch, where the gripper is and the patch-to-gripper offset on the table, the gripper's height,
@@ -63,12 +63,14 @@ class PretrainParams:
 
 def _code_hash() -> str:
     from . import images, tokenization, training
-    from .data import world, world_labels
-    from .models import tiny_vla
+    from .data import world
+    from .data.world import labels as world_labels
+    from .models.tiny_vla import configuration_tiny_vla, modeling_tiny_vla, processing_tiny_vla
 
     h = hashlib.sha256()
     h.update(world.WORLD_VERSION.encode())
-    for mod in (tiny_vla, tokenization, training, images, world_labels):
+    for mod in (configuration_tiny_vla, processing_tiny_vla, modeling_tiny_vla, tokenization, training, images,
+                world_labels):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(PretrainParams).encode())
     h.update(inspect.getsource(AuxHeads).encode())
@@ -94,7 +96,7 @@ class AuxHeads(nn.Module):
     smooth L1 (beta 0.1, x4) for the regressions."""
 
     def __init__(self, vision_width: int, llm_width: int) -> None:
-        from .data.world_labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES
+        from .data.world.labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES
 
         super().__init__()
         self.sizes = [N_CLASSES["color"], N_CLASSES["family"], N_CLASSES["target"], N_CLASSES["gripper"], 2,
@@ -236,7 +238,7 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
     """Return ``(path, info)`` of the tiny base (see the module docstring); train it when missing or stale."""
     from .data import world
     from .data.stats import norm_stats_entry, stats_from_arrays
-    from .data.world_labels import labelled_frames
+    from .data.world.labels import labelled_frames
     from .models.tiny_vla import build_tiny_vla
 
     params = params or PretrainParams()

@@ -1,4 +1,4 @@
-"""Policies on the shared code path: ``tiny_vla`` (CPU / offline), ``openvla`` (OpenVLA-7B), ``octo``.
+"""Policies on the shared code path: ``tiny_vla`` (CPU / offline), ``openvla`` (OpenVLA-7B); Octo: ``vla_bridge.octo``.
 
 Submodules are imported on demand (``from vla_bridge.models.tiny_vla import build_tiny_vla``) so that importing
 the package stays cheap; the names below are also reachable lazily as ``vla_bridge.models.<name>``.

@@ -13,7 +13,7 @@ these labels (``vla_bridge.pretrain``):
   object's grasp point (x, y, z) and to the instructed target (x, y), the fingertip height, the opening and
   "holding" (``PRIVILEGED_NAMES``) - what the expert itself looks at.
 
-Only numpy and the world module are used. ``labelled_frames`` runs the (reactive) expert on generated episodes of a
+Only numpy and the world package are used. ``labelled_frames`` runs the (reactive) expert on generated episodes of a
 split and returns every frame's image_0, action, instruction and labels as stacked arrays.
 """
 
@@ -21,12 +21,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import world as W
+from ...progress import tqdm
+from .conventions import DEFAULT_IMAGE_SIZE, IMAGE_KEYS
+from .env import TabletopEnv
+from .expert import Expert, grasp_height
+from .recording import sample_task_seeds
+from .render import _cams
+from .scene import FAMILY_SPECS, TARGET_SPECS
+from .tasks import ALL_COLORS, ALL_FAMILIES, TARGETS
 
 GRID = 8
-COLOR_IDS = {c: i + 1 for i, c in enumerate(W.ALL_COLORS)}
-FAMILY_IDS = {f: i + 1 for i, f in enumerate(W.ALL_FAMILIES)}
-TARGET_IDS = {t: i + 1 for i, t in enumerate(W.TARGETS)}
+COLOR_IDS = {c: i + 1 for i, c in enumerate(ALL_COLORS)}
+FAMILY_IDS = {f: i + 1 for i, f in enumerate(ALL_FAMILIES)}
+TARGET_IDS = {t: i + 1 for i, t in enumerate(TARGETS)}
 N_CLASSES = {"color": len(COLOR_IDS) + 1, "family": len(FAMILY_IDS) + 1, "target": len(TARGET_IDS) + 1,
              "gripper": 2}
 STATE_NAMES = ("z", "opening", "holding")
@@ -41,7 +48,7 @@ class _PatchGeometry:
     """Table points seen at the patch centres of image_0 and a point -> patch lookup, for one image size."""
 
     def __init__(self, image_size: int, grid: int = GRID):
-        self.cam = W._cams(image_size)[W.IMAGE_KEYS[0]]
+        self.cam = _cams(image_size)[IMAGE_KEYS[0]]
         self.ss = self.cam.size // image_size
         self.grid, self.patch = grid, image_size // grid
         centres = ((np.arange(grid) * self.patch + self.patch / 2) * self.ss).astype(int)
@@ -65,7 +72,7 @@ def _geometry(image_size: int, grid: int) -> _PatchGeometry:
     return _GEOMETRY[key]
 
 
-def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
+def scene_labels(env: TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
     """The labels of ``env``'s current frame: color / family / target / gripper (grid x grid int64), offset
     (grid x grid x 2 float32), state (3,) and privileged (8,) float32 (see the module docstring)."""
     geo = _geometry(env.image_size, grid)
@@ -74,11 +81,11 @@ def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
     target = np.zeros((grid, grid), np.int64)
     gripper = np.zeros((grid, grid), np.int64)
     for t in env.targets:
-        r = W.TARGET_SPECS[t.kind].radius
+        r = TARGET_SPECS[t.kind].radius
         target[(geo.tx - t.x) ** 2 + (geo.ty - t.y) ** 2 < (0.8 * r) ** 2] = TARGET_IDS[t.kind]
         target[geo.patch_of([t.x, t.y, 0.0])] = TARGET_IDS[t.kind]
     for o in env.objects:
-        spec = W.FAMILY_SPECS[o.family]
+        spec = FAMILY_SPECS[o.family]
         under = (geo.tx - o.x) ** 2 + (geo.ty - o.y) ** 2 < (0.6 * spec.radius) ** 2
         under[geo.patch_of([o.x, o.y, o.z + spec.height / 2])] = True
         color[under], family[under] = COLOR_IDS[o.color], FAMILY_IDS[o.family]
@@ -87,7 +94,7 @@ def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
     offset = np.clip(np.where(np.isfinite(offset), offset, 0.0), -_CLIP, _CLIP).astype(np.float32)
     holding = float(env.held == env.obj_index)
     o, t = env.instructed_object, env.instructed_target
-    grasp_z = W.grasp_height(o)
+    grasp_z = grasp_height(o)
     privileged = np.array([(o.x - env.pos[0]) / UNIT, (o.y - env.pos[1]) / UNIT, (grasp_z - env.pos[2]) / UNIT,
                            (t.x - env.pos[0]) / UNIT, (t.y - env.pos[1]) / UNIT, env.pos[2] / UNIT, env.gripper,
                            holding], np.float32)
@@ -96,7 +103,7 @@ def scene_labels(env: W.TabletopEnv, grid: int = GRID) -> dict[str, np.ndarray]:
             "state": state, "privileged": privileged}
 
 
-def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_size: int = W.DEFAULT_IMAGE_SIZE,
+def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_size: int = DEFAULT_IMAGE_SIZE,
                     progress: bool = False, perturb: float = 0.0, grid: int = GRID) -> dict[str, np.ndarray]:
     """Every frame of ``n_episodes`` expert episodes of ``split`` (``world.sample_task_seeds(n, seed, split)``):
     ``image`` (N, S, S, 3) uint8 image_0, ``action`` (N, 7) float32, ``instruction`` (N,) str, ``episode`` (N,)
@@ -110,17 +117,15 @@ def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_s
         raise ValueError(f"n_episodes must be positive, got {n_episodes}")
     cols: dict[str, list] = {k: [] for k in ("image", "action", "instruction", "episode", "color", "family",
                                              "target", "gripper", "offset", "state", "privileged")}
-    triples = W.sample_task_seeds(int(n_episodes), seed=int(seed), split=split)
+    triples = sample_task_seeds(int(n_episodes), seed=int(seed), split=split)
     bar = None
     if progress:
-        from ..progress import tqdm
-
         bar = tqdm(total=len(triples), desc="rendering labelled pretraining episodes", unit="episode",
                    leave=False, mininterval=1.0)
     for k, (task, ep_seed, prompt) in enumerate(triples):
-        env = W.TabletopEnv(image_size=image_size)
+        env = TabletopEnv(image_size=image_size)
         obs = env.reset(task, ep_seed, prompt=prompt)
-        expert = W.Expert(env)
+        expert = Expert(env)
         noise = np.random.default_rng([int(seed), k, 5])
         while env.t < env.max_steps:
             action = expert.act()
@@ -128,7 +133,7 @@ def labelled_frames(n_episodes: int, seed: int, split: str = "pretrain", image_s
                 break
             for name, value in scene_labels(env, grid).items():
                 cols[name].append(value)
-            cols["image"].append(obs[W.IMAGE_KEYS[0]])
+            cols["image"].append(obs[IMAGE_KEYS[0]])
             cols["action"].append(action)
             cols["instruction"].append(prompt)
             cols["episode"].append(k)

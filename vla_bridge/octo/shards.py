@@ -35,7 +35,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .stats import STATS_FILENAME, norm_stats_entry, save_dataset_statistics
+from ..data.build import load_build_info
+from ..data.episodes import load_episodes
+from ..data.stats import norm_stats_entry, save_dataset_statistics
+from ..data.stream import MAIN_CAMERA
+from ..images import to_uint8_hwc
+from ..paths import STATS_FILENAME
+from ..progress import tqdm
+from ..tokenization import action_stats, normalize_actions
 
 SHARD_FORMAT = 1
 OCTO_WINDOW = 1            # octo's finetune_config: window_size = 1
@@ -99,8 +106,6 @@ def shard_key(dataset_id: str, episodes: Sequence[int], stats_entry: Mapping[str
 
 
 def _dataset_id(ds: Any) -> str:
-    from .build import load_build_info
-
     root = getattr(getattr(ds, "meta", None), "root", None)
     build = load_build_info(root) if root else None
     if build:
@@ -115,10 +120,6 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
                       progress: bool = True) -> OctoShards:
     """Write (or reuse) the shards of ``episodes`` (the training split) from the opened stream ``ds``, normalized
     with ``stats_entry`` (the notebook's action statistics) under ``out_root/<key>/``."""
-    from .episodes import load_episodes
-    from ..tokenization import action_stats, normalize_actions
-    from ..images import to_uint8_hwc
-    from .stream import MAIN_CAMERA
 
     t0 = time.perf_counter()
     eps = sorted(int(e) for e in episodes)
@@ -136,8 +137,6 @@ def write_octo_shards(ds: Any, episodes: Sequence[int], stats_entry: Mapping[str
     shards, n_samples = [], 0
     bar = None
     if progress:
-        from ..progress import tqdm
-
         bar = tqdm(total=len(eps), desc="Octo shards", unit="episode", mininterval=2.0)
     for si, start in enumerate(range(0, len(eps), episodes_per_shard)):
         part = eps[start:start + episodes_per_shard]

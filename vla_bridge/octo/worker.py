@@ -1,9 +1,10 @@
 """The Octo-Small worker: runs inside ``.venv-octo`` (JAX/Flax), started by the notebook through
-:mod:`vla_bridge.models.octo` with ``.venv-octo/bin/python -m vla_bridge.octo_worker <command>``.
+:mod:`vla_bridge.octo.client` with ``.venv-octo/bin/python -m vla_bridge.octo.worker <command>``.
 
-It imports only the standard library, numpy, jax/flax/optax, transformers/tokenizers and octo — never torch,
-lerobot or the rest of ``vla_bridge`` — because none of those exist in that environment. The data arrives as the
-shards :mod:`vla_bridge.data.octo_shards` wrote in the main environment (images already at 256×256, actions already
+It imports only the standard library, numpy, jax/flax/optax, transformers/tokenizers, octo and, of ``vla_bridge``,
+:mod:`vla_bridge.octo.protocol` and :mod:`vla_bridge.octo.worker_common` (stdlib + numpy) — never torch, lerobot or
+the rest of ``vla_bridge`` — because none of those exist in that environment. The data arrives as the
+shards :mod:`vla_bridge.octo.shards` wrote in the main environment (images already at 256×256, actions already
 normalized with the project's q01/q99 rule and chunked to the window / horizon); predictions leave as *normalized*
 action chunks, which the main environment de-normalizes with the same statistics. So the normalization formula lives
 in one place (``vla_bridge.tokenization``) and this module never needs it.
@@ -26,32 +27,26 @@ with the shards. :func:`install_standins` registers a small module of ours under
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import os
 import shutil
-import struct as _struct
 import sys
 import time
 import types
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-IMAGE_KEY = "image_primary"
+from .protocol import RANDOM_INIT, RESULT_PREFIX, SERVE_BATCH, build_parser, protocol_streams, serve_loop
+from .worker_common import IMAGE_KEY, ShardData, augment_images, log, log_record, save_checkpoint
+
 LANGUAGE_KEY = "language_instruction"
 FROZEN_KEYS = ("*hf_model*",)          # Octo's recipe: the T5 language encoder stays frozen
-RANDOM_INIT = "octo-random"            # MODEL_ID asking for Octo-Small from octo's config with random weights
 OFFLINE_T5_DIRNAME = "t5-offline-bytes"  # octo's LanguageTokenizer builds a T5 encoder when the name contains "t5"
 T5_FORMAT = 2                          # bump when build_offline_t5 changes (the directory is rebuilt)
-SERVE_BATCH = 16                       # predict requests go in chunks of at most this many frames
-PROTOCOL = 1
-RESULT_PREFIX = "RESULT "              # ``train``'s last stdout line: this prefix + the result as JSON
-
-
-def log(msg: str) -> None:
-    """Progress for the notebook cell (stderr: stdout belongs to the serve protocol)."""
-    print(f"[octo] {msg}", file=sys.stderr, flush=True)
 
 
 # =================================================================================================== environment
@@ -89,7 +84,7 @@ def install_standins() -> None:
 def import_octo():
     """Import octo's model and training utilities (after the stand-ins); returns the modules we use."""
     install_standins()
-    import jax  # noqa: F401
+    import jax  # noqa: F401  # lazy: octo/jax only after install_standins() (dlimp stand-in, quiet TF)
 
     from octo.model import octo_model
     from octo.utils import train_utils
@@ -98,8 +93,6 @@ def import_octo():
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {}
     for name in ("octo", "jax", "jaxlib", "flax", "optax", "numpy", "scipy", "transformers", "tensorflow-cpu",
                  "orbax-checkpoint"):
@@ -130,6 +123,7 @@ def build_offline_t5(directory: str | os.PathLike, d_model: int = 128, num_layer
     want = {"format": T5_FORMAT, "d_model": int(d_model), "num_layers": int(num_layers)}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return d
+    # lazy: transformers only after install_standins() set USE_TF / TF_CPP_MIN_LOG_LEVEL
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, T5Config
 
@@ -148,7 +142,7 @@ def build_offline_t5(directory: str | os.PathLike, d_model: int = 128, num_layer
     T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=max(8, d_model // 4), d_ff=4 * d_model,
              num_layers=num_layers, num_heads=4, pad_token_id=0, eos_token_id=1,
              decoder_start_token_id=0).save_pretrained(str(tmp))
-    (tmp / "README.md").write_text("Built offline by vla_bridge.octo_worker.build_offline_t5: byte-level tokenizer, "
+    (tmp / "README.md").write_text("Built offline by vla_bridge.octo.worker.build_offline_t5: byte-level tokenizer, "
                                    "small random T5 encoder config (no weights). For offline checks only.\n")
     (tmp / marker.name).write_text(json.dumps(want))
     if d.exists():
@@ -165,6 +159,7 @@ def octo_small_config(t5_name: str, window: int, horizon: int, action_dim: int =
     camera stacked with an optional goal image, frozen T5 language tokens, one action readout, diffusion action head
     over ``horizon`` × ``action_dim``), written from octo's building blocks. ``t5_name``: a hub id ("t5-base", as
     octo-small-1.5) or a local T5-shaped directory."""
+    # lazy: octo only after install_standins() (dlimp stand-in)
     from octo.data.utils.text_processing import HFTokenizer
     from octo.model.components.action_heads import DiffusionActionHead
     from octo.model.components.tokenizers import ImageTokenizer, LanguageTokenizer
@@ -206,87 +201,7 @@ def stats_tree(stats: dict) -> dict:
     return np.asarray(stats)
 
 
-# =================================================================================================== shards
-
-
-class ShardData:
-    """All shards of one directory in memory: frames, windows, action chunks, instructions, statistics."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-        mpath = self.dir / "manifest.json"
-        if not mpath.is_file():
-            raise FileNotFoundError(f"{self.dir} has no manifest.json: write the shards first "
-                                    "(vla_bridge.data.octo_shards.write_octo_shards in the main environment)")
-        self.manifest = json.loads(mpath.read_text())
-        self.statistics = json.loads((self.dir / "dataset_statistics.json").read_text())
-        images, windows, actions, masks, instr = [], [], [], [], []
-        texts: list[str] = []
-        offset = 0
-        for name in self.manifest["shards"]:
-            with np.load(self.dir / name, allow_pickle=False) as z:
-                win = z["window_index"].astype(np.int64)
-                windows.append(np.where(win >= 0, win + offset, -1))
-                images.append(z["images"])
-                actions.append(z["actions"].astype(np.float32))
-                masks.append(z["action_pad_mask"].astype(bool))
-                ids = z["instruction_id"].astype(np.int64)
-                local = [str(s) for s in z["instructions"]]
-                base = len(texts)
-                texts += local
-                instr.append(ids + base)
-                offset += len(z["images"])
-        self.images = np.concatenate(images)
-        self.window_index = np.concatenate(windows)
-        self.actions = np.concatenate(actions)            # (N, W, H, D) normalized
-        self.action_pad_mask = np.concatenate(masks)      # (N, W, H)
-        self.instruction_id = np.concatenate(instr)
-        self.texts = texts
-        self.window = int(self.manifest["window"])
-        self.horizon = int(self.manifest["horizon"])
-        self.action_dim = int(self.actions.shape[-1])
-        self.unnorm_key = self.manifest["unnorm_key"]
-
-    def __len__(self) -> int:
-        return len(self.window_index)
-
-    def batch(self, idx: Sequence[int]) -> dict:
-        """Octo's batch layout for samples ``idx``: observation windows (padded steps masked), task text, chunks."""
-        idx = np.asarray(idx, np.int64)
-        win = self.window_index[idx]                              # (B, W)
-        pad = win >= 0
-        safe = np.where(pad, win, win.max(axis=1, keepdims=True))  # padded steps repeat a real frame (masked)
-        obs = {IMAGE_KEY: self.images[safe], "timestep_pad_mask": pad,
-               "pad_mask_dict": {IMAGE_KEY: pad.copy()}}
-        act_mask = np.repeat(self.action_pad_mask[idx][..., None], self.action_dim, axis=-1)
-        return {"observation": obs, "texts": [self.texts[i] for i in self.instruction_id[idx]],
-                "action": self.actions[idx], "action_pad_mask": act_mask}
-
-
-def augment_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Octo's fine-tuning augmentation of the primary camera, in numpy/PIL instead of tf.image: a random resized
-    crop (area 80–100 %, aspect 0.9–1.1, resized back), then brightness ±0.1, contrast ×0.9–1.1, saturation
-    ×0.9–1.1 and hue ±0.05 of a turn, each drawn per image. (N, H, W, 3) uint8 in and out."""
-    from PIL import Image
-
-    out = np.empty_like(images)
-    n, h, w = images.shape[:3]
-    for i in range(n):
-        area = rng.uniform(0.8, 1.0) * h * w
-        ratio = np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
-        ch = int(round(min(h, np.sqrt(area / ratio))))
-        cw = int(round(min(w, np.sqrt(area * ratio))))
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        im = Image.fromarray(images[i][y:y + ch, x:x + cw]).resize((w, h), Image.BILINEAR)
-        hsv = np.asarray(im.convert("HSV"), np.int16)
-        hsv[..., 0] = (hsv[..., 0] + int(round(rng.uniform(-0.05, 0.05) * 256))) % 256
-        f = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), np.float32) / 255.0
-        f = f + rng.uniform(-0.1, 0.1)
-        f = (f - f.mean()) * rng.uniform(0.9, 1.1) + f.mean()
-        grey = f.mean(axis=-1, keepdims=True)
-        f = (f - grey) * rng.uniform(0.9, 1.1) + grey
-        out[i] = np.clip(np.rint(f * 255.0), 0, 255).astype(np.uint8)
-    return out
+# =================================================================================================== tasks
 
 
 def make_tasks(model, texts: Sequence[str]) -> dict:
@@ -301,7 +216,7 @@ def build_model(init: str, data: ShardData, t5_dir: str | None, seed: int):
     """``init``: ``octo-random`` (octo's Octo-Small config, random weights), ``hf://…`` or a local checkpoint
     (Octo's fine-tuning recipe: a new model from the pretrained config and our example batch, then every
     pretrained parameter of matching name and shape copied in)."""
-    import jax
+    import jax  # lazy: jax/octo only after install_standins()
 
     octo_model, train_utils = import_octo()
     OctoModel = octo_model.OctoModel
@@ -311,7 +226,7 @@ def build_model(init: str, data: ShardData, t5_dir: str | None, seed: int):
         if not t5_dir:
             raise ValueError("octo-random needs --t5 (a T5-shaped local directory or hub id)")
         config = octo_small_config(t5_dir, data.window, data.horizon, data.action_dim)
-        from octo.utils.spec import ModuleSpec
+        from octo.utils.spec import ModuleSpec  # lazy: octo only after install_standins()
 
         text_processor = ModuleSpec.instantiate(config["text_processor"])()
         pretrained = None
@@ -346,8 +261,7 @@ def _tasks_with(text_processor, texts: Sequence[str], observation: dict) -> dict
 
 def count_params(params, frozen: Sequence[str] = FROZEN_KEYS) -> tuple[int, int]:
     """(trainable, total) parameter counts with ``frozen`` fnmatch patterns on '.'-joined paths."""
-    import flax
-    from fnmatch import fnmatch
+    import flax  # lazy: jax/flax only after install_standins()
 
     flat = flax.traverse_util.flatten_dict(params)
     total = sum(int(np.prod(v.shape)) for v in flat.values())
@@ -358,23 +272,6 @@ def count_params(params, frozen: Sequence[str] = FROZEN_KEYS) -> tuple[int, int]
 # =================================================================================================== checkpoints
 
 
-def save_checkpoint(model, step: int, target: Path, extra: dict) -> Path:
-    """octo's ``save_pretrained`` into a temporary directory, then renamed onto ``target`` (an existing target is
-    moved aside first and removed after), so a reader never sees a half-written checkpoint."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(step, checkpoint_path=str(tmp.resolve()))
-    (tmp / "training_state.json").write_text(json.dumps({"step": int(step), **extra}, indent=2, default=str))
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
 def load_checkpoint(path: str | os.PathLike):
     octo_model, _ = import_octo()
     return octo_model.OctoModel.load_pretrained(str(Path(path).resolve()))
@@ -383,15 +280,8 @@ def load_checkpoint(path: str | os.PathLike):
 # =================================================================================================== train
 
 
-def log_record(step: int, loss: float, mse: float, grad_norm: float, lr: float, frames_seen: int,
-               elapsed_s: float) -> dict:
-    """One ``train_log.jsonl`` line, in the training loop's layout (no action tokens: accuracy and L1 are null)."""
-    return {"step": int(step), "loss": float(loss), "action_accuracy": None, "l1": None, "l1_normalized": None,
-            "mse": float(mse), "grad_norm": float(grad_norm), "lr": float(lr), "frames_seen": int(frames_seen),
-            "elapsed_s": round(float(elapsed_s), 3)}
-
-
 def train(args: argparse.Namespace) -> dict:
+    # lazy: jax/optax only after install_standins()
     import jax
     import optax
 
@@ -503,14 +393,14 @@ class Predictor:
     the next power of two (XLA compiles once per size: at most log2(batch_size) + 1 compiles, little padding)."""
 
     def __init__(self, model, window: int, batch_size: int = SERVE_BATCH, seed: int = 0):
-        import jax
+        import jax  # lazy: jax only after install_standins()
 
         self.model, self.window, self.batch_size = model, int(window), int(batch_size)
         self.key = jax.random.PRNGKey(seed)
         self.calls = 0
 
     def predict(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        import jax
+        import jax  # lazy: jax only after install_standins()
 
         n = len(texts)
         out = []
@@ -535,75 +425,6 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, 1, 1), np.float32)
 
 
-def _read_exact(stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = stream.read(n - len(buf))
-        if not chunk:
-            raise EOFError("the other end closed the pipe (if that is the Octo worker, it crashed: see its lines "
-                           "above)")
-        buf += chunk
-    return bytes(buf)
-
-
-def write_frame(stream, header: dict, payload: bytes = b"") -> None:
-    """One protocol frame: 4-byte big-endian header length, JSON header, 8-byte payload length, payload.
-    Both ends use these two functions: the worker here, ``models.octo.OctoServer`` in the main environment
-    (this module imports only the standard library and numpy at the top, so the main environment can import it)."""
-    h = json.dumps(header).encode()
-    stream.write(_struct.pack(">I", len(h)) + h + _struct.pack(">Q", len(payload)) + payload)
-    stream.flush()
-
-
-def read_frame(stream) -> tuple[dict, bytes]:
-    (hn,) = _struct.unpack(">I", _read_exact(stream, 4))
-    header = json.loads(_read_exact(stream, hn))
-    (pn,) = _struct.unpack(">Q", _read_exact(stream, 8))
-    return header, _read_exact(stream, pn) if pn else b""
-
-
-def protocol_streams():
-    """(frames out, frames in) of ``serve``: the real stdout/stdin; ``print`` goes to stderr from here on, so
-    nothing but frames reaches the protocol stream."""
-    out, inp = sys.stdout.buffer, sys.stdin.buffer
-    sys.stdout = sys.stderr
-    return out, inp
-
-
-def serve_loop(out, inp, hello: dict, predict) -> None:
-    """The serve protocol, shared by the worker and its stand-in (``vla_bridge.octo_standin``): a hello frame
-    (``ok``, ``protocol`` and ``hello``: ``weights``, ``window``, ``horizon``, ``action_dim``, ``statistics``), then
-    one reply per request until ``close`` or end of input. ``predict``: op with ``weights`` (one of
-    ``hello["weights"]``), ``shape`` and ``instructions`` plus the uint8 images as payload → ``predict(weights,
-    images, instructions)`` → float32 normalized chunks (N, horizon, D) as payload; an error is reported and the
-    loop goes on."""
-    write_frame(out, {"ok": True, "protocol": PROTOCOL, **hello})
-    loaded = list(hello["weights"])
-    while True:
-        try:
-            req, payload = read_frame(inp)
-        except EOFError:
-            return
-        op = req.get("op")
-        if op == "close":
-            write_frame(out, {"ok": True})
-            return
-        try:
-            if op != "predict":
-                raise ValueError(f"unknown op {op!r}")
-            which = req.get("weights", "finetuned")
-            if which not in loaded:
-                raise ValueError(f"weights {which!r} not loaded (have {loaded})")
-            shape = tuple(req["shape"])
-            images = np.frombuffer(payload, np.uint8).reshape(shape)
-            t1 = time.perf_counter()
-            acts = predict(which, images, req["instructions"])
-            write_frame(out, {"ok": True, "shape": list(acts.shape), "seconds": time.perf_counter() - t1},
-                        np.ascontiguousarray(acts, np.float32).tobytes())
-        except Exception as exc:  # report to the client, keep serving
-            write_frame(out, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-
-
 def serve(args: argparse.Namespace) -> None:
     out, inp = protocol_streams()
     t0 = time.perf_counter()
@@ -625,38 +446,8 @@ def serve(args: argparse.Namespace) -> None:
 # =================================================================================================== CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The worker's command line (``check``, ``train``, ``serve``); the stand-in parses the same one."""
-    p = argparse.ArgumentParser(prog="python -m vla_bridge.octo_worker", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="import octo (with the stand-ins) and print versions")
-    t = sub.add_parser("train", help="fine-tune Octo-Small on vla_bridge shards")
-    t.add_argument("--shards", required=True)
-    t.add_argument("--run", required=True)
-    t.add_argument("--outputs", default="outputs")
-    t.add_argument("--data-dir", default="data")
-    t.add_argument("--init", default="hf://rail-berkeley/octo-small-1.5",
-                   help=f"hf://…, a local Octo checkpoint, or {RANDOM_INIT}")
-    t.add_argument("--t5", default=None, help="T5 hub id or local dir (octo-random; default: an offline stand-in)")
-    t.add_argument("--max-steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--save-every", type=int, default=500)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-image-aug", dest="image_aug", action="store_false",
-                   help="no crop / colour augmentation (Octo's recipe has it; IMAGE_AUG=False turns it off)")
-    s = sub.add_parser("serve", help="answer predict requests on stdin/stdout (framed)")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--base", default=None)
-    s.add_argument("--batch-size", type=int, default=SERVE_BATCH)
-    s.add_argument("--seed", type=int, default=0)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     if args.cmd == "check":
         import_octo()
         v = versions()

@@ -1,20 +1,21 @@
-"""POLICY=octo from the main environment: drive the Octo worker (``vla_bridge.octo_worker``) in ``.venv-octo``.
+"""POLICY=octo from the main environment: drive the Octo worker (``vla_bridge.octo.worker``) in ``.venv-octo``.
 
 Octo-Small is JAX/Flax and needs its own environment (numpy 1.24, jax 0.4.20, tensorflow 2.15; see
 ``bash setup.sh --octo``). Everything else stays here and is shared with the other paths: the data (the training
-split goes over as shards, :mod:`vla_bridge.data.octo_shards`), the statistics and their normalization
+split goes over as shards, :mod:`vla_bridge.octo.shards`), the statistics and their normalization
 (:mod:`vla_bridge.tokenization`), the evaluation (:func:`vla_bridge.evaluation.run_evaluation` with
 :class:`OctoPolicy` objects: the same metrics, closed loop, table and eval.json), the plots and the reports.
 
-* :func:`train_octo` runs ``octo_worker train`` as a subprocess and streams its progress lines into the cell.
-* :class:`OctoServer` keeps ``octo_worker serve`` running (the fine-tuned and the before-fine-tuning weights
+* :func:`train_octo` runs ``octo.worker train`` as a subprocess and streams its progress lines into the cell.
+* :class:`OctoServer` keeps ``octo.worker serve`` running (the fine-tuned and the before-fine-tuning weights
   loaded once) and exchanges framed messages over its pipes: uint8 images + instructions out, normalized action
   chunks back.
 * :class:`OctoPolicy` is a :class:`vla_bridge.evaluation.Policy`: it sends the frames, takes the **first action of
   each predicted chunk** (receding horizon: the policy re-plans at every 5 Hz step, which is also what the
   per-frame open-loop metrics compare) and de-normalizes it with the training statistics.
-* :func:`worker_command` picks the worker: the real one in ``.venv-octo``, or with ``VLA_BRIDGE_OCTO_WORKER=standin``
-  :mod:`vla_bridge.octo_standin_worker` in this environment (same protocol, no JAX: what CI runs).
+* :func:`vla_bridge.octo.protocol.worker_command` picks the worker: the real one in ``.venv-octo``, or with
+  ``VLA_BRIDGE_OCTO_WORKER=standin`` :mod:`vla_bridge.octo.standin_worker` in this environment (same protocol, no
+  JAX: what CI runs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,68 +32,17 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..hardware import model_id_kind
-from ..paths import OCTO_SETUP_HINT as SETUP_HINT, PROJECT_ROOT, octo_python
-from ..octo_worker import RESULT_PREFIX, read_frame, write_frame   # stdlib + numpy only: safe in this environment
+from ..images import to_uint8_hwc
+from ..paths import PROJECT_ROOT
+from ..tokenization import action_stats, unnormalize_actions
+from .protocol import RESULT_PREFIX, WorkerCommand, read_frame, worker_command, write_frame
 
 REQUEST_FRAMES = 64                 # frames per predict request (the worker pads to its own batch size)
-
-# Which worker the main environment starts: "octo" (default) is vla_bridge.octo_worker in .venv-octo; "standin" is
-# vla_bridge.octo_standin_worker in this environment (no JAX, deterministic toy actions: for CI, not a policy).
-WORKER_ENV = "VLA_BRIDGE_OCTO_WORKER"
-WORKER_MODULES = {"octo": "vla_bridge.octo_worker", "standin": "vla_bridge.octo_standin_worker"}
 
 # XLA's CPU backend at optimization level 0 compiles Octo's train step in ~30 s instead of 173-320 s (measured on 2
 # CPU cores), but samples ~4x slower (13.5 s vs 3.5 s per batch of 16): CPU training uses it unless XLA_FLAGS sets
 # a level already; serving always compiles fully (it compiles once and predicts for the whole evaluation).
 XLA_FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
-class OctoEnvError(RuntimeError):
-    """The Octo environment is missing or broken: ``detail``, and ``fix`` (the one-line way out)."""
-
-    def __init__(self, detail: str, fix: str):
-        super().__init__(f"{detail}: {fix}")
-        self.detail, self.fix = detail, fix
-
-
-def check_octo_env(root: str | os.PathLike | None = None) -> Path:
-    """The Octo interpreter, or :class:`OctoEnvError` with the one-line fix."""
-    py = octo_python(root)
-    if not py.exists():
-        raise OctoEnvError(f"POLICY=octo needs Octo's own JAX environment and {py} does not exist", SETUP_HINT)
-    return py
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerCommand:
-    """How to start the worker: ``python -m module <command> ...``."""
-
-    python: Path
-    module: str
-
-    @property
-    def standin(self) -> bool:
-        return self.module == WORKER_MODULES["standin"]
-
-    def argv(self, *args: str) -> list[str]:
-        return [str(self.python), "-m", self.module, *args]
-
-    def __str__(self) -> str:
-        what = (f" (the stand-in selected by {WORKER_ENV}=standin: no JAX, deterministic toy actions, not Octo)"
-                if self.standin else "")
-        return f"{self.python} -m {self.module}{what}"
-
-
-def worker_command(root: str | os.PathLike | None = None) -> WorkerCommand:
-    """The worker ``VLA_BRIDGE_OCTO_WORKER`` selects (default: the real one in ``.venv-octo``, which must exist),
-    or :class:`OctoEnvError` with the one-line fix."""
-    choice = os.environ.get(WORKER_ENV, "").strip().lower() or "octo"
-    if choice not in WORKER_MODULES:
-        raise OctoEnvError(f"{WORKER_ENV}={choice!r} is not one of {', '.join(WORKER_MODULES)}",
-                           f"unset {WORKER_ENV} for the real Octo worker, or set it to standin for the CI stand-in")
-    if choice == "standin":
-        return WorkerCommand(Path(sys.executable), WORKER_MODULES["standin"])
-    return WorkerCommand(check_octo_env(root), WORKER_MODULES["octo"])
 
 
 def xla_flags(flags: str, fast_compile: bool) -> str:
@@ -130,7 +79,7 @@ def _echo_default(line: str) -> None:
 
 def run_worker(args: Sequence[str], hub_ok: bool | None = None, echo: Callable[[str], None] | None = _echo_default,
                command: WorkerCommand | None = None, fast_compile: bool | None = None) -> tuple[int, list[str]]:
-    """``octo_worker <args>`` (or the worker ``command`` names) to completion, each output line echoed as it
+    """``octo.worker <args>`` (or the worker ``command`` names) to completion, each output line echoed as it
     arrives; (exit code, lines)."""
     command = command or worker_command()
     proc = subprocess.Popen(command.argv(*args), cwd=str(PROJECT_ROOT), env=worker_env(hub_ok, fast_compile),
@@ -194,7 +143,7 @@ def train_octo(cfg: Any, shards_dir: str | os.PathLike, echo: Callable[[str], No
 
 
 class OctoServer:
-    """``octo_worker serve`` as a long-lived subprocess; ``predict`` returns normalized chunks (N, horizon, D)."""
+    """``octo.worker serve`` as a long-lived subprocess; ``predict`` returns normalized chunks (N, horizon, D)."""
 
     def __init__(self, checkpoint: str | os.PathLike, base: str | os.PathLike | None = None,
                  hub_ok: bool | None = None, echo: Callable[[str], None] | None = _echo_default,
@@ -271,8 +220,6 @@ class OctoPolicy:
 
     def __init__(self, server: OctoServer, stats_entry: Mapping[str, Any], weights: str = "finetuned",
                  name: str = "fine-tuned", image_size: int = 256, request_frames: int = REQUEST_FRAMES):
-        from ..tokenization import action_stats
-
         if weights not in server.weights:
             raise ValueError(f"the Octo worker has no {weights!r} weights (has {server.weights})")
         self.server, self.weights, self.name = server, weights, name
@@ -280,9 +227,6 @@ class OctoPolicy:
         self.image_size, self.request_frames = int(image_size), int(request_frames)
 
     def act(self, images, instructions, envs=None, progress=None) -> np.ndarray:
-        from ..images import to_uint8_hwc
-        from ..tokenization import unnormalize_actions
-
         out = []
         for i in range(0, len(instructions), self.request_frames):
             frames = np.stack([to_uint8_hwc(im, self.image_size) for im in images[i:i + self.request_frames]])
@@ -328,6 +272,6 @@ def model_info(cfg: Any, result: OctoTrainResult | None, server: OctoServer | No
         info["worker"] = {"weights": server.weights, "horizon": server.horizon, "window": server.info.get("window"),
                           "kind": server.info.get("worker", "octo")}
         if server.info.get("worker") == "standin":
-            info["class"] = ("the stand-in Octo worker (vla_bridge.octo_standin_worker: a linear map from the image's "
+            info["class"] = ("the stand-in Octo worker (vla_bridge.octo.standin_worker: a linear map from the image's "
                              "mean colour, no JAX; checks the pipeline, not Octo)")
     return info

@@ -1,365 +1,26 @@
-"""A tiny, OpenVLA-shaped vision-language-action model that runs (and learns) on a laptop CPU, fully offline.
+"""The tiny VLA model (Hugging Face layout: ``modeling_tiny_vla``): ``TinyVLAForActionPrediction`` and its parts.
 
-It exists so that the notebook's shared code path - processor, forward with labels, LoRA via PEFT, metrics,
-``predict_action``, save / reload - can be executed end to end without a GPU or the Hugging Face hub, and so that
-a CPU run is a real test of the code that drives OpenVLA-7B. Everything that code touches mirrors OpenVLA's HF
-interface (``prismatic/extern/hf`` in the OpenVLA repository):
-
-* **Layout**: [BOS embedding][projected image patches][rest of the text embeddings]; ``forward`` returns logits
-  over all those positions (text_len + num_patches) and labels are padded with IGNORE_INDEX over the patches, so
-  the shifted next-token loss and ``logits[:, num_patches:-1]`` mean what they mean for OpenVLA.
-* **Modules**: ``vision_backbone.featurizer`` (a timm ViT; patch features without prefix tokens from the
-  second-to-last block), ``projector.fc1 / fc2`` (Linear-GELU-Linear), ``language_model`` (a
-  ``transformers.LlamaForCausalLM``: ``language_model.model.layers.*``, ``language_model.lm_head``). PEFT's
-  ``target_modules="all-linear"`` therefore selects the same kinds of modules on both models.
-* **Tokenizer**: a byte-fallback BPE built offline with ``tokenizers`` in Llama's style (<unk>=0, <s>=1, </s>=2,
-  byte tokens <0x00>..<0xFF>, a standalone "▁"), whose last 256 base ids are the action tokens, with <PAD> added
-  just above the base vocabulary and the embedding matrix padded to a multiple of 64 (OpenVLA: 32000 base ids,
-  <PAD>=32000, 32064 rows).
-* **Inference**: ``predict_action(input_ids=, pixel_values=, unnorm_key=, do_sample=False)`` appends "▁" if needed,
-  greedily generates the action tokens (KV cache supported) and decodes them with ``vla_bridge.tokenization``.
-
-Usage::
-
-    model, processor = build_tiny_vla(norm_stats={"demo_world": {"action": {"q01": [...], "q99": [...], ...}}})
-    inputs = processor(build_prompt("put the red block on the plate"), image)   # image: 128x128 RGB
-    action = model.predict_action(**inputs, unnorm_key="demo_world", do_sample=False)   # np.ndarray, (7,)
-
-After ``import vla_bridge.models.tiny_vla``, ``AutoModelForVision2Seq.from_pretrained(dir)`` and
-``AutoProcessor.from_pretrained(dir)`` also load a saved tiny VLA.
+OpenVLAForActionPrediction's interface and module names on a CPU-sized model: ``vision_backbone.featurizer`` (a
+timm ViT, optionally with the :class:`ConvStem` patch embedding), ``projector.fc1 / fc2``, ``language_model`` (a
+``transformers.LlamaForCausalLM``), ``predict_action``; and ``build_tiny_vla`` (a seeded model + its processor).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import string
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-from transformers import (
-    AutoConfig,
-    AutoModelForVision2Seq,
-    AutoProcessor,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
-from transformers.feature_extraction_utils import BatchFeature
+from timm.models.vision_transformer import VisionTransformer
+from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from ..tokenization import (
-    IGNORE_INDEX,
-    N_ACTION_BINS,
-    SPACE_TOKEN,
-    ActionTokenizer,
-    to_pil_image,
-    unnormalize_actions,
-)
-
-# ======================================================================================================================
-# Tokenizer
-# ======================================================================================================================
-TOKENIZER_VOCAB_SIZE = 1024        # base vocabulary (OpenVLA / Llama-2: 32000)
-PAD_TO_MULTIPLE_OF = 64            # embedding rows = len(tokenizer) rounded up (OpenVLA: 32001 -> 32064)
-UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<PAD>"
-
-# Words the tokenizer should know as whole pieces: the prompt template, Bridge-style task vocabulary (verbs,
-# colours, objects, receptacles, places) and common English glue words. Anything else still tokenizes, through
-# smaller pieces, single characters or raw bytes.
-_TEMPLATE_WORDS = "In What action should the robot take to Out".split()
-_VERBS = ("put place move pick push pull open close stack lift slide wipe sweep fold unfold flip turn grab drop set "
-          "bring rotate knock reach hang insert pour transfer take get leave position drag lay relocate go "
-          "upright").split()
-_COLORS = "red green blue yellow orange purple pink white black brown gray grey silver gold cyan".split()
-_OBJECTS = ("block carrot cup cloth spoon banana plate pot towel table corn eggplant mushroom knife fork bowl pan "
-            "lid sponge drawer sink can bottle toy cube ball marker pepper apple lemon strawberry sushi cucumber "
-            "napkin rag basket tray stove microwave cabinet bread cheese grape potato tomato egg duck object item "
-            "thing piece brush mug kettle box container rack towel shelf door").split()
-_PLACES = ("side left right front back top bottom middle center centre corner edge near far next behind under "
-           "over inside outside between burner counter surface area spot").split()
-_GLUE = ("the a an of on in into onto from to at with and then it its up down off out over by for is are this "
-         "that these those there here other another which what where should can will would please now some all "
-         "one two three first second third small large big little tiny long short round square empty full "
-         "open closed new old").split()
-_TARGETS = ["on the plate", "in the pot", "on the towel", "to the left side of the table",
-            "to the right side of the table", "into the bowl", "on top of the cloth", "in the sink",
-            "to the front of the table", "near the stove"]
-
-
-def _tokenizer_corpus() -> List[str]:
-    """A small deterministic English corpus biased to robot-task instructions (used to learn BPE merges)."""
-    lines: List[str] = []
-    # Prompts with Bridge-like instructions (a deterministic sweep through verb x colour x object x target).
-    combos = itertools.product(_VERBS[:12], _COLORS[:10], _OBJECTS[:24], _TARGETS)
-    for i, (verb, color, obj, target) in enumerate(combos):
-        if i % 7:
-            continue
-        lines.append(f"In: What action should the robot take to {verb} the {color} {obj} {target}?\nOut:")
-    # Every listed word on its own, several times, so each one earns its merges.
-    words = _TEMPLATE_WORDS + _VERBS + _COLORS + _OBJECTS + _PLACES + _GLUE
-    for word in words:
-        lines.extend([word, word.capitalize()] * 3)
-    lines.append(" ".join(string.digits) + " " + string.digits)
-    return lines
-
-
-def _action_token(bin_index: int) -> str:
-    # The token for digitize index d (1..256) is named <act_{d-1}>: <act_0> is -1 (id vocab_size - 1),
-    # <act_255> is +1 (id vocab_size - 256).
-    return f"<act_{bin_index}>"
-
-
-def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE, n_action_bins: int = N_ACTION_BINS,
-                    model_max_length: int = 512) -> PreTrainedTokenizerFast:
-    """Build the tiny VLA's tokenizer offline (deterministic; no downloads).
-
-    Base vocabulary (ids 0 .. vocab_size - 1), Llama-like:
-      0 <unk>, 1 <s>, 2 </s> | 3..258 byte tokens <0x00>..<0xFF> (byte fallback: ANY text tokenizes) |
-      BPE pieces learned from `_tokenizer_corpus()` (incl. every printable ASCII character and "▁") |
-      <unused_k> fillers | the last `n_action_bins` ids: action tokens.
-    Added above it: <PAD> = vocab_size, so len(tokenizer) == vocab_size + 1 (OpenVLA: 32000 / 32001).
-    Pre-tokenization mirrors SentencePiece-Llama: spaces become "▁" attached to the next word, "▁" is prepended to
-    the text, punctuation / newlines / digits are split off; the post-processor prepends <s>.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    specials = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    n_fixed = len(specials) + len(byte_tokens)
-    learned_budget = vocab_size - n_fixed - n_action_bins
-    if learned_budget < 128:
-        raise ValueError(f"vocab_size={vocab_size} too small for {n_action_bins} action bins")
-
-    def pre_tokenizer():
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Metaspace(replacement=SPACE_TOKEN, prepend_scheme="first", split=True),
-            pre_tokenizers.Punctuation("isolated"),
-            pre_tokenizers.Split("\n", "isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ])
-
-    # 1) Learn BPE merges on the corpus.
-    alphabet = sorted(set(string.ascii_letters + string.digits + string.punctuation) | {SPACE_TOKEN, "\n"})
-    learner = Tokenizer(models.BPE())
-    learner.pre_tokenizer = pre_tokenizer()
-    learner.train_from_iterator(
-        _tokenizer_corpus(),
-        trainers.BpeTrainer(vocab_size=learned_budget, initial_alphabet=alphabet, limit_alphabet=len(alphabet) + 16,
-                            show_progress=False, special_tokens=[]),
-    )
-    learned = json.loads(learner.to_str())["model"]
-    learned_tokens = [tok for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1])]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    reserved = set(specials) | set(byte_tokens)
-    learned_tokens = [t for t in learned_tokens if t not in reserved][:learned_budget]
-    if SPACE_TOKEN not in learned_tokens:
-        raise RuntimeError("BPE alphabet lost the space marker")
-
-    # 2) Assemble the final vocabulary with the action tokens at the very end.
-    fillers = [f"<unused_{i}>" for i in range(learned_budget - len(learned_tokens))]
-    actions = [_action_token(k) for k in reversed(range(n_action_bins))]  # id vocab_size-256 -> <act_255>
-    ordered = specials + byte_tokens + learned_tokens + fillers + actions
-    assert len(ordered) == vocab_size and len(set(ordered)) == vocab_size
-    vocab = {tok: i for i, tok in enumerate(ordered)}
-    known = set(learned_tokens)
-    merges = [m for m in merges if m[0] in known and m[1] in known and (m[0] + m[1]) in known]
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizer()
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE_TOKEN, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1",
-        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
-    )
-
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN,
-        padding_side="right", model_max_length=model_max_length, clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],  # like Llama's tokenizer: no token_type_ids
-    )
-    hf_tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    assert hf_tok.vocab_size == vocab_size and hf_tok.pad_token_id == vocab_size and len(hf_tok) == vocab_size + 1
-    return hf_tok
-
-
-# ======================================================================================================================
-# Image preprocessing and processor
-# ======================================================================================================================
-class TinyVLAImageProcessor:
-    """PIL / uint8 array -> normalized float tensor (3, S, S): letterbox to square, resize, scale to [0,1], normalize.
-
-    The same steps as OpenVLA's PrismaticImageProcessor with its default "letterbox" strategy (pad to a square with
-    the mean colour, resize, to tensor, normalize), for one backbone instead of the fused pair.
-    """
-
-    model_input_names: ClassVar[List[str]] = ["pixel_values"]
-
-    def __init__(self, image_size: int = 128, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), image_resize_strategy: str = "letterbox") -> None:
-        if image_resize_strategy not in ("letterbox", "resize-naive"):
-            raise ValueError(f"unsupported image_resize_strategy {image_resize_strategy!r}")
-        self.image_size, self.image_resize_strategy = int(image_size), image_resize_strategy
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dict(image_size=self.image_size, mean=self.mean, std=self.std,
-                    image_resize_strategy=self.image_resize_strategy)
-
-    def apply_transform(self, image: Any) -> torch.Tensor:
-        from PIL import Image
-
-        img = to_pil_image(image)
-        w, h = img.size
-        if self.image_resize_strategy == "letterbox" and w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in self.mean))
-            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-            img = canvas
-        if img.size != (self.image_size, self.image_size):
-            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def __call__(self, images: Any, return_tensors: Optional[str] = "pt", **_: Any) -> BatchFeature:
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        pixel_values = torch.stack([self.apply_transform(img) for img in images])
-        if return_tensors in ("pt", None) or str(return_tensors).endswith("PYTORCH"):
-            return BatchFeature(data={"pixel_values": pixel_values})
-        return BatchFeature(data={"pixel_values": pixel_values.numpy()}, tensor_type=return_tensors)
-
-    preprocess = __call__
-
-
-class TinyVLAProcessor:
-    """Tokenizer + image processor with OpenVLA's processor call: ``processor(prompt, image)`` -> BatchFeature with
-    input_ids, attention_mask, pixel_values (torch tensors by default)."""
-
-    config_name: ClassVar[str] = "processor_config.json"
-
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, image_processor: TinyVLAImageProcessor) -> None:
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-
-    def __call__(self, text: Union[str, List[str]], images: Any = None, padding: Union[bool, str] = False,
-                 truncation: Optional[bool] = None, max_length: Optional[int] = None,
-                 return_tensors: Optional[str] = "pt") -> BatchFeature:
-        if images is None:
-            raise ValueError("TinyVLAProcessor needs an image for every prompt")
-        pixel_values = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
-        text_inputs = self.tokenizer(text, return_tensors=return_tensors, padding=padding, truncation=truncation,
-                                     max_length=max_length)
-        if pixel_values.shape[0] != text_inputs["input_ids"].shape[0]:
-            raise ValueError("Batch is malformed; expected the same number of images and prompts")
-        return BatchFeature(data={**text_inputs, "pixel_values": pixel_values})
-
-    def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs: Any) -> List[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-
-    @property
-    def model_input_names(self) -> List[str]:
-        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **_: Any) -> List[str]:
-        os.makedirs(save_directory, exist_ok=True)
-        files = list(self.tokenizer.save_pretrained(save_directory))
-        path = os.path.join(save_directory, self.config_name)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"processor_class": type(self).__name__, "image_processor": self.image_processor.to_dict()},
-                      f, indent=2, sort_keys=True)
-        return files + [path]
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **_: Any) -> "TinyVLAProcessor":
-        directory = os.fspath(pretrained_model_name_or_path)
-        with open(os.path.join(directory, cls.config_name), encoding="utf-8") as f:
-            cfg = json.load(f)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-        return cls(tokenizer, TinyVLAImageProcessor(**cfg["image_processor"]))
-
-    def __repr__(self) -> str:
-        return (f"TinyVLAProcessor(image_size={self.image_processor.image_size}, vocab_size="
-                f"{self.tokenizer.vocab_size}, len(tokenizer)={len(self.tokenizer)})")
-
-
-# ======================================================================================================================
-# Model
-# ======================================================================================================================
-VISION_STEMS = ("conv", "patch")   # the tiny ViT's patch embedding: a conv stem (default) or linear patches
-_DEFAULT_TEXT_CONFIG: Dict[str, Any] = dict(
-    vocab_size=1088, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, pad_token_id=TOKENIZER_VOCAB_SIZE,
-)
-
-
-class TinyVLAConfig(PretrainedConfig):
-    """Configuration of the tiny VLA (an OpenVLAConfig look-alike: norm_stats, n_action_bins, pad_token_id,
-    pad_to_multiple_of, image_sizes, text_config)."""
-
-    model_type = "tiny_vla"
-
-    def __init__(
-        self,
-        image_size: int = 128,
-        patch_size: int = 16,
-        vision_width: int = 192,
-        vision_depth: int = 4,
-        vision_heads: int = 3,
-        vision_mlp_ratio: float = 4.0,
-        vision_stem: str = "patch",     # a saved config without the field predates the conv stem
-        text_config: Optional[Union[Dict[str, Any], LlamaConfig]] = None,
-        llm_attn_implementation: str = "sdpa",
-        tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
-        space_token_id: Optional[int] = None,
-        pad_token_id: int = TOKENIZER_VOCAB_SIZE,
-        pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
-        n_action_bins: int = N_ACTION_BINS,
-        norm_stats: Optional[Dict[str, Dict[str, Any]]] = None,
-        initializer_range: float = 0.02,
-        **kwargs: Any,
-    ) -> None:
-        self.image_size, self.patch_size = int(image_size), int(patch_size)
-        self.image_sizes = [self.image_size]            # OpenVLA's config field (a list: one per backbone)
-        self.use_fused_vision_backbone = False
-        self.vision_width, self.vision_depth = int(vision_width), int(vision_depth)
-        self.vision_heads, self.vision_mlp_ratio = int(vision_heads), float(vision_mlp_ratio)
-        if vision_stem not in VISION_STEMS:
-            raise ValueError(f"vision_stem={vision_stem!r}: expected one of {', '.join(VISION_STEMS)}")
-        self.vision_stem = vision_stem
-        if isinstance(text_config, LlamaConfig):
-            text_config = text_config.to_dict()
-        if text_config is None:  # a tiny Llama, not LlamaConfig()'s 7B defaults
-            text_config = dict(_DEFAULT_TEXT_CONFIG)
-        self.text_config = LlamaConfig(**text_config)
-        self.llm_attn_implementation = llm_attn_implementation
-        self.tokenizer_vocab_size = int(tokenizer_vocab_size)
-        self.space_token_id = space_token_id
-        self.pad_to_multiple_of = int(pad_to_multiple_of)
-        self.n_action_bins = int(n_action_bins)
-        self.norm_stats = norm_stats
-        self.initializer_range = float(initializer_range)
-        kwargs.pop("image_sizes", None)
-        kwargs.pop("use_fused_vision_backbone", None)
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
+from ...tokenization import IGNORE_INDEX, N_ACTION_BINS, SPACE_TOKEN, ActionTokenizer, unnormalize_actions
+from .configuration_tiny_vla import PAD_TO_MULTIPLE_OF, TOKENIZER_VOCAB_SIZE, TinyVLAConfig
+from .processing_tiny_vla import TinyVLAImageProcessor, TinyVLAProcessor, build_tokenizer
 
 def _patch_features(featurizer: nn.Module, block_index: int, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch tokens (prefix tokens dropped) after block `block_index` of a timm VisionTransformer.
@@ -418,8 +79,6 @@ class TinyVisionBackbone(nn.Module):
 
     def __init__(self, config: TinyVLAConfig) -> None:
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
         if config.vision_depth < 2:
             raise ValueError("vision_depth must be >= 2 (features come from the second-to-last block)")
         stem = {"embed_layer": ConvStem} if config.vision_stem == "conv" else {}
@@ -688,22 +347,6 @@ class TinyVLAForActionPrediction(PreTrainedModel):
         return np.asarray(unnormalize_actions(normalized, stats["q01"], stats["q99"], mask))
 
 
-# ---- Auto-class registration (so AutoModelForVision2Seq / AutoProcessor load a saved tiny VLA directory) -----------
-def _register_auto_classes() -> None:
-    try:
-        AutoConfig.register(TinyVLAConfig.model_type, TinyVLAConfig)
-    except ValueError:  # already registered (module reloaded)
-        pass
-    for auto_cls, obj in ((AutoModelForVision2Seq, TinyVLAForActionPrediction), (AutoProcessor, TinyVLAProcessor)):
-        try:
-            auto_cls.register(TinyVLAConfig, obj)
-        except ValueError:
-            pass
-
-
-_register_auto_classes()
-
-
 # ======================================================================================================================
 # Construction
 # ======================================================================================================================
@@ -767,11 +410,3 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
     parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     parts["total"] = sum(p.numel() for p in model.parameters())
     return parts
-
-
-__all__ = [
-    "VISION_STEMS", "ConvStem",
-    "TOKENIZER_VOCAB_SIZE", "PAD_TO_MULTIPLE_OF", "build_tokenizer", "TinyVLAImageProcessor", "TinyVLAProcessor",
-    "TinyVLAConfig", "TinyVLAForActionPrediction", "TinyVLACausalLMOutputWithPast", "build_tiny_vla",
-    "count_parameters",
-]

@@ -1,12 +1,12 @@
 """A JAX-free stand-in for the Octo worker, so the main environment's side of POLICY=octo runs where octo cannot
 be installed (CI: octo is GitHub-only). Selected with ``VLA_BRIDGE_OCTO_WORKER=standin`` (see
-:func:`vla_bridge.models.octo.worker_command`); it runs with the main environment's interpreter.
+:func:`vla_bridge.octo.protocol.worker_command`); it runs with the main environment's interpreter.
 
-It is the real worker's interface with a toy model inside: the same command line (:func:`vla_bridge.octo_worker.
-build_parser`), the same shard reader (:class:`~vla_bridge.octo_worker.ShardData`) and augmentation, the same
+It is the real worker's interface with a toy model inside: the same command line (:func:`vla_bridge.octo.protocol.
+build_parser`), the same shard reader (:class:`~vla_bridge.octo.worker_common.ShardData`) and augmentation, the same
 ``train_log.jsonl`` lines, atomic checkpoints (``base/``, ``step_XXXXXX/``, ``latest/`` with
 ``dataset_statistics.json`` and ``training_state.json``) and ``RESULT`` line, and the same framed serve protocol
-(:func:`~vla_bridge.octo_worker.serve_loop`). The model is a linear map from an image's mean colour (plus a bias)
+(:func:`~vla_bridge.octo.protocol.serve_loop`). The model is a linear map from an image's mean colour (plus a bias)
 to the normalized action chunk, fitted by a few gradient steps on the masked MSE: deterministic (same shards and
 seed → same log and actions), it reads the images and the shards, and it is **not a policy** — its numbers say
 nothing about Octo. Real-octo behaviour stays covered by ``tests/test_octo_worker.py`` wherever ``.venv-octo``
@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .octo_worker import (RESULT_PREFIX, ShardData, augment_images, build_parser, log, log_record, protocol_streams,
-                          save_checkpoint, serve_loop)
+from .protocol import RESULT_PREFIX, WORKER_MODULES, build_parser, protocol_streams, serve_loop
+from .worker_common import ShardData, augment_images, log, log_record, save_checkpoint
 
 WORKER_NAME = "standin"
 PARAMS_FILE = "standin_params.json"
@@ -154,8 +154,7 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.prog = "python -m vla_bridge.octo_standin_worker"
+    parser = build_parser(prog=f"python -m {WORKER_MODULES['standin']}", description=__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     if args.cmd == "check":
         print(json.dumps({"worker": WORKER_NAME, "numpy": np.__version__}))
