@@ -141,7 +141,7 @@ def test_stream_decodes_only_the_cameras_asked_for(bridge):
 
 def test_bench_loader_warms_up_both_paths_and_decodes_one_camera(bridge_layout):
     """The loader benchmark on the two-camera copy: both rows after an untimed warm-up, the main camera only."""
-    from vla_bridge.bench import bench_loader, format_bench
+    from vla_bridge.tools.bench import bench_loader, format_bench
 
     res = bench_loader(str(bridge_layout), frames=60, image_size=64, workers=0, buffer_size=16, warmup=30)
     assert res["warmup_frames"] == 30 and res["cameras"] == ["observation.images.image_0"]

@@ -11,7 +11,7 @@ from vla_bridge.config import DEFAULT_PARAMS, check_param, parse_param, resolve_
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 from vla_bridge import policy
 from vla_bridge.pretrain import PretrainParams
-from vla_bridge.runner import execute_notebook, parse_kv
+from vla_bridge.tools.runner import execute_notebook, parse_kv
 
 
 def fake_cpu() -> HardwareInfo:

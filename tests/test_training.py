@@ -177,7 +177,7 @@ def test_same_seed_gives_bit_identical_adapters_and_logs(demo, tmp_path):
 
 
 def test_every_lora_attachment_goes_through_the_seeded_helper():
-    for rel in ("notebook.py", "vla_bridge/ablations.py", "vla_bridge/bench_train.py"):
+    for rel in ("notebook.py", "vla_bridge/ablations.py", "vla_bridge/tools/bench_train.py"):
         text = (ROOT / rel).read_text()
         assert "get_peft_model(" not in text and "attach_lora(" in text, rel
 

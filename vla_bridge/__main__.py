@@ -8,7 +8,7 @@ import sys
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
-    from .runner import execute_notebook, load_params_file, parse_kv
+    from .tools.runner import execute_notebook, load_params_file, parse_kv
 
     params = load_params_file(args.params_file)
     params.update(parse_kv(args.param or []))
@@ -54,7 +54,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_loader(args: argparse.Namespace) -> int:
-    from .bench import bench_loader, format_bench
+    from .tools.bench import bench_loader, format_bench
 
     res = bench_loader(args.dataset, root=args.root, frames=args.frames, image_size=args.image_size,
                        workers=args.workers, data_dir=args.data_dir, seed=args.seed, buffer_size=args.buffer_size,
@@ -78,14 +78,14 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from .bench_train import bench_train, format_bench_train
+    from .tools.bench_train import bench_train, format_bench_train
 
     print(format_bench_train(bench_train(args.data_dir, args.steps, args.batch_size, args.rank, args.threads)))
     return 0
 
 
 def _cmd_bench_eval(args: argparse.Namespace) -> int:
-    from .bench import bench_eval, format_bench_eval
+    from .tools.bench import bench_eval, format_bench_eval
 
     res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None)
     print(format_bench_eval(res))

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import DEFAULT_PARAMS, check_params, parse_param
-from .paths import PROJECT_ROOT
-from .hardware import PreflightError
+from ..config import DEFAULT_PARAMS, check_params, parse_param
+from ..hardware import PreflightError
+from ..paths import PROJECT_ROOT
 
 
 def load_params_file(path: str | os.PathLike | None) -> dict[str, Any]:

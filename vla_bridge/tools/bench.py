@@ -26,11 +26,20 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
-from .data import stream as st
+from ..data import stream as st
+from ..data.build import build_demo_dataset, ensure_demo_dataset
+from ..data.episodes import load_episodes
+from ..data.splits import make_split
+from ..data.stats import compute_action_stats, norm_stats_entry
+from ..evaluation import BatchedActionPredictor, per_frame_predict
+from ..models.openvla import load_openvla, register_dataset_statistics
+from ..models.tiny_vla import build_tiny_vla
 
 GOAL_OVERHEAD = 1.3
 
@@ -65,12 +74,8 @@ def bench_loader(dataset: str = "embedded", root: str | None = None, frames: int
     """Run the three measurements on the ``split`` ("train": the training split's episodes; "all") or the given
     ``episodes``; returns rows of {name, frames, seconds, fps} and the ratios."""
     if dataset == "embedded" and root is None:
-        from .data.build import build_demo_dataset
-
         dataset, root = str(build_demo_dataset(data_dir)), None
     if episodes is None and split == "train":
-        from .data.splits import make_split
-
         meta_ds = st.open_dataset(dataset, root, probe=False, seed=seed, buffer_size=buffer_size)
         episodes = make_split(meta_ds, check=False).train
     elif episodes is None:
@@ -110,8 +115,6 @@ def bench_loader(dataset: str = "embedded", root: str | None = None, frames: int
                      "unique": counter.unique})
 
     if default_threads:
-        import torch
-
         ds_d = st.open_dataset(dataset, root, episodes, seed=seed, buffer_size=buffer_size, probe=False)
         m = min(n, 300)
         got, secs = _bare(ds_d, m, None)
@@ -159,17 +162,6 @@ def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, t
                per_frame_frames: int | None = None, unnorm_key: str = "demo_world", seed: int = 0) -> dict[str, Any]:
     """Time per-frame ``predict_action`` and the batched predictor (bucketed by prompt length, and left-padded) on
     ``frames`` frames; returns rows of {name, frames, seconds, fps}, the speed-up and whether the actions match."""
-    from pathlib import Path
-
-    import torch
-
-    from .data.build import ensure_demo_dataset
-    from .data.splits import make_split
-    from .data.stats import compute_action_stats, norm_stats_entry
-    from .data.episodes import load_episodes
-    from .evaluation import BatchedActionPredictor, per_frame_predict
-    from .models.openvla import register_dataset_statistics
-
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -179,13 +171,9 @@ def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, t
         split = make_split(ds)
         base_dir = Path(data_dir) / "tiny_vla_base"
         if (base_dir / "config.json").is_file():
-            from .models.openvla import load_openvla
-
             processor, model = load_openvla(str(base_dir), precision="fp32", verbose=False)
             model_desc = f"cached tiny base {base_dir}"
         else:
-            from .models.tiny_vla import build_tiny_vla
-
             model, processor = build_tiny_vla(seed=seed)
             model_desc = "default-size tiny VLA, random weights (no cached base; speed does not depend on weights)"
         register_dataset_statistics(model, unnorm_key,

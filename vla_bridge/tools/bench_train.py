@@ -19,13 +19,13 @@ def peak_rss_mb() -> float:
 
 def bench_train(data_dir: str = "data", steps: int = 30, batch_size: int = 16, rank: int = 32, threads: int = 2,
                 warmup: int = 5, image_size: int = 128) -> dict:
-    from .data.build import ensure_demo_dataset
-    from .data.splits import make_split
-    from .data.stats import compute_action_stats, norm_stats_entry
-    from .data.stream import TrainingStream
-    from .models.openvla import attach_lora
-    from .models.tiny_vla import build_tiny_vla
-    from .training import TrainConfig, train
+    from ..data.build import ensure_demo_dataset
+    from ..data.splits import make_split
+    from ..data.stats import compute_action_stats, norm_stats_entry
+    from ..data.stream import TrainingStream
+    from ..models.openvla import attach_lora
+    from ..models.tiny_vla import build_tiny_vla
+    from ..training import TrainConfig, train
 
     torch.set_num_threads(threads)
     root = ensure_demo_dataset(data_dir).root

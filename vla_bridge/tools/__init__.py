@@ -1,0 +1,4 @@
+"""Tools around the notebook: the benchmarks (``bench``, ``bench_train``) and the headless runner (``runner``).
+
+Reached through ``python -m vla_bridge <command>``; nothing in the package imports them except ``__main__``.
+"""
