@@ -231,6 +231,9 @@ echo "[setup] ready in $(( $(date +%s) - T_ALL )) s. Activate with: source .venv
 # ------------------------------------------------------------------------------------------------ --test / --run
 export PYTHONUNBUFFERED=1
 if [[ "$DO_TEST" -eq 1 ]]; then
+  step_start "tests: the package's layers (lint-imports; contracts in pyproject.toml, docs/ARCHITECTURE.md)"
+  "$VENV/bin/lint-imports" --no-cache >/dev/null || { "$VENV/bin/lint-imports" --no-cache | sed -n '/Broken contracts/,$p' >&2; die "an import breaks the package's layers (above)"; }
+  step_done "kept"
   step_start "tests: pytest"
   set +e
   "$VPY" -m pytest tests

@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..hardware import model_id_kind
 from ..images import to_uint8_hwc
 from ..paths import PROJECT_ROOT
 from ..tokenization import action_stats, unnormalize_actions
@@ -115,7 +114,7 @@ def worker_train_args(cfg: Any, shards_dir: str | os.PathLike) -> list[str]:
     init = cfg.model_id
     return ["train", "--shards", str(Path(shards_dir).resolve()), "--run", cfg.run_name,
             "--outputs", str(Path(cfg.outputs_dir).resolve()), "--data-dir", str(Path(cfg.data_dir).resolve()),
-            "--init", str(Path(init).resolve()) if model_id_kind("octo", init) == "local" else init,
+            "--init", str(Path(init).resolve()) if Path(init).expanduser().is_dir() else init,
             "--max-steps", str(cfg.max_steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.learning_rate),
             "--warmup", str(cfg.warmup_steps), "--log-every", str(cfg.log_every), "--save-every", str(cfg.save_every),
             "--seed", str(cfg.seed)] + ([] if cfg.image_aug else ["--no-image-aug"])
