@@ -39,8 +39,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
+from transformers import AutoConfig, AutoModelForVision2Seq, AutoProcessor
 
 from .data.stats import load_dataset_statistics, save_dataset_statistics
+from .data.world import TabletopEnv, task_catalog
 from .models import tiny_vla  # noqa: F401  (registers the tiny VLA with the Auto classes)
 from .models.openvla import (_read_json, _resolve_source, action_inputs, load_openvla, missing_checkpoint_files,
                              model_image_size, register_dataset_statistics)
@@ -154,8 +156,7 @@ def check_memory(plan: MemoryPlan) -> None:
 
 def count_parameters(source: str) -> int:
     """The base's parameter count, from its config on the meta device (nothing is loaded or allocated)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForVision2Seq
+    from accelerate import init_empty_weights   # lazy: accelerate is only needed for this count
 
     remote = bool((_read_json(Path(source) / "config.json") or {}).get("auto_map")) if os.path.isdir(source) else True
     config = AutoConfig.from_pretrained(source, trust_remote_code=remote)
@@ -201,8 +202,6 @@ def plan_memory(n_parameters: int, dtype: str, adapter_bytes: int, device: str, 
 # ------------------------------------------------------------------------------------------------------------------
 def default_frames(image_size: int, n: int = 4, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     """``n`` (image, instruction) pairs rendered by the embedded world (fine-tuning tasks, seeded scenes)."""
-    from .data.world import TabletopEnv, task_catalog
-
     env, tasks = TabletopEnv(image_size=image_size), task_catalog(seed).finetune
     return [(env.reset(tasks[i % len(tasks)], seed=seed + i)["observation.images.image_0"], tasks[i % len(tasks)])
             for i in range(n)]
@@ -311,8 +310,7 @@ def export_policy(adapter_dir: PathLike, out_dir: Optional[PathLike] = None, bas
     check (default: ``n_frames`` rendered by the embedded world). ``dtype``: auto (fp32 for the tiny VLA, bf16
     otherwise, as upstream saves OpenVLA) | fp32 | bf16. ``device``: auto (CUDA when the merge fits there) | cpu |
     cuda[:i]."""
-    from peft import PeftModel
-    from transformers import AutoModelForVision2Seq, AutoProcessor
+    from peft import PeftModel   # lazy: peft is only needed once an adapter is merged
 
     say = print if verbose else (lambda *a, **k: None)
     adapter_dir = check_adapter_dir(adapter_dir)

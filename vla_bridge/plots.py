@@ -12,13 +12,17 @@ Data figures (this module grows with the later sections):
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-from .data.stream import feature_names
+from .data.stream import collect_episodes, feature_names
 from .images import to_uint8_hwc
+from .training import smoothed
 
 _UNITS = {"dx": "m", "dy": "m", "dz": "m", "droll": "rad", "dpitch": "rad", "dyaw": "rad", "gripper": "1 = open"}
 
@@ -31,11 +35,10 @@ def _unit(name: str) -> str:
 
 
 def _plt():
-    import matplotlib
-
+    """pyplot on the Agg backend: every figure is written as a PNG and shown from the file."""
     if matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # lazy: only after the backend is chosen
 
     return plt
 
@@ -65,8 +68,6 @@ _CHROMA = 30  # of 255: the spread between a pixel's largest and smallest channe
 
 def colour_fraction(path: str | os.PathLike) -> float:
     """The share of a PNG's pixels that carry colour (largest minus smallest channel > 30 of 255)."""
-    from PIL import Image
-
     rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
     return float(((rgb.max(-1) - rgb.min(-1)) > _CHROMA).mean())
 
@@ -161,8 +162,6 @@ def plot_action_stream(episode_frames: Mapping[int, Sequence[Mapping[str, Any]]]
 def plot_data_figures(ds, episodes: Sequence[int], out_dir: str | os.PathLike, n: int = 3, seed: int = 0
                       ) -> dict[str, Any]:
     """Pick ``n`` episodes (seeded), stream them once, draw both data figures. Returns the paths and the episodes."""
-    from .data.stream import collect_episodes
-
     picked = pick_episodes(episodes, n, seed)
     frames = collect_episodes(ds, picked, cameras="all")  # this figure shows every camera
     fps = float(ds.meta.fps)
@@ -179,13 +178,7 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
     """The loss (raw + EMA-smoothed) against the optimizer step from train_log.jsonl rows, beside the VLA's
     action-token accuracy — or, with ``octo``, beside the learning-rate schedule: Octo's diffusion head has no action
     tokens, its loss is the denoising error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .training import smoothed
-
+    plt = _plt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in log]
@@ -222,8 +215,6 @@ def plot_loss_curve(log: Sequence[Mapping[str, Any]], path: str | os.PathLike, a
 # Probes: rollout frames, videos, frame strips, the worst-episodes contact sheet (vla_bridge.evaluation.video, .failures)
 # ------------------------------------------------------------------------------------------------------------------
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
@@ -231,8 +222,6 @@ def _font(size: int):
 
 
 def _upscale(image: Any, scale: int):
-    from PIL import Image
-
     img = Image.fromarray(to_uint8_hwc(image))
     return img.resize((img.width * scale, img.height * scale), Image.BICUBIC) if scale != 1 else img
 
@@ -240,8 +229,6 @@ def _upscale(image: Any, scale: int):
 def _caption(img, lines: Sequence[str], size: int):
     """A new PIL image: ``img`` below a black band holding the text ``lines`` (band height rounded up to a
     multiple of 16, so frames stay H.264-friendly when ``img``'s sides are)."""
-    from PIL import Image, ImageDraw
-
     if not lines:
         return img
     font = _font(size)
@@ -261,8 +248,6 @@ def draw_rollout_frame(image: Any, path_uv: np.ndarray, gripper_open: bool = Tru
     """One closed-loop video frame: the camera image upscaled ``scale``×, the gripper's path so far (pixel coords
     of the original image, e.g. ``video.world_to_image0``) as a yellow polyline with the current position as a dot
     (green = gripper open, red = closed), and ``lines`` of text on top. Returns uint8 HxWx3."""
-    from PIL import ImageDraw
-
     img = _upscale(image, scale).convert("RGB")
     draw = ImageDraw.Draw(img)
     pts = [(float(u) * scale, float(v) * scale) for u, v in np.asarray(path_uv, dtype=np.float64).reshape(-1, 2)]
@@ -296,8 +281,6 @@ def draw_action_arrows(image: Any, pred_xy: Sequence[float], demo_xy: Sequence[f
     the image centre, scaled so a delta of ``ref`` spans 40 % of the half-width. ``axes`` says where +x and +y point
     in the image ("down"/"up"/"left"/"right"; default: the embedded world's image_0, robot base at the top, +y to
     the right; on Bridge treat it as schematic). Returns uint8 HxWx3."""
-    from PIL import ImageDraw
-
     img = _upscale(image, scale).convert("RGB")
     draw = ImageDraw.Draw(img)
     unit = {"down": (0, 1), "up": (0, -1), "right": (1, 0), "left": (-1, 0)}
@@ -321,7 +304,7 @@ def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if path.suffix.lower() != ".gif":
         try:
-            import imageio.v2 as iio
+            import imageio.v2 as iio   # lazy: starts ffmpeg; only for mp4 (a GIF needs none)
 
             with iio.get_writer(str(path), fps=fps, codec="libx264", quality=7, macro_block_size=16,
                                 pixelformat="yuv420p", ffmpeg_log_level="error") as w:
@@ -332,8 +315,6 @@ def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float
         except Exception:
             pass
         path = path.with_suffix(".gif")
-    from PIL import Image
-
     ims = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
     return path
@@ -341,8 +322,6 @@ def save_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float
 
 def save_frame_strip(frames: Sequence[np.ndarray], path: str | os.PathLike, n: int = 6) -> Path:
     """``n`` evenly spaced frames (always the first and the last) side by side as one PNG."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     idx = sorted(set(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int).tolist()))
@@ -362,8 +341,6 @@ def plot_worst_episodes(rows: Sequence[Mapping[str, Any]], images: Sequence[Any]
                         filename: str = "worst_episodes.png", cols: int = 4) -> Path:
     """Contact sheet of the worst episodes: first image_0 frame, titled with rank, instruction, open-loop L1 and
     closed-loop outcome (where measured)."""
-    import textwrap
-
     plt = _plt()
     n = max(1, len(rows))
     ncols = min(cols, n)

@@ -41,6 +41,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import images, tokenization, training
+from .data import world
+from .data.stats import norm_stats_entry, stats_from_arrays
+from .data.world import labels as world_labels
+from .data.world.labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES, labelled_frames
+from .images import train_transform
+from .models.tiny_vla import build_tiny_vla, configuration_tiny_vla, modeling_tiny_vla, processing_tiny_vla
+from .progress import tqdm
+from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
+from .training import lr_lambda
+
 BASE_MARKER = "vla_bridge_pretrain.json"
 
 
@@ -62,11 +73,6 @@ class PretrainParams:
 
 
 def _code_hash() -> str:
-    from . import images, tokenization, training
-    from .data import world
-    from .data.world import labels as world_labels
-    from .models.tiny_vla import configuration_tiny_vla, modeling_tiny_vla, processing_tiny_vla
-
     h = hashlib.sha256()
     h.update(world.WORLD_VERSION.encode())
     for mod in (configuration_tiny_vla, processing_tiny_vla, modeling_tiny_vla, tokenization, training, images,
@@ -96,8 +102,6 @@ class AuxHeads(nn.Module):
     smooth L1 (beta 0.1, x4) for the regressions."""
 
     def __init__(self, vision_width: int, llm_width: int) -> None:
-        from .data.world.labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES
-
         super().__init__()
         self.sizes = [N_CLASSES["color"], N_CLASSES["family"], N_CLASSES["target"], N_CLASSES["gripper"], 2,
                       len(STATE_NAMES)]
@@ -141,11 +145,6 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
                   progress: bool = True) -> list[dict]:
     """Run the two pretraining stages on ``frames`` (:func:`world_labels.labelled_frames`) in place; return the
     log (one row per 10 steps: stage, step, loss, action-token accuracy in stage 2, auxiliary loss, lr)."""
-    from .images import train_transform
-    from .tokenization import (ActionCollator, ActionTokenizer, action_metrics, make_training_example,
-                               num_image_patches)
-    from .training import lr_lambda
-
     rng = np.random.default_rng([params.seed, 11])
     torch.manual_seed(params.seed)
     n = len(frames["action"])
@@ -154,8 +153,6 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
     log: list[dict] = []
     bar = None
     if progress:
-        from .progress import tqdm
-
         bar = tqdm(total=params.vision_steps + params.steps, desc="pretraining the tiny base", unit="step",
                    mininterval=1.0)
 
@@ -236,11 +233,6 @@ def describe_base(info: dict) -> str:
 def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: PretrainParams | None = None,
                      force: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """Return ``(path, info)`` of the tiny base (see the module docstring); train it when missing or stale."""
-    from .data import world
-    from .data.stats import norm_stats_entry, stats_from_arrays
-    from .data.world.labels import labelled_frames
-    from .models.tiny_vla import build_tiny_vla
-
     params = params or PretrainParams()
     if params.episodes <= 0 or params.steps <= 0 or params.vision_steps < 0:
         raise ValueError(f"pretraining needs episodes > 0 and steps > 0 (got {params.episodes}, {params.steps})")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from .build import VIDEO_CODEC, _quiet
 
@@ -92,8 +93,6 @@ def write_bridge_layout(root: str | Path, image_size: int = 32, seed: int = 0, n
                         overwrite: bool = False) -> Path:
     """Write the dataset to ``root`` with ``LeRobotDataset.create`` / ``add_frame`` / ``save_episode`` and return
     ``root``. An existing ``root`` is reused unless ``overwrite``."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
     root = Path(root)
     if (root / "meta" / "info.json").is_file() and not overwrite:
         return root

@@ -48,8 +48,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import datasets.utils.logging as dslog
 import numpy as np
+import pandas as pd
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+from ..progress import tqdm
 from . import world
 
 REPO_ID = "local/vla_bridge_demo"
@@ -329,8 +333,6 @@ def _patch_stats(root: Path, arrays: Mapping[str, np.ndarray]) -> None:
 def _verify(root: Path, lengths: list[int], image_size: int) -> None:
     """Cheap post-build checks: frame counts and that every episode's video spans all its frames (the streaming
     encoder drops frames silently when its queue is full)."""
-    import pandas as pd
-
     info = json.loads((root / "meta" / "info.json").read_text())
     if info.get("codebase_version") != "v3.0":
         raise BuildError(f"lerobot wrote codebase_version {info.get('codebase_version')!r}, expected v3.0")
@@ -360,14 +362,12 @@ def _quiet() -> Iterator[None]:
     "moving the moov atom") straight to stderr — red text in a notebook. Keep FFmpeg (PyAV's copy) at errors only.
     The level is left there afterwards: lerobot keeps restoring the printing callback on every encode."""
     try:
-        import av.logging as avlog
+        import av.logging as avlog   # lazy: PyAV's log control differs between versions (see except)
 
         avlog.set_libav_level(avlog.ERROR)
     except Exception:  # pragma: no cover - an older PyAV without set_libav_level: only cosmetic
         pass
     # lerobot's save_episode runs a datasets.map per episode: one "Map: 100%" progress bar per episode otherwise
-    import datasets.utils.logging as dslog
-
     bars = dslog.is_progress_bar_enabled()
     dslog.disable_progress_bar()
     try:
@@ -383,8 +383,6 @@ def _dir_size_mb(root: Path) -> float:
 
 def _write_dataset(root: Path, plan: list, image_size: int, workers: int, video_file_size_mb: int,
                    progress: Callable[[int, int], None] | None) -> tuple[list[dict], dict[str, np.ndarray]]:
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
     rows: list[dict] = []
     actions, states = [], []
     # the pool forks first, before the writer starts any encoder thread
@@ -477,8 +475,6 @@ def ensure_demo_dataset(
         workers = 1 if (os.cpu_count() or 1) >= 2 else 0
     bar = None
     if progress is True:
-        from ..progress import tqdm
-
         bar = tqdm(total=len(plan), desc="building the embedded dataset", unit="episode", mininterval=2.0)
         progress = lambda done, total: bar.update(1)  # noqa: E731
     try:
