@@ -1,27 +1,4 @@
-"""Policies on the shared code path: ``tiny_vla`` (CPU / offline), ``openvla`` (OpenVLA-7B); Octo: ``vla_bridge.octo``.
-
-Submodules are imported on demand (``from vla_bridge.models.tiny_vla import build_tiny_vla``) so that importing
-the package stays cheap; the names below are also reachable lazily as ``vla_bridge.models.<name>``.
+"""The VLAs on the shared code path: ``tiny_vla`` (CPU / offline) and ``openvla`` (OpenVLA-7B, bf16 or 4-bit), with
+``lora`` (which linear layers get adapters). Import from the submodules (``from vla_bridge.models.openvla import
+load_openvla``). Octo-Small, a JAX model in its own environment, is ``vla_bridge.octo``.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_LAZY = {
-    "build_tiny_vla": "tiny_vla",
-    "build_tokenizer": "tiny_vla",
-    "TinyVLAConfig": "tiny_vla",
-    "TinyVLAForActionPrediction": "tiny_vla",
-    "TinyVLAProcessor": "tiny_vla",
-    "lora_target_modules": "lora",
-    "linear_module_names": "lora",
-    "trainable_parameters": "lora",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
