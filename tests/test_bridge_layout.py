@@ -11,7 +11,7 @@ import pytest
 
 from vla_bridge.data import bridge_layout, splits, stats, stream
 
-NAMES = list(bridge_layout.ACTION_NAMES)
+NAMES = list(bridge_layout.BRIDGE_ACTION_NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoConfig, AutoModelForVision2Seq, AutoProcessor
 
 from .data.stats import load_dataset_statistics, save_dataset_statistics
+from .data.stream import MAIN_CAMERA
 from .data.world import TabletopEnv, task_catalog
 from .models import tiny_vla  # noqa: F401  (registers the tiny VLA with the Auto classes)
 from .models.openvla import (_read_json, _resolve_source, action_inputs, load_openvla, missing_checkpoint_files,
@@ -203,7 +204,7 @@ def plan_memory(n_parameters: int, dtype: str, adapter_bytes: int, device: str, 
 def default_frames(image_size: int, n: int = 4, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     """``n`` (image, instruction) pairs rendered by the embedded world (fine-tuning tasks, seeded scenes)."""
     env, tasks = TabletopEnv(image_size=image_size), task_catalog(seed).finetune
-    return [(env.reset(tasks[i % len(tasks)], seed=seed + i)["observation.images.image_0"], tasks[i % len(tasks)])
+    return [(env.reset(tasks[i % len(tasks)], seed=seed + i)[MAIN_CAMERA], tasks[i % len(tasks)])
             for i in range(n)]
 
 

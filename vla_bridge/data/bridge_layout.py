@@ -27,13 +27,13 @@ import numpy as np
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from .build import VIDEO_CODEC, _quiet
+from .stream import MAIN_CAMERA
 
 REPO_ID = "local/bridge_layout"
 FPS = 5
-MAIN = "observation.images.image_0"
 SIDE = "observation.images.image_1"
 STATE_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "pad", "gripper")
-ACTION_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+BRIDGE_ACTION_NAMES = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 # (task string, episodes). Ranked by normalized count: 1 spoon (5, one a variant), 2 drawer, 3 cloth, 4 carrot,
 # 5 close, 6 cup, 7 wipe; the hub split holds out ranks 2, 4, 6 and every eggplant episode.
 TASKS: tuple[tuple[str, int], ...] = (
@@ -52,9 +52,9 @@ def features(image_size: int, names_as_dict: bool = True) -> dict[str, dict]:
         return {"motors": list(names)} if names_as_dict else list(names)
 
     return {
-        MAIN: dict(img), SIDE: dict(img),
+        MAIN_CAMERA: dict(img), SIDE: dict(img),
         "observation.state": {"dtype": "float32", "shape": (8,), "names": named(STATE_NAMES)},
-        "action": {"dtype": "float32", "shape": (7,), "names": named(ACTION_NAMES)},
+        "action": {"dtype": "float32", "shape": (7,), "names": named(BRIDGE_ACTION_NAMES)},
     }
 
 
@@ -107,7 +107,7 @@ def write_bridge_layout(root: str | Path, image_size: int = 32, seed: int = 0, n
             for e, (task, length) in enumerate(episode_plan(seed)):
                 actions, states = episode_arrays(task, length, rng)
                 for t in range(length):
-                    ds.add_frame({MAIN: main_image(states[t], image_size, (e * 37) % 256), SIDE: black,
+                    ds.add_frame({MAIN_CAMERA: main_image(states[t], image_size, (e * 37) % 256), SIDE: black,
                                   "observation.state": states[t], "action": actions[t], "task": task})
                 ds.save_episode()
         finally:
