@@ -502,9 +502,11 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
                 print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
 
     net = model
-    if world > 1:  # after loading: DDP broadcasts process 0's weights to the others when it wraps the model
+    if world > 1:  # after loading: DDP broadcasts process 0's weights to the others when it wraps the model.
+        # Unused parameters exist: OpenVLA (and the tiny VLA) read the ViT's second-to-last block, so the last
+        # block's LoRA weights never get a gradient.
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+                                                        else None, find_unused_parameters=True)
     launch = {"world_size": world, "global_batch": cfg.batch_size * cfg.grad_accum * world}
     if main:
         print(f"global batch {launch['global_batch']} frames per optimizer step = BATCH_SIZE {cfg.batch_size} × "
