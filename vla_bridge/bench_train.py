@@ -87,7 +87,7 @@ def bench_train(data_dir: str = "data", steps: int = 30, batch_size: int = 16, r
         per = max(1, threads // processes)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.json"
-            run_launcher(launch_command(processes, None, cpu=not torch.cuda.is_available(),
+            run_launcher(launch_command(processes, None,
                                         extra=["bench-train", "--worker-json", str(out), "--data-dir", data_dir,
                                                "--steps", str(steps), "--batch-size", str(batch_size),
                                                "--rank", str(rank), "--threads", str(per)]), quiet=True)

@@ -69,9 +69,19 @@ def launched_world(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
-def check_world(requested: Any, world: int) -> None:
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "WORLD_SIZE")
+
+
+def check_world(requested: Any, world: int, env: Mapping[str, str] | None = None) -> None:
     """NUM_PROCESSES against the launcher's world size: under a launcher the launcher decides; an explicit
-    NUM_PROCESSES other than 1 or 'auto' must agree with it."""
+    NUM_PROCESSES other than 1 or 'auto' must agree with it. Also catches ``accelerate launch --cpu
+    --num_processes N`` without MPI, which starts ONE process (accelerate's CPU launcher needs mpirun)."""
+    env = os.environ if env is None else env
+    if (world == 1 and str(env.get("ACCELERATE_USE_CPU", "")).lower() == "true" and "MASTER_PORT" in env
+            and not any(k in env for k in MPI_SIZE_VARS)):
+        raise PreflightError("`accelerate launch --cpu --num_processes N` started ONE process (accelerate's CPU "
+                             "launcher needs MPI): on a CPU use `accelerate launch --multi_gpu --num_processes N "
+                             "-m vla_bridge train …` (gloo) or `torchrun --standalone --nproc-per-node N …`")
     if world > 1 and requested not in (1, "auto", world):
         raise PreflightError(f"NUM_PROCESSES={requested!r} but this process was launched as one of {world} "
                              f"(WORLD_SIZE={world}): drop NUM_PROCESSES (the launcher decides) or launch {requested}")
@@ -124,14 +134,15 @@ def _main_first(state):
 
 def run(params: Mapping[str, Any], *, progress: bool = True, **train_overrides: Any) -> Finetuned:
     """Sections 3b–8 in this process, which may be one of several a launcher started (module docstring)."""
-    rank, world = launched_world()
-    check_world(params.get("NUM_PROCESSES", 1), world)
+    check_world(params.get("NUM_PROCESSES", 1), launched_world()[1])
     cfg = resolve_run_config({**params, "NUM_PROCESSES": 1})
-    cfg = dataclasses.replace(cfg, num_processes=world)
     if cfg.policy == "octo":
         raise PreflightError("python -m vla_bridge train fine-tunes the torch VLAs (openvla, openvla-4bit, tiny); "
                              "POLICY=octo trains in its own JAX worker: run the notebook")
     state = _state(cfg)
+    rank, world = state.process_index, state.num_processes   # torchrun / accelerate / notebook_launcher / MPI
+    check_world(params.get("NUM_PROCESSES", 1), world)
+    cfg = dataclasses.replace(cfg, num_processes=world)
     main = state.is_main_process
     say = print if main else (lambda *a, **k: None)
     say(cfg.summary())
@@ -206,12 +217,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_command(num_processes: int, params_path: str | os.PathLike, cpu: bool, port: int | None = None,
+def launch_command(num_processes: int, params_path: str | os.PathLike | None, port: int | None = None,
                    extra: list[str] | None = None) -> list[str]:
-    """``accelerate launch --num_processes N [--cpu] -m vla_bridge train --params FILE``, with this Python."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+    """``accelerate launch --multi_gpu --num_processes N -m vla_bridge train --params FILE``, with this Python.
+    ``--multi_gpu`` on a CPU too: it is accelerate's torch-elastic launcher (the processes then use gloo), while
+    its ``--cpu`` launcher starts one process unless MPI is set up."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port or free_port()), *(["--cpu"] if cpu else []),
+            "--main_process_port", str(port or free_port()),
             "-m", "vla_bridge", *(extra or ["train", "--params", str(params_path)])]
 
 
@@ -247,7 +260,7 @@ def launch(params: Mapping[str, Any], cfg: RunConfig) -> Finetuned:
     params = {**params, "NUM_PROCESSES": cfg.num_processes}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         path = write_json(cfg.path("logs") / PARAMS_FILE, params)
-        run_launcher(launch_command(cfg.num_processes, path, cpu=False))
+        run_launcher(launch_command(cfg.num_processes, path))
     else:
         from accelerate import notebook_launcher  # lazy: accelerate imports take seconds
         from accelerate.state import AcceleratorState
@@ -271,7 +284,7 @@ def cli_train(params: Mapping[str, Any]) -> int:
             cfg = resolve_run_config(params)
             if cfg.num_processes > 1:
                 path = write_json(cfg.path("logs") / PARAMS_FILE, dict(params))
-                run_launcher(launch_command(cfg.num_processes, path, cpu=cfg.device == "cpu"))
+                run_launcher(launch_command(cfg.num_processes, path))
                 return 0
         fit = run(params)
     except ONE_LINE_ERRORS as exc:
