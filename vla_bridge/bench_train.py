@@ -5,8 +5,9 @@ Measured on the real path: the embedded dataset streamed through ``TrainingStrea
 the tiny VLA wrapped with the notebook's LoRA config, the training configuration from the notebook's parameters
 (``finetune.train_config``), the shared ``training.train`` loop (DDP over gloo on a CPU). The first ``warmup`` steps
 are excluded from the rate. The N-process row runs under ``accelerate launch``, the torch threads split between the
-processes, so both rows use the same cores: on a machine with few cores the ratio shows the overhead of data
-parallelism (gradient all-reduce, one model and one stream per process), not a speed-up.
+processes, so the rows use the same cores; a middle row (one process with the N-process row's threads per process)
+separates what the processes do from what the thread count does (on a small busy CPU, torch's intra-op threads
+wait on each other: fewer threads per process can be faster by itself).
 
 Like ``__main__``, this is a command: it may use the top layer (``finetune``) for the one parameter → training map.
 """
@@ -85,6 +86,8 @@ def bench_train(data_dir: str = "data", steps: int = 30, batch_size: int = 16, r
     rows = [_measure(data_dir, steps, batch_size, rank, threads, warmup, image_size)]
     if processes > 1:
         per = max(1, threads // processes)
+        if per != threads:  # the same threads per process as the N-process row: what the split of threads alone does
+            rows.append(_measure(data_dir, steps, batch_size, rank, per, warmup, image_size))
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "bench.json"
             run_launcher(launch_command(processes, None,
@@ -106,8 +109,12 @@ def format_bench_train(r: dict) -> str:
                      f"{x['steps_per_s']:>8.2f} {x['s_per_step']:>7.3f} {x['samples_per_s']:>9.1f} "
                      f"{x['peak_rss_mb']:>10.0f} MB {x['total_s']:>6.1f}s")
     if len(rows) > 1:
-        ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
-        lines.append(f"  {rows[1]['processes']} processes / 1 process: {ratio:.2f}× samples/s on the same cores "
-                     f"(below 1 = the data-parallel overhead; on N GPUs each process has its own device)")
+        n = rows[-1]
+        lines.append(f"  {n['processes']} processes / 1 process: {n['samples_per_s'] / rows[0]['samples_per_s']:.2f}× "
+                     f"samples/s on the same cores (on N GPUs each process has its own device)")
+        if len(rows) > 2:
+            lines.append(f"  {n['processes']} processes / 1 process at {n['threads']} thread(s) each: "
+                         f"{n['samples_per_s'] / rows[1]['samples_per_s']:.2f}× (the processes alone: the rest of the "
+                         f"first ratio is the thread count's doing)")
     lines.append("  wall includes the stream start and, for N processes, their model and stream set-up")
     return "\n".join(lines)
