@@ -310,3 +310,20 @@ def test_num_processes_is_resolved_and_checked_early():
     finetune.check_world(1, 1, env={"ACCELERATE_USE_CPU": "True", "MASTER_PORT": "1", "OMPI_COMM_WORLD_SIZE": "2"})
     finetune.check_world(2, 2)
     finetune.check_world("auto", 16)
+
+
+def test_notebook_launcher_path_of_section_7(setup, tmp_path):
+    """Section 7 with NUM_PROCESSES=2 on a CPU: accelerate.notebook_launcher forks 2 processes that run sections
+    3b–8 themselves; the result comes back from process 0's files and the adapter into this process's model."""
+    params = _params(tmp_path, setup, RUN_NAME="nl", MAX_STEPS=2, SAVE_EVERY=2, NUM_PROCESSES=2)
+    cfg = resolve_run_config(params, hub=Decision("no", "test"))
+    assert cfg.num_processes == 2 and not torch.cuda.is_initialized()
+    fit = finetune.launch(params, cfg)
+    assert fit.world_size == 2 and fit.result.steps == 2 and fit.result.frames_seen == fit.counts["frames"] == 16
+    assert fit.curve is not None and fit.curve.is_file()
+    _, base = load_openvla(str(setup[2]), precision="fp32", verbose=False)
+    model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    finetune.load_adapter(model, fit)
+    saved = load_file(str(fit.result.last_checkpoint / "adapter_model.safetensors"))
+    mine = {k.replace(".default.weight", ".weight"): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(mine[k], v) for k, v in saved.items())
