@@ -81,6 +81,7 @@ DATA_DIR = "data"
 DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N; or per-split counts (README)
 STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
 EXPORT = "auto"          # section 13: merge LoRA into a standalone checkpoint; auto → on for tiny, off for 7B
+NUM_PROCESSES = 1        # section 7's data-parallel training processes; auto → the visible GPUs on OpenVLA
 
 # %%
 if __name__ == "notebook":  # imported as a module by a library probing for Jupyter's `notebook` package: not us
@@ -457,28 +458,38 @@ else:
 # points at the newest. `RESUME=True` continues from the newest complete checkpoint and reproduces the uninterrupted
 # run; it refuses parameters that would change the run (README, Troubleshooting). A NaN, a diverging loss or
 # blown-up weights stop this cell with a one-line error, and no such weights are ever checkpointed.
+#
+# **Several GPUs** (`NUM_PROCESSES` > 1; `auto` = every visible GPU on OpenVLA): the same run in N data-parallel
+# processes, each streaming its own share of the training episodes, its gradients averaged with the others' every
+# optimizer step, so one step sees `BATCH_SIZE × GRAD_ACCUM × N` frames (the global batch: lower `GRAD_ACCUM` to keep
+# the single-GPU recipe's). Each process loads its own model and data — the ones in this kernel wait — and process 0
+# alone writes the log and checkpoints. They start through `accelerate.notebook_launcher` while this kernel has not
+# touched CUDA; on a GPU it has (sections 1 and 4), so the cell runs the same job as
+# `accelerate launch -m vla_bridge train` (README, "Several GPUs and nodes"). Afterwards the trained adapter is
+# loaded into this kernel's model: evaluation stays single-process.
 
 # %%
+from vla_bridge import finetune
 from vla_bridge.models.openvla import model_image_size
-from vla_bridge.training import TrainConfig, train
+from vla_bridge.training import train
 
-train_cfg = TrainConfig(
-    run_name=cfg.run_name, outputs_dir=cfg.outputs_dir, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-    grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-    log_every=cfg.log_every, save_every=cfg.save_every, seed=cfg.seed, image_aug=cfg.image_aug,
-    use_wandb=cfg.use_wandb, resume=cfg.resume, unnorm_key=cfg.unnorm_key,
-)
+train_cfg = finetune.train_config(cfg)  # the one map from the notebook's parameters to the training loop's
 if OCTO:  # the worker in .venv-octo: same step budget, batch, learning rate, warmup, logging and checkpoint layout
     result = octo_path.train_octo(cfg, shards.dir)
+elif cfg.num_processes > 1:  # N processes, each running sections 3b–8 itself; results read back from process 0
+    fit = finetune.launch(PARAMS, cfg)
+    finetune.load_adapter(model, fit)
+    result, stream_summary = fit.result, stream.format_counts(fit.counts)
 else:
     fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),
                                        seed=cfg.seed)
     result = train(model, processor, fit_stream, {cfg.unnorm_key: action_stats}, train_cfg)
+    stream_summary = fit_stream.summary()
 print(f"{result.steps} optimizer steps, {result.frames_seen:,} frames in {result.seconds:.0f} s "
       f"({result.seconds / max(result.steps, 1):.2f} s/step); stopped: {result.stopped_reason}")
 print(f"log: {result.log_path}\nlast checkpoint: {result.last_checkpoint}")
 if not OCTO:
-    print(fit_stream.summary())
+    print(stream_summary)
 
 # %% [markdown]
 # ## 8. The loss curve

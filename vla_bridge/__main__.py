@@ -16,6 +16,15 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .finetune import cli_train
+    from .runner import load_params_file, parse_kv
+
+    params = load_params_file(args.params)
+    params.update(parse_kv(args.param or []))
+    return cli_train(params)
+
+
 def _cmd_check_figures(args: argparse.Namespace) -> int:
     from .plots import check_figures
 
@@ -78,9 +87,13 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from .tools.bench_train import bench_train, format_bench_train
+    from .tools.bench_train import bench_train, bench_train_worker, format_bench_train
 
-    print(format_bench_train(bench_train(args.data_dir, args.steps, args.batch_size, args.rank, args.threads)))
+    if args.worker_json:  # one of the processes of the multi-process row (started by bench_train itself)
+        bench_train_worker(args.worker_json, args.data_dir, args.steps, args.batch_size, args.rank, args.threads)
+        return 0
+    print(format_bench_train(bench_train(args.data_dir, args.steps, args.batch_size, args.rank, args.threads,
+                                         processes=args.processes)))
     return 0
 
 
@@ -123,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-p", "--param", action="append", help="NAME=VALUE override (repeatable)")
     p.add_argument("--kernel", default="python3")
     p.set_defaults(func=_cmd_run_notebook)
+
+    p = sub.add_parser("train", help="the notebook's sections 3b-8 (split, statistics, load, LoRA, train, loss "
+                       "curve) without Jupyter; works under accelerate launch / torchrun")
+    p.add_argument("--params", default=None, help="JSON object of notebook parameters (NAME: value)")
+    p.add_argument("-p", "--param", action="append", help="NAME=VALUE override (repeatable)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("check-figures", help="check that every PNG a run wrote shows content (no empty panels)")
     p.add_argument("dirs", nargs="+", help="folders to search for PNGs, e.g. outputs/figures/ci outputs/videos/ci")
@@ -167,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_pretrain_tiny)
 
-    p = sub.add_parser("bench-train", help="tiny-VLA optimizer steps/s, samples/s and peak RSS")
+    p = sub.add_parser("bench-train", help="tiny-VLA optimizer steps/s, samples/s and peak RSS (1 vs N processes)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads in all (each of N processes gets 1/N)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="also time N data-parallel processes at the same global batch, side by side with 1")
+    p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench_train)
 
     p = sub.add_parser("bench-eval", help="frames/s: batched evaluation inference vs per-frame predict_action")

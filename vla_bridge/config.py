@@ -49,6 +49,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "DEMO_EPISODES": "auto",     # embedded dataset size: auto → the tiny VLA's default; a total N, or "split=n,..."
     "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 1000
     "EXPORT": "auto",            # merge the adapter into a standalone checkpoint; auto → on for tiny, opt-in for 7B
+    "NUM_PROCESSES": 1,          # data-parallel training processes (section 7); auto → the visible GPUs on OpenVLA
 }
 
 # What a parameter whose default is "auto" takes besides "auto" (text, unless listed). Every other parameter takes
@@ -58,10 +59,12 @@ AUTO_PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "STREAM_BATCHES": (int,), "ABLATION_RANKS": (list, str), "DEMO_EPISODES": (int, str, dict),
     "EXPORT": (bool,),
 }
+# Parameters with a concrete default that also take "auto".
+ALSO_AUTO = {"NUM_PROCESSES"}
 # The smallest value of each integer parameter (PRETRAIN_STEPS: 1 on the tiny path, which pretrains with it).
 INT_MINIMUMS = {"SEED": 0, "MAX_STEPS": 1, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "WARMUP_STEPS": 0, "PRETRAIN_STEPS": 0,
                 "LORA_RANK": 1, "LORA_ALPHA": 1, "LOG_EVERY": 1, "SAVE_EVERY": 1, "EVAL_EPISODES": 1,
-                "STREAM_BATCHES": 1, "DEMO_EPISODES": 1}
+                "STREAM_BATCHES": 1, "DEMO_EPISODES": 1, "NUM_PROCESSES": 1}
 _TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "text", list: "a list",
                dict: "a mapping"}
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
@@ -102,6 +105,7 @@ class RunConfig:
     data_dir: str
     outputs_dir: str
     export: bool = False          # EXPORT resolved: section 13 merges and saves outputs/export/<run>/
+    num_processes: int = 1        # NUM_PROCESSES resolved: data-parallel training processes
 
     # ----- stable output locations (DESIGN.md "Outputs")
     def path(self, kind: str) -> Path:
@@ -122,7 +126,10 @@ class RunConfig:
             ("unnorm_key", self.unnorm_key),
             ("device / precision", f"{self.device} / {self.precision}"),
             ("run", self.run_name),
-            ("steps", f"{self.max_steps} × batch {self.batch_size} × accum {self.grad_accum}, lr {self.learning_rate:g}"),
+            ("steps", f"{self.max_steps} × batch {self.batch_size} × accum {self.grad_accum}"
+                      + (f" × {self.num_processes} processes = global batch "
+                         f"{self.batch_size * self.grad_accum * self.num_processes}" if self.num_processes > 1 else "")
+                      + f", lr {self.learning_rate:g}"),
             ("LoRA", f"r={self.lora_rank}, alpha={self.lora_alpha}"),
             ("eval", f"{self.eval_episodes} episodes/task; ablation ranks {self.ablation_ranks or 'off'}"),
         ]
@@ -138,7 +145,7 @@ def param_types(name: str) -> tuple[type, ...]:
 def check_param(name: str, value: Any) -> Any:
     """``value`` if its type fits parameter ``name`` (an int for a float parameter, a whole float for an integer
     one, converted), else a one-line :class:`PreflightError`."""
-    auto = DEFAULT_PARAMS[name] == "auto"
+    auto = DEFAULT_PARAMS[name] == "auto" or name in ALSO_AUTO
     if auto and value == "auto":
         return value
     types = param_types(name)
@@ -274,6 +281,18 @@ def resolve_run_config(
                              f"training would restart and overwrite outputs/checkpoints/{_slug(run_name)}/latest/): set "
                              "RESUME=False, with a new RUN_NAME to keep that run's checkpoints")
 
+    processes = p["NUM_PROCESSES"]
+    if processes == "auto":
+        processes = hw.gpu_count if pol.value in ("openvla", "openvla-4bit") and hw.cuda_available else 1
+    processes = _as_int("NUM_PROCESSES", processes, 1)
+    if processes > 1 and pol.value == "octo":
+        raise PreflightError(f"NUM_PROCESSES={processes}: POLICY=octo trains in one JAX worker process; set "
+                             "NUM_PROCESSES=1")
+    if processes > 1 and hw.cuda_available and processes > hw.gpu_count:
+        raise PreflightError(f"NUM_PROCESSES={processes} but this machine shows {hw.gpu_count} GPU(s) "
+                             f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): one process per GPU, "
+                             f"so set NUM_PROCESSES={hw.gpu_count} or 'auto'")
+
     device = "cuda" if hw.cuda_available else "cpu"
     if device == "cpu":
         precision = "fp32"
@@ -313,6 +332,7 @@ def resolve_run_config(
         data_dir=str(p["DATA_DIR"]),
         outputs_dir=str(p["OUTPUTS_DIR"]),
         export=(pol.value == "tiny") if p["EXPORT"] == "auto" else bool(p["EXPORT"]),
+        num_processes=processes,
     )
 
 

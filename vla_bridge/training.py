@@ -21,10 +21,23 @@ What it does, in upstream's terms (openvla/vla-scripts/finetune.py):
 
 Data arrive through a :class:`FrameSource`: ``iterate(start)`` yields raw frames (dicts with ``image``,
 ``instruction``, ``action``) in a deterministic order, starting after the first ``start`` frames.
+
+Data parallelism: launched in N processes (``accelerate launch``, ``torchrun``, ``accelerate.notebook_launcher``),
+the model is wrapped in ``DistributedDataParallel`` and each process reads its own ``FrameSource`` (a
+``TrainingStream`` shard: its own episodes). One optimizer step = ``batch_size × grad_accum × N`` frames (the global
+batch); the gradient is their mean, so N processes at ``grad_accum=A`` take the same steps as one process at
+``grad_accum=N·A`` reading the same frames. The LR schedule counts optimizer steps. The logged loss and metrics are
+the means over all processes, ``frames_seen`` their sum; every decision that stops training (non-finite loss,
+divergence, blown-up weights) is taken on those shared numbers, so all processes stop together instead of leaving
+the others waiting in a collective. Only process 0 writes the log, W&B, and checkpoints; a checkpoint keeps every
+process's data position and RNG state (``data_position``, ``rank_rng``), so RESUME continues each process where
+it stopped, or re-deals the data when the number of processes changed (``TrainingStream.resume_start``). One
+process is exactly the single-process loop (no collective, no extra checkpoint keys).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,8 +52,9 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 import torch
 
-from .images import train_transform
 from .data.stats import save_dataset_statistics
+from .images import train_transform
+from .progress import tqdm
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 
 STATE_FILE = "training_state.pt"
@@ -229,9 +243,12 @@ def divergence(loss: float, first_loss: float, uniform_loss: float) -> str | Non
     return None
 
 
-def run_parameters(model, cfg: TrainConfig) -> dict[str, Any]:
-    """The parameters that define the run, by their notebook names: ``RUN_DEFINING`` plus the adapter's."""
+def run_parameters(model, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The parameters that define the run, by their notebook names: ``RUN_DEFINING`` plus the adapter's (and
+    ``WORLD_SIZE``, the number of training processes, when it is not 1)."""
     out = {name: getattr(cfg, field) for field, name in RUN_DEFINING.items()}
+    if world_size > 1:
+        out["WORLD_SIZE"] = int(world_size)
     lora = (getattr(model, "peft_config", None) or {}).get("default")
     if lora is not None:
         out.update(_adapter_parameters(lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules))
@@ -245,13 +262,17 @@ def _adapter_parameters(r, alpha, dropout, targets) -> dict[str, Any]:
 
 def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np_rng: np.random.Generator,
                     norm_stats: Mapping[str, Any], cfg: TrainConfig, extra_state: Mapping[str, Any] | None = None,
-                    ) -> Path:
+                    world_size: int = 1) -> Path:
     """``step_XXXXXX/`` (weights — adapter or full —, training_state.pt, dataset_statistics.json, checkpoint.json),
-    then ``latest`` → it. The weights are checked first: NaN/inf or blown-up weights are never written."""
+    then ``latest`` → it. The weights are checked first: NaN/inf or blown-up weights are never written.
+    With several training processes only process 0 calls this (``checkpoint.json`` then names its writer)."""
     bad = weights_problem(p for p in model.parameters() if p.requires_grad)
     if bad:
         raise WeightsError(f"{bad}; the step-{step} checkpoint was not written")
-    meta = {"step": step, "frames_seen": frames_seen, "saved_at": time.time(), "run": run_parameters(model, cfg)}
+    meta = {"step": step, "frames_seen": frames_seen, "saved_at": time.time(),
+            "run": run_parameters(model, cfg, world_size)}
+    if world_size > 1:
+        meta["written_by"] = {"rank": 0, "world_size": int(world_size), "pid": os.getpid()}
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
@@ -305,9 +326,32 @@ def _saved_run_parameters(ckpt: Path, state: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def global_batch(params: Mapping[str, Any]) -> int:
+    """Frames per optimizer step of a run's parameters: BATCH_SIZE × GRAD_ACCUM × WORLD_SIZE (1 when absent)."""
+    return int(params["BATCH_SIZE"]) * int(params["GRAD_ACCUM"]) * int(params.get("WORLD_SIZE", 1))
+
+
 def check_resume_parameters(saved: Mapping[str, Any], now: Mapping[str, Any], ckpt: Path) -> None:
-    """Refuse a resume whose run-defining parameters differ from the checkpoint's, with a one-line old-vs-new diff."""
+    """Refuse a resume whose run-defining parameters differ from the checkpoint's, with a one-line old-vs-new diff.
+
+    The number of processes may change, and with it BATCH_SIZE / GRAD_ACCUM, as long as the global batch
+    (BATCH_SIZE × GRAD_ACCUM × processes) stays the one the run was trained with; with the same number of
+    processes BATCH_SIZE and GRAD_ACCUM are refused as before."""
+    batch_keys = ("BATCH_SIZE", "GRAD_ACCUM", "WORLD_SIZE")
     diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if saved.get("WORLD_SIZE", 1) != now.get("WORLD_SIZE", 1) and all(
+            k in saved and k in now for k in batch_keys[:2]):
+        if global_batch(saved) == global_batch(now):
+            diff = [k for k in diff if k not in batch_keys]
+        else:
+            g, n = global_batch(saved), int(now.get("WORLD_SIZE", 1))
+            keep = (f"BATCH_SIZE × GRAD_ACCUM = {g // n} with {n} processes" if g % n == 0 else
+                    f"a number of processes that divides {g}")
+            raise TrainingError(
+                f"RESUME refused: {ckpt} was trained with a global batch of {g} (BATCH_SIZE={saved['BATCH_SIZE']} × "
+                f"GRAD_ACCUM={saved['GRAD_ACCUM']} × {saved.get('WORLD_SIZE', 1)} processes); this run asks for "
+                f"{global_batch(now)} (BATCH_SIZE={now['BATCH_SIZE']} × GRAD_ACCUM={now['GRAD_ACCUM']} × {n} processes)"
+                f" — keep the global batch ({keep}), or RESUME=False (or another RUN_NAME) to start a new run")
     if diff:
         old = ", ".join(f"{k}={saved[k]!r}" for k in diff)
         new = ", ".join(f"{k}={now[k]!r}" for k in diff)
@@ -315,14 +359,15 @@ def check_resume_parameters(saved: Mapping[str, Any], now: Mapping[str, Any], ck
                             f"to continue it, or RESUME=False (or another RUN_NAME) to start a new run")
 
 
-def _load_weights_into(model, ckpt: Path, full_model: bool) -> None:
+def load_checkpoint_weights(model, ckpt: Path, full_model: bool = False) -> None:
+    """Load a checkpoint's adapter (or, ``full_model``, its full weights) into ``model`` in place."""
     from safetensors.torch import load_file
 
     if full_model:
         state = load_file(str(ckpt / "model.safetensors"))
         model.load_state_dict(state, strict=False)
         return
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # lazy: peft imports transformers' heavy modules
 
     adapter = ckpt / "adapter_model.safetensors"
     if not adapter.exists():
@@ -330,7 +375,7 @@ def _load_weights_into(model, ckpt: Path, full_model: bool) -> None:
     set_peft_model_state_dict(model, load_file(str(adapter)))
 
 
-def _wandb_run(cfg: TrainConfig):
+def _wandb_run(cfg: TrainConfig, extra: Mapping[str, Any] | None = None):
     """A W&B run when asked for and logged in; otherwise None, and never an interactive prompt."""
     if not cfg.use_wandb:
         os.environ.setdefault("WANDB_MODE", "disabled")
@@ -346,10 +391,31 @@ def _wandb_run(cfg: TrainConfig):
             os.environ["WANDB_MODE"] = "offline"
             print("USE_WANDB=True without a W&B API key (WANDB_API_KEY or `wandb login`): logging offline to "
                   "./wandb/offline-run-*; `wandb sync <that folder>` uploads it once you are logged in")
-        return wandb.init(project="openvla-bridge-finetune", name=cfg.run_name, config=dataclasses.asdict(cfg))
+        return wandb.init(project="openvla-bridge-finetune", name=cfg.run_name,
+                          config={**dataclasses.asdict(cfg), **(extra or {})})
     except Exception as exc:  # W&B trouble must not stop training
         print(f"W&B disabled ({type(exc).__name__}: {exc})")
         return None
+
+
+def _collective(accelerator):
+    """Helpers over all training processes (only called when there are several)."""
+    from accelerate.utils import broadcast_object_list, gather_object  # lazy: accelerate imports take seconds
+
+    def mean(values: list[float]) -> list[float]:  # NaN-aware mean over processes of each value
+        t = accelerator.gather(torch.tensor([values], dtype=torch.float64, device=accelerator.device)).cpu().numpy()
+        return [float(np.nanmean(col)) if np.isfinite(col).any() else float("nan") for col in t.T]
+
+    def total(value: int) -> int:
+        return int(accelerator.reduce(torch.tensor([int(value)], dtype=torch.int64, device=accelerator.device),
+                                      "sum").item())
+
+    def from_main(obj):
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return mean, total, from_main, lambda obj: gather_object([obj])
 
 
 def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], cfg: TrainConfig,
@@ -360,9 +426,9 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     normalizes the actions here; it is saved with each checkpoint so inference de-normalizes identically.
     Raises :class:`TrainingError` when the run cannot start or resume, or had to stop (non-finite loss, divergence,
     blown-up weights); the checkpoints written before stay, and none holds bad weights.
+    Under a multi-process launch every process calls this with its own shard of the data (module docstring).
     """
-    from accelerate import Accelerator
-    from .progress import tqdm
+    from accelerate import Accelerator  # lazy: accelerate imports take seconds
 
     if cfg.unnorm_key not in norm_stats:
         raise TrainingError(f"unnorm_key {cfg.unnorm_key!r} not in the dataset statistics {sorted(norm_stats)}")
@@ -370,23 +436,31 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     set_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
 
-    step, frames_seen, first_loss, resumed_from, state = 0, 0, None, None, None
-    clean_leftovers(cfg.checkpoint_dir)
-    if cfg.resume:
-        resumed_from = resume_checkpoint(cfg.checkpoint_dir)
-        if resumed_from is None:
-            raise TrainingError(f"RESUME=True but {cfg.checkpoint_dir} holds no complete checkpoint: train once "
-                                f"without RESUME first")
-        state = torch.load(resumed_from / STATE_FILE, map_location="cpu", weights_only=False)
-        check_resume_parameters(_saved_run_parameters(resumed_from, state), run_parameters(model, cfg), resumed_from)
-        if (cfg.checkpoint_dir / LATEST).resolve() != resumed_from.resolve():
-            _publish_latest(cfg.checkpoint_dir, resumed_from)  # a kill came between the rename and the switch
-
     mp = cfg.mixed_precision
     if mp is None:
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     device = accelerator.device
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if world > 1:
+        np_rng = np.random.default_rng([cfg.seed, rank])  # each process augments its frames with its own draws
+        mean_all, total_all, from_main, gather_all = _collective(accelerator)
+
+    step, frames_seen, first_loss, resumed_from, state = 0, 0, None, None, None
+    if main:
+        clean_leftovers(cfg.checkpoint_dir)
+    if cfg.resume:
+        resumed_from = resume_checkpoint(cfg.checkpoint_dir) if main else None
+        if world > 1:  # one process decides, so all continue from the same checkpoint
+            resumed_from = from_main(resumed_from)
+        if resumed_from is None:
+            raise TrainingError(f"RESUME=True but {cfg.checkpoint_dir} holds no complete checkpoint: train once "
+                                f"without RESUME first")
+        state = torch.load(resumed_from / STATE_FILE, map_location="cpu", weights_only=False)
+        check_resume_parameters(_saved_run_parameters(resumed_from, state), run_parameters(model, cfg, world),
+                                resumed_from)
+        if main and (cfg.checkpoint_dir / LATEST).resolve() != resumed_from.resolve():
+            _publish_latest(cfg.checkpoint_dir, resumed_from)  # a kill came between the rename and the switch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -402,24 +476,48 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     n_patches = num_image_patches(model)
 
     if state is not None:
-        _load_weights_into(model, resumed_from, cfg.save_full_model)
+        load_checkpoint_weights(model, resumed_from, cfg.save_full_model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, frames_seen = int(state["step"]), int(state["frames_seen"])
         first_loss = state.get("first_loss")
-        _set_rng_state(state["rng"], np_rng)
-        print(f"resumed from {resumed_from} at step {step} ({frames_seen} frames seen)")
-        if step >= cfg.max_steps:
-            print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
+        position = state.get("data_position") or {"world_size": 1, "frames": [frames_seen]}
+        rng_state = (state.get("rank_rng") or [state["rng"]])[rank if position["world_size"] == world else 0]
+        _set_rng_state(rng_state, np_rng)
+        if position["world_size"] == world:
+            frames_seen = int(position["frames"][rank])
+        elif not hasattr(frames, "resume_start"):
+            raise TrainingError(f"RESUME with {world} processes from a {position['world_size']}-process checkpoint "
+                                f"needs a TrainingStream (it re-deals the episodes); resume with "
+                                f"{position['world_size']} processes instead")
+        else:
+            frames_seen = int(frames.resume_start(position["frames"]))
+            np_rng = np.random.default_rng([cfg.seed, rank, step])
+        if main:
+            print(f"resumed from {resumed_from} at step {step} ({int(state['frames_seen'])} frames seen)"
+                  + (f"; {position['world_size']} → {world} processes: the episodes are dealt anew, each process "
+                     f"starts at the same point of its epoch" if position["world_size"] != world else ""))
+            if step >= cfg.max_steps:
+                print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
 
-    cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and cfg.log_path.exists():
-        cfg.log_path.unlink()
-    elif cfg.resume and cfg.log_path.exists():  # drop lines logged after the checkpoint we resume from
-        kept = [l for l in cfg.log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        cfg.log_path.write_text("".join(k + "\n" for k in kept))
+    net = model
+    if world > 1:  # after loading: DDP broadcasts process 0's weights to the others when it wraps the model.
+        # Unused parameters exist: OpenVLA (and the tiny VLA) read the ViT's second-to-last block, so the last
+        # block's LoRA weights never get a gradient.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None, find_unused_parameters=True)
+    launch = {"world_size": world, "global_batch": cfg.batch_size * cfg.grad_accum * world}
+    if main:
+        print(f"global batch {launch['global_batch']} frames per optimizer step = BATCH_SIZE {cfg.batch_size} × "
+              f"GRAD_ACCUM {cfg.grad_accum} × {world} process{'es' if world > 1 else ''}")
+        cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume and cfg.log_path.exists():
+            cfg.log_path.unlink()
+        elif cfg.resume and cfg.log_path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [l for l in cfg.log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            cfg.log_path.write_text("".join(k + "\n" for k in kept))
 
-    wb = _wandb_run(cfg)
+    wb = _wandb_run(cfg, launch) if main else None
     stream = frames.iterate(frames_seen)
     history: list[dict] = []
     window: dict[str, list[float]] = {"loss": [], "action_accuracy": [], "l1": [], "l1_normalized": []}
@@ -452,32 +550,40 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     # pixel_values go in the vision backbone's dtype (bf16 for OpenVLA loaded in bf16), as upstream does.
     pix_dtype = torch.bfloat16 if mp == "bf16" else next(
         (p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True,
-               mininterval=3.0)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (cfg.progress and main),
+               dynamic_ncols=True, mininterval=3.0)
     try:
         while step < cfg.max_steps:
             micro_losses = []
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = next_batch()
-                with accelerator.autocast():
-                    out = model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device),
-                                pixel_values=batch["pixel_values"].to(device, dtype=pix_dtype),
-                                labels=batch["labels"].to(device))
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise stop(step + 1, f"non-finite loss ({loss.item()})")
-                accelerator.backward(loss / cfg.grad_accum)
+                # gradients are averaged over the processes once per optimizer step, on its last micro-batch
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    with accelerator.autocast():
+                        out = net(input_ids=batch["input_ids"].to(device),
+                                  attention_mask=batch["attention_mask"].to(device),
+                                  pixel_values=batch["pixel_values"].to(device, dtype=pix_dtype),
+                                  labels=batch["labels"].to(device))
+                    loss = out.loss
+                    if world == 1 and not torch.isfinite(loss):
+                        raise stop(step + 1, f"non-finite loss ({loss.item()})")
+                    accelerator.backward(loss / cfg.grad_accum)
                 micro_losses.append(float(loss.detach()))
                 m = action_metrics(out.logits.detach().float(), batch["labels"], n_patches, action_tok, stats_entry)
                 window["action_accuracy"].append(m["action_accuracy"])
                 window["l1_normalized"].append(m["l1"])
                 window["l1"].append(m.get("l1_denorm", float("nan")))
+            step_loss = float(np.mean(micro_losses))
+            if world > 1:  # the loss every process decides on: the mean over all of them (NaN if any is)
+                step_loss = float(accelerator.reduce(torch.tensor([step_loss], dtype=torch.float64, device=device),
+                                                     "mean").item())
+                if not math.isfinite(step_loss):
+                    raise stop(step + 1, f"non-finite loss ({step_loss}) on at least one of the {world} processes")
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss = float(np.mean(micro_losses))
             first_loss = step_loss if first_loss is None else first_loss
             loss_ema = step_loss if loss_ema is None else LOSS_EMA_ALPHA * step_loss + (1 - LOSS_EMA_ALPHA) * loss_ema
             uniform_loss = math.log(out.logits.shape[-1])
@@ -490,14 +596,19 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
             bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{window['action_accuracy'][-1]:.2f}")
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                row = {"step": step, **{k: float(np.nanmean(v)) if v else float("nan") for k, v in window.items()},
-                       "lr": float(scheduler.get_last_lr()[0]), "frames_seen": frames_seen,
+                means = {k: float(np.nanmean(v)) if v else float("nan") for k, v in window.items()}
+                logged_frames = frames_seen
+                if world > 1:
+                    means = dict(zip(means, mean_all(list(means.values()))))
+                    logged_frames = total_all(frames_seen)
+                row = {"step": step, **means, "lr": float(scheduler.get_last_lr()[0]), "frames_seen": logged_frames,
                        "elapsed_s": round(time.time() - t0, 2)}
-                with cfg.log_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                if main:
+                    with cfg.log_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if wb is not None:
+                        wb.log(row, step=step)
                 history.append(row)
-                if wb is not None:
-                    wb.log(row, step=step)
                 if on_log is not None:
                     on_log(row)
                 window = {k: [] for k in window}
@@ -506,11 +617,23 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
                 why = divergence(step_loss, first_loss, uniform_loss)
                 if why:
                     raise stop(step, f"diverged — {why}; its checkpoint was not written")
-                try:
-                    last_ckpt = save_checkpoint(model, optimizer, scheduler, step, frames_seen, np_rng, norm_stats,
-                                                cfg, {"first_loss": first_loss})
-                except WeightsError as exc:
-                    raise stop(step, str(exc)) from None
+                extra: dict[str, Any] = {"first_loss": first_loss}
+                saved_frames = frames_seen
+                if world > 1:  # the weights are the same everywhere: every process checks them, process 0 writes
+                    bad = weights_problem(params)
+                    if bad:
+                        raise stop(step, f"{bad}; the step-{step} checkpoint was not written")
+                    extra["data_position"] = {"world_size": world, "frames": gather_all(frames_seen)}
+                    extra["rank_rng"] = gather_all(_rng_state(np_rng))
+                    saved_frames = sum(extra["data_position"]["frames"])
+                if main:
+                    try:
+                        last_ckpt = save_checkpoint(model, optimizer, scheduler, step, saved_frames, np_rng,
+                                                    norm_stats, cfg, extra, world)
+                    except WeightsError as exc:
+                        raise stop(step, str(exc)) from None
+                else:
+                    last_ckpt = cfg.checkpoint_dir / f"step_{step:06d}"
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 stopped = f"stop_after={cfg.stop_after}"
                 break
@@ -518,8 +641,9 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
         bar.close()
         if wb is not None:
             wb.finish()
-    return TrainResult(steps=step, frames_seen=frames_seen, log_path=cfg.log_path, last_checkpoint=last_ckpt,
-                       stopped_reason=stopped, seconds=time.time() - t0, history=history, resumed_from=resumed_from)
+    return TrainResult(steps=step, frames_seen=total_all(frames_seen) if world > 1 else frames_seen,
+                       log_path=cfg.log_path, last_checkpoint=last_ckpt, stopped_reason=stopped,
+                       seconds=time.time() - t0, history=history, resumed_from=resumed_from)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

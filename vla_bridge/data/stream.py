@@ -30,6 +30,11 @@ other workers stream nothing. :class:`BridgeStreamingDataset` gives each worker 
 pipeline (:class:`FramePipeline`: decode → uint8 HxWx3 → resize to the model's image size; the prompt / tokenize /
 collate step plugs in as ``example_fn`` / ``collate_fn``), with a :class:`SampleCounter` of unique and repeated
 ``(episode_index, frame_index)`` pairs per epoch. It satisfies ``training.FrameSource`` (``iterate(start)``).
+
+Data parallelism (``shard=(rank, world)``): each of ``world`` training processes streams its own episodes, the
+split's sorted episode list dealt round-robin (``episodes[rank::world]``), shuffled per epoch with its own seed, so
+no frame reaches two processes; :func:`merge_counts` sums the processes' counters per epoch and raises when a frame
+came to two of them. ``world == 1`` is exactly the unsharded stream.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -658,14 +663,55 @@ class SampleCounter:
                            for e in self.epochs]}
 
     def summary(self) -> str:
-        lines = [f"frames streamed: {self.frames:,}  unique (episode, frame): {self.unique:,}  "
-                 f"repeats: {self.repeats:,}  repeats within an epoch: {self.repeats_in_epoch}"]
-        for e in self.epochs:
-            full = "" if e.expected is None else (" (complete)" if e.frames == e.expected else f" of {e.expected:,}")
-            lines.append(f"  epoch {e.epoch}: {e.frames:,} frames{full}, {e.new:,} new, "
-                         f"{e.repeats_from_earlier_epochs:,} seen in an earlier epoch, {e.repeats_in_epoch} repeated "
-                         f"within the epoch" + (f", {e.frames / e.seconds:,.0f} frames/s" if e.seconds > 0 else ""))
-        return "\n".join(lines)
+        return format_counts(self.as_dict())
+
+
+def format_counts(c: Mapping[str, Any]) -> str:
+    """A :meth:`SampleCounter.as_dict` (or :func:`merge_counts`) as the lines the notebook prints."""
+    procs = f" over {c['processes']} processes" if c.get("processes", 1) > 1 else ""
+    lines = [f"frames streamed{procs}: {c['frames']:,}  unique (episode, frame): {c['unique']:,}  "
+             f"repeats: {c['repeats']:,}  repeats within an epoch: {c['repeats_within_an_epoch']}"]
+    for e in c["epochs"]:
+        expected, seconds = e.get("expected"), e.get("seconds") or 0
+        full = "" if expected is None else (" (complete)" if e["frames"] == expected else f" of {expected:,}")
+        lines.append(f"  epoch {e['epoch']}: {e['frames']:,} frames{full}, {e['new']:,} new, "
+                     f"{e['repeats_from_earlier_epochs']:,} seen in an earlier epoch, {e['repeats_in_epoch']} repeated "
+                     f"within the epoch" + (f", {e['frames'] / seconds:,.0f} frames/s" if seconds > 0 else ""))
+    return "\n".join(lines)
+
+
+def shard_episodes(episodes: Sequence[int], rank: int, world: int) -> list[int]:
+    """Process ``rank``'s share of a split: its sorted episodes dealt round-robin over ``world`` processes."""
+    eps = sorted(set(int(e) for e in episodes))
+    if not 0 <= rank < world:
+        raise ValueError(f"process rank {rank} is outside 0..{world - 1}")
+    if world > len(eps):
+        raise ValueError(f"{world} processes but the training split has {len(eps)} episodes: each process streams "
+                         f"its own episodes, so use at most NUM_PROCESSES={len(eps)} (or more episodes)")
+    return eps[rank::world]
+
+
+def merge_counts(parts: Sequence[Mapping[str, Any]], seen: Sequence[Iterable] | None = None) -> dict[str, Any]:
+    """The :meth:`SampleCounter.as_dict` of every process summed per epoch (epoch e = each process's e-th pass
+    over its own shard: together one pass over the split). ``seen``: each process's ``(episode, frame)`` pairs;
+    a pair two processes streamed raises :class:`RepeatedSampleError` (the shards overlap)."""
+    owner: dict[tuple[int, int], int] = {}
+    for rank, keys in enumerate(seen or []):
+        for k in keys:
+            k = (int(k[0]), int(k[1]))
+            if owner.setdefault(k, rank) != rank:
+                raise RepeatedSampleError(f"(episode {k[0]}, frame {k[1]}) came to process {owner[k]} and process "
+                                          f"{rank}: the processes' episode shards overlap")
+    epochs: dict[int, dict[str, Any]] = {}
+    fields = ("frames", "new", "repeats_in_epoch", "repeats_from_earlier_epochs", "expected")
+    for part in parts:
+        for e in part["epochs"]:
+            m = epochs.setdefault(int(e["epoch"]), {"epoch": int(e["epoch"]), **{f: 0 for f in fields}})
+            for f in fields:
+                m[f] += int(e.get(f) or 0)
+    out = {k: sum(int(p[k]) for p in parts) for k in ("frames", "unique", "repeats", "repeats_within_an_epoch")}
+    return {**out, "processes": len(parts), "epochs": [epochs[k] for k in sorted(epochs)],
+            "per_process": [{k: p[k] for k in ("frames", "unique", "repeats_within_an_epoch")} for p in parts]}
 
 
 # ----------------------------------------------------------------------------------------------- training stream
@@ -684,7 +730,13 @@ class TrainingStream:
                  episodes: Sequence[int] | None = None, *, image_size: int | None = None, camera: str = MAIN_CAMERA,
                  seed: int = 0, shuffle: bool = True, buffer_size: int = DEFAULT_BUFFER_SIZE,
                  loader_threads: int | None = 1, strict: bool = True, example_fn: Callable[[dict], Any] | None = None,
-                 ds=None):
+                 ds=None, shard: tuple[int, int] | None = None):
+        self.rank, self.world = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+        split_episodes = episodes
+        if self.world > 1:
+            if ds is not None or episodes is None:
+                raise ValueError("shard=(rank, world) needs the split's episode list (and no pre-opened ds)")
+            episodes = shard_episodes(episodes, self.rank, self.world)
         self.ds = ds if ds is not None else open_dataset(dataset, root, episodes, shuffle=shuffle, seed=seed,
                                                          buffer_size=buffer_size, probe=True, cameras=[camera])
         if camera not in getattr(self.ds, "cameras", (camera,)):  # a stream opened for other cameras: add ours
@@ -695,9 +747,24 @@ class TrainingStream:
         self.counter = SampleCounter(strict=strict)
         self.epoch_frames = int(self.ds.num_frames)
         self.epochs_started = 0
+        table = getattr(self.ds, "_episode_table", None)
+        self.split_frames = self.epoch_frames if self.world == 1 or table is None else int(
+            table.loc[sorted(set(int(e) for e in split_episodes)), "length"].sum())
+
+    def resume_start(self, frames_per_rank: Sequence[int]) -> int:
+        """Where this process's stream resumes from the per-process data positions a checkpoint saved.
+
+        The same number of processes: each continues its own shard where it stopped (exact). Another number: the
+        episodes are dealt anew, and each process starts at the same fraction of its new shard's epoch as the old
+        run had reached of the split's (completed epochs are kept; within the interrupted epoch, frames the old
+        shards had already streamed may come again and others be skipped)."""
+        if len(frames_per_rank) == self.world:
+            return int(frames_per_rank[self.rank])
+        return int(sum(int(f) for f in frames_per_rank) * self.epoch_frames // max(self.split_frames, 1))
 
     def _start(self, epoch: int) -> Iterator[dict]:
-        self.ds.rng = np.random.default_rng([self.seed, int(epoch)])
+        self.ds.rng = np.random.default_rng([self.seed, int(epoch)] if self.world == 1 else
+                                            [self.seed, int(epoch), self.rank])
         if not self.shuffle:
             self.ds.seed = self.seed
         return iter(self.ds)
