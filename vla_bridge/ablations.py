@@ -33,10 +33,11 @@ from .config import write_json
 from .data.stream import TrainingStream
 from .evaluation import (CONTRAST_GROUPS, POLICY_FINETUNED, EvalConfig, ci_separated, format_metric, run_evaluation,
                          summarize)
+from .finetune import train_config
 from .models.lora import trainable_parameters
 from .models.openvla import attach_lora, load_openvla, model_image_size, register_dataset_statistics
 from .progress import tqdm
-from .training import TrainConfig, train
+from .training import train
 
 # The metrics the ablations compare (eval.json keys), with their formatter kind.
 ABLATION_METRICS = (("success_rate", "success", "rate"), ("l1_motion", "L1 motion", "l1"),
@@ -80,11 +81,9 @@ def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, prec
                     train_episodes: Sequence[int], ds, split, steps: int, eval_config: EvalConfig) -> AblationRun:
     model, processor = _fresh_lora_model(model_id, precision, rank, alpha, cfg.unnorm_key, stats_entry, cfg.seed)
     trainable, _, _ = trainable_parameters(model)
-    tcfg = TrainConfig(run_name=f"{cfg.run_name}-ablation-{name}", outputs_dir=cfg.outputs_dir, max_steps=steps,
-                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, learning_rate=cfg.learning_rate,
-                       warmup_steps=min(cfg.warmup_steps, max(1, steps // 5)), log_every=cfg.log_every,
-                       save_every=10**9, seed=cfg.seed, image_aug=cfg.image_aug, unnorm_key=cfg.unnorm_key,
-                       progress=False)
+    tcfg = train_config(cfg, run_name=f"{cfg.run_name}-ablation-{name}", max_steps=steps,
+                        warmup_steps=min(cfg.warmup_steps, max(1, steps // 5)), save_every=10**9, use_wandb=False,
+                        resume=False, progress=False)
     stream = TrainingStream(data_source, episodes=list(train_episodes), image_size=model_image_size(processor),
                             seed=cfg.seed)
     result = train(model, processor, stream, {cfg.unnorm_key: stats_entry}, tcfg)
