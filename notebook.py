@@ -95,7 +95,7 @@ from pathlib import Path
 if not any((Path(p) / "vla_bridge").is_dir() for p in sys.path if p):
     sys.path.insert(0, str(Path.cwd()))
 
-from vla_bridge import hardware
+from vla_bridge import hardware, preflight
 from vla_bridge.config import DEFAULT_PARAMS, resolve_run_config, write_json
 
 PARAMS = {name: globals()[name] for name in DEFAULT_PARAMS}
@@ -144,14 +144,14 @@ print(cfg.summary())
 # The results are saved as JSON next to the run's logs, so a failed headless run can be diagnosed afterwards.
 
 # %%
-versions = hardware.package_versions()
+versions = preflight.package_versions()
 for name, version in versions.items():
     print(f"{name:>13}: {version or 'not installed'}")
 print()
 
-checks = hardware.run_preflight(cfg.policy, cfg.dataset, cfg.model_id, hardware.Decision(cfg.hub, cfg.hub_reason),
+checks = preflight.run_preflight(cfg.policy, cfg.dataset, cfg.model_id, hardware.Decision(cfg.hub, cfg.hub_reason),
                                 cfg.outputs_dir)
-print(hardware.format_checks(checks))
+print(preflight.format_checks(checks))
 
 preflight_json = write_json(cfg.path("logs") / "preflight.json", {
     "hardware": hw.as_dict(),
@@ -160,7 +160,7 @@ preflight_json = write_json(cfg.path("logs") / "preflight.json", {
     "checks": [c.as_dict() for c in checks],
 })
 print(f"\nsaved {preflight_json}")
-hardware.raise_on_failure(checks)
+preflight.raise_on_failure(checks)
 
 # %% [markdown]
 # ## 3. Data: BridgeData V2 in LeRobot v3.0, streamed

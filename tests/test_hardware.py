@@ -13,6 +13,7 @@ from collections import namedtuple
 import pytest
 
 from vla_bridge import hardware as hwm
+from vla_bridge import preflight
 from vla_bridge.config import resolve_run_config
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 
@@ -171,24 +172,24 @@ def _one_line(msg: str) -> bool:
 
 
 def test_torchcodec_unavailable_gives_ffmpeg_fix(monkeypatch):
-    real = hwm.importlib.import_module
+    real = preflight.importlib.import_module
 
     def fake(name, *a, **k):
         if name.startswith("torchcodec"):
             raise RuntimeError("Could not load libtorchcodec. Likely causes: FFmpeg is not properly installed")
         return real(name, *a, **k)
 
-    monkeypatch.setattr(hwm.importlib, "import_module", fake)
-    r = hwm.check_torchcodec()
+    monkeypatch.setattr(preflight.importlib, "import_module", fake)
+    r = preflight.check_torchcodec()
     assert not r.ok and "ZERO frames" in r.detail and "ffmpeg" in r.fix.lower()
     with pytest.raises(PreflightError) as exc:
-        hwm.raise_on_failure([r])
+        preflight.raise_on_failure([r])
     assert "torchcodec" in str(exc.value) and "ffmpeg" in str(exc.value).lower() and _one_line(str(exc.value))
 
 
 def test_torchcodec_message_has_no_dangling_fragment(monkeypatch):
     """torchcodec's real error: a first line that only introduces a list of causes on the following lines."""
-    real = hwm.importlib.import_module
+    real = preflight.importlib.import_module
 
     def fake(name, *a, **k):
         if name.startswith("torchcodec"):
@@ -196,39 +197,39 @@ def test_torchcodec_message_has_no_dangling_fragment(monkeypatch):
                                "in your environment. We support versions 4, 5, 6 and 7.\n  2. The PyTorch version ...")
         return real(name, *a, **k)
 
-    monkeypatch.setattr(hwm.importlib, "import_module", fake)
-    r = hwm.check_torchcodec()
+    monkeypatch.setattr(preflight.importlib, "import_module", fake)
+    r = preflight.check_torchcodec()
     assert r.detail.startswith("torchcodec cannot load (Could not load libtorchcodec); video streams"), r.detail
     assert "causes" not in r.detail and ":)" not in r.detail
 
 
 def test_lerobot_missing_or_old(monkeypatch):
-    real_version = hwm.md.version
+    real_version = preflight.md.version
 
     def missing(name):
         if name == "lerobot":
-            raise hwm.md.PackageNotFoundError(name)
+            raise preflight.md.PackageNotFoundError(name)
         return real_version(name)
 
-    monkeypatch.setattr(hwm.md, "version", missing)
-    r = hwm.check_lerobot()
+    monkeypatch.setattr(preflight.md, "version", missing)
+    r = preflight.check_lerobot()
     assert not r.ok and "not installed" in r.detail and "setup.sh" in r.fix
-    monkeypatch.setattr(hwm.md, "version", lambda n: "0.3.3" if n == "lerobot" else real_version(n))
-    r = hwm.check_lerobot()
+    monkeypatch.setattr(preflight.md, "version", lambda n: "0.3.3" if n == "lerobot" else real_version(n))
+    r = preflight.check_lerobot()
     assert not r.ok and "0.3.3" in r.detail and "lerobot==0.4.4" in r.fix
 
 
 def test_real_environment_passes_lerobot_and_torchcodec_checks():
-    assert hwm.check_lerobot().ok
-    assert hwm.check_torchcodec().ok, hwm.check_torchcodec().detail
+    assert preflight.check_lerobot().ok
+    assert preflight.check_torchcodec().ok, preflight.check_torchcodec().detail
 
 
 def test_timm_outside_openvla_set(monkeypatch):
-    real_version = hwm.md.version
-    monkeypatch.setattr(hwm.md, "version", lambda n: "1.0.9" if n == "timm" else real_version(n))
-    r = hwm.check_timm("openvla")
+    real_version = preflight.md.version
+    monkeypatch.setattr(preflight.md, "version", lambda n: "1.0.9" if n == "timm" else real_version(n))
+    r = preflight.check_timm("openvla")
     assert not r.ok and "1.0.9" in r.detail and "timm==0.9.10" in r.fix
-    assert hwm.check_timm("tiny").ok  # only OpenVLA cares
+    assert preflight.check_timm("tiny").ok  # only OpenVLA cares
 
 
 def _fake_disks(monkeypatch, disks):
@@ -236,7 +237,7 @@ def _fake_disks(monkeypatch, disks):
     def disk(p):
         owner = max((d for d in disks if p == d or d in p.parents), key=lambda d: len(d.parts))
         return disks[owner]
-    monkeypatch.setattr(hwm, "_disk", disk)
+    monkeypatch.setattr(preflight, "_disk", disk)
 
 
 def test_disk_check_measures_the_hf_cache_not_only_the_outputs(monkeypatch, tmp_path):
@@ -249,7 +250,7 @@ def test_disk_check_measures_the_hf_cache_not_only_the_outputs(monkeypatch, tmp_
     monkeypatch.setenv("HF_HOME", str(hf))
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_LEROBOT_HOME"):
         monkeypatch.delenv(var, raising=False)
-    checks = hwm.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b", Decision("yes", "test"), out)
+    checks = preflight.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b", Decision("yes", "test"), out)
     by_name = {c.name: c for c in checks}
     hub = by_name["disk hf-hub"]
     assert not hub.ok and f"HF_HUB_CACHE={hf / 'hub'} is short: 5.0 GB free" in hub.detail
@@ -259,27 +260,27 @@ def test_disk_check_measures_the_hf_cache_not_only_the_outputs(monkeypatch, tmp_
     assert not by_name["disk lerobot"].ok and f"HF_LEROBOT_HOME={hf / 'lerobot'}" in by_name["disk lerobot"].detail
     assert f"HF_DATASETS_CACHE={hf / 'datasets'}" in by_name["disk datasets"].detail
     with pytest.raises(PreflightError) as e:
-        hwm.raise_on_failure(checks)
+        preflight.raise_on_failure(checks)
     assert "'disk hf-hub' failed" in str(e.value) and "HF_HUB_CACHE" in str(e.value) and _one_line(str(e.value))
 
     # HF_HUB_CACHE moved to the big disk: the weights fit, the stream caches (still under HF_HOME) do not
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "big_disk" / "hub"))
-    by_name = {c.name: c for c in hwm.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b",
+    by_name = {c.name: c for c in preflight.run_preflight("openvla", hwm.HUB_BRIDGE_V3, "openvla/openvla-7b",
                                                     Decision("yes", "test"), out)}
     assert by_name["disk hf-hub"].ok and not by_name["disk lerobot"].ok
     # local model and dataset: nothing goes to the HF caches, only OUTPUTS_DIR is checked
-    names = [c.name for c in hwm.check_disks("openvla", "embedded", str(tmp_path), out)]
+    names = [c.name for c in preflight.check_disks("openvla", "embedded", str(tmp_path), out)]
     assert names == ["disk outputs"]
 
 
 def test_disk_locations_on_one_disk_add_up(monkeypatch, tmp_path):
     _fake_disks(monkeypatch, {tmp_path: (7, 30.0)})
     env = {"HF_HOME": str(tmp_path / "hf")}
-    checks = hwm.check_disks("openvla", "embedded", "openvla/openvla-7b", tmp_path / "outputs", env=env)
+    checks = preflight.check_disks("openvla", "embedded", "openvla/openvla-7b", tmp_path / "outputs", env=env)
     assert [c.name for c in checks] == ["disk hf-hub", "disk outputs"]
     assert not any(c.ok for c in checks)             # 20 + 20 GB on one 30 GB disk, although each alone fits
     assert "~40 GB together with OUTPUTS_DIR" in checks[0].detail and "free 10.0 GB" in checks[0].fix
-    assert all(c.ok for c in hwm.check_disks("tiny", "embedded", "data/tiny_vla_base", tmp_path / "o", env=env))
+    assert all(c.ok for c in preflight.check_disks("tiny", "embedded", "data/tiny_vla_base", tmp_path / "o", env=env))
 
 
 def test_hf_cache_dirs_resolve_as_the_libraries_do():
@@ -299,32 +300,32 @@ def test_hf_cache_dirs_resolve_as_the_libraries_do():
     lines = subprocess.run([sys.executable, "-c", code, json.dumps(envs)], capture_output=True, text=True,
                            timeout=300, check=True).stdout.strip().splitlines()[-len(envs):]
     for env, line in zip(envs, lines):
-        ours = hwm.hf_cache_dirs({"HOME": os.environ.get("HOME", ""), **env})
+        ours = preflight.hf_cache_dirs({"HOME": os.environ.get("HOME", ""), **env})
         assert [str(ours[k]) for k in ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_LEROBOT_HOME")] == \
             json.loads(line), env
 
 
 def test_bitsandbytes_needed_for_4bit(monkeypatch):
     monkeypatch.setattr(hwm, "package_available", lambda n: False)
-    r = hwm.check_bitsandbytes("openvla-4bit")
+    r = preflight.check_bitsandbytes("openvla-4bit")
     assert not r.ok and "bitsandbytes" in r.fix
-    assert hwm.check_bitsandbytes("openvla").ok
+    assert preflight.check_bitsandbytes("openvla").ok
 
 
 def test_hub_needed_but_unreachable(tmp_path):
     down = Decision("no", "unreachable within 3 s")
-    r = hwm.check_hub_for(hwm.HUB_BRIDGE_V3, "openvla", "openvla/openvla-7b", down)
+    r = preflight.check_hub_for(hwm.HUB_BRIDGE_V3, "openvla", "openvla/openvla-7b", down)
     assert not r.ok and "HF_HUB_OFFLINE" in r.fix
     # everything local: the hub is not needed
-    assert hwm.check_hub_for("embedded", "openvla", str(tmp_path), down).ok
-    assert hwm.check_hub_for("embedded", "tiny", "data/tiny_vla_base", down).ok
+    assert preflight.check_hub_for("embedded", "openvla", str(tmp_path), down).ok
+    assert preflight.check_hub_for("embedded", "tiny", "data/tiny_vla_base", down).ok
 
 
 def test_raise_on_failure_reports_first_and_counts_rest():
-    bad = [hwm.CheckResult("a", False, "A broke", "fix A"), hwm.CheckResult("b", False, "B broke", "fix B"),
-           hwm.CheckResult("c", False, "optional", "x", required=False)]
+    bad = [preflight.CheckResult("a", False, "A broke", "fix A"), preflight.CheckResult("b", False, "B broke", "fix B"),
+           preflight.CheckResult("c", False, "optional", "x", required=False)]
     with pytest.raises(PreflightError) as exc:
-        hwm.raise_on_failure(bad)
+        preflight.raise_on_failure(bad)
     msg = str(exc.value)
     assert "'a' failed: A broke. Fix: fix A" in msg and "+1 more" in msg and _one_line(msg)
-    hwm.raise_on_failure([hwm.CheckResult("ok", True, "fine")])  # no raise
+    preflight.raise_on_failure([preflight.CheckResult("ok", True, "fine")])  # no raise

@@ -11,6 +11,7 @@ import pytest
 from vla_bridge import evaluation as ev
 from vla_bridge.evaluation.policies import ConstantPolicy, RandomPolicy
 from vla_bridge import hardware
+from vla_bridge import preflight
 from vla_bridge.data import splits, stream
 from vla_bridge.octo import client as octo
 from vla_bridge.octo import protocol
@@ -20,17 +21,17 @@ def test_missing_octo_env_gives_the_setup_command(tmp_path, monkeypatch):
     monkeypatch.delenv("VLA_BRIDGE_OCTO_PYTHON", raising=False)
     with pytest.raises(protocol.OctoEnvError, match=r"bash setup.sh --octo.*OCTO_SOURCE="):
         protocol.octo_interpreter(tmp_path)
-    res = hardware.check_octo_env("octo", tmp_path)
+    res = preflight.check_octo_env("octo", tmp_path)
     assert not res.ok and res.required and "bash setup.sh --octo" in res.fix
-    assert hardware.check_octo_env("tiny", tmp_path).ok
+    assert preflight.check_octo_env("tiny", tmp_path).ok
     with pytest.raises(hardware.PreflightError, match="octo env"):
-        hardware.raise_on_failure([res])
+        preflight.raise_on_failure([res])
 
 
 def test_octo_random_needs_no_hub():
     no = hardware.Decision("no", "offline")
-    assert hardware.check_hub_for("embedded", "octo", "octo-random", no).ok
-    assert not hardware.check_hub_for("embedded", "octo", "hf://rail-berkeley/octo-small-1.5", no).ok
+    assert preflight.check_hub_for("embedded", "octo", "octo-random", no).ok
+    assert not preflight.check_hub_for("embedded", "octo", "hf://rail-berkeley/octo-small-1.5", no).ok
 
 
 def test_worker_train_args_carry_the_run_configuration(tmp_path):
@@ -104,20 +105,20 @@ def test_missing_model_directory_is_reported_as_such_not_as_the_hub(tmp_path):
     failed only inside the worker, after the shards were written)."""
     down = hardware.Decision("no", "offline")
     missing = str(tmp_path / "nonexistent")
-    checks = hardware.run_preflight("octo", "embedded", missing, down, tmp_path)
+    checks = preflight.run_preflight("octo", "embedded", missing, down, tmp_path)
     failed = [c for c in checks if c.required and not c.ok and c.name != "octo env"]
     assert [c.name for c in failed] == ["model"] and "no such directory" in failed[0].detail
     with pytest.raises(hardware.PreflightError, match="no such directory"):
-        hardware.raise_on_failure(failed)
+        preflight.raise_on_failure(failed)
     up = hardware.Decision("yes", "reachable")
-    assert not hardware.check_model_id("octo", missing).ok and not hardware.check_model_id("openvla", missing).ok
-    assert hardware.check_hub_for("embedded", "octo", missing, up).ok
+    assert not preflight.check_model_id("octo", missing).ok and not preflight.check_model_id("openvla", missing).ok
+    assert preflight.check_hub_for("embedded", "octo", missing, up).ok
     for policy, model_id, kind in (("octo", "octo-random", "random"), ("octo", "hf://rail-berkeley/octo-small-1.5",
                                    "hub"), ("octo", "rail-berkeley/octo-small-1.5", "missing"),
                                    ("octo", str(tmp_path), "local"), ("openvla", "openvla/openvla-7b", "hub"),
                                    ("openvla", "./ckpt/openvla", "missing"), ("tiny", "data/tiny_vla_base", "built")):
-        assert hardware.model_id_kind(policy, model_id) == kind, (policy, model_id)
-        assert hardware.check_model_id(policy, model_id).ok == (kind != "missing")
+        assert preflight.model_id_kind(policy, model_id) == kind, (policy, model_id)
+        assert preflight.check_model_id(policy, model_id).ok == (kind != "missing")
 
 
 def test_resume_on_octo_is_refused_before_any_work(tmp_path):

@@ -42,13 +42,13 @@ def test_worker_selection(monkeypatch, tmp_path):
     cmd = protocol.worker_command(tmp_path)
     assert cmd.standin and cmd.argv("check") == [sys.executable, "-m", "vla_bridge.octo.standin_worker", "check"]
     assert "not Octo" in str(cmd)
-    from vla_bridge import hardware
+    from vla_bridge import preflight
 
-    assert hardware.check_octo_env("octo", tmp_path).ok       # pre-flight accepts the stand-in
+    assert preflight.check_octo_env("octo", tmp_path).ok       # pre-flight accepts the stand-in
     monkeypatch.setenv(protocol.WORKER_ENV, "jax")
     with pytest.raises(protocol.OctoEnvError, match="not one of octo, standin"):
         protocol.worker_command(tmp_path)
-    res = hardware.check_octo_env("octo", tmp_path)
+    res = preflight.check_octo_env("octo", tmp_path)
     assert not res.ok and protocol.WORKER_ENV in res.fix
 
 

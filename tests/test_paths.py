@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vla_bridge import hardware
+from vla_bridge import preflight
 from vla_bridge.data import stream
 
 DOWN = hardware.Decision("no", "unreachable within 3 s (URLError)")
@@ -32,7 +33,7 @@ def test_mistyped_dataset_path_is_no_such_directory(in_tmp, text):
         hardware.choose_dataset(text, "openvla", False)
     msg = str(exc.value)
     assert "no such directory" in msg and expanded in msg and "unreachable" not in msg and "\n" not in msg
-    r = hardware.check_hub_for(text, "openvla", "openvla/openvla-7b", hardware.Decision("yes", "reachable"))
+    r = preflight.check_hub_for(text, "openvla", "openvla/openvla-7b", hardware.Decision("yes", "reachable"))
     assert not r.ok and "no such directory" in r.detail and r.name == "dataset"
     with pytest.raises(stream.StreamError, match="no such directory"):
         stream.resolve_source(text)
@@ -40,10 +41,10 @@ def test_mistyped_dataset_path_is_no_such_directory(in_tmp, text):
 
 @pytest.mark.parametrize("text", MISTYPED)
 def test_mistyped_model_id_path_is_no_such_directory(in_tmp, text):
-    assert hardware.model_id_kind("openvla", text) == "missing"
-    r = hardware.check_model_id("openvla", text)
+    assert preflight.model_id_kind("openvla", text) == "missing"
+    r = preflight.check_model_id("openvla", text)
     assert not r.ok and "no such directory" in r.detail and str(Path(text).expanduser().resolve()) in r.detail
-    assert hardware.check_hub_for("embedded", "openvla", text, DOWN).ok   # the hub is not what is wrong
+    assert preflight.check_hub_for("embedded", "openvla", text, DOWN).ok   # the hub is not what is wrong
 
 
 @pytest.mark.parametrize("text", ["nvidia/bridge_lerobot_v3", "openvla/openvla-7b", "IPEC-COMMUNITY/bridge_orig_lerobot",
@@ -52,7 +53,7 @@ def test_hub_ids_still_read_as_hub_ids(in_tmp, text):
     assert hardware.looks_like_hub_id(text)
     with pytest.raises(hardware.PreflightError, match="hub is unreachable"):
         hardware.choose_dataset(text, "openvla", False)
-    assert hardware.model_id_kind("openvla", text) == "hub"
+    assert preflight.model_id_kind("openvla", text) == "hub"
 
 
 @pytest.mark.parametrize("text", ["a/b/c", "-x/y", "x/y-", "x//y", "x y/z", "owner/", "/owner/name", "owner/na..me"])

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from vla_bridge import hardware as hwm
+from vla_bridge import preflight
 from vla_bridge.config import resolve_run_config
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 from vla_bridge.models import openvla as ov
@@ -45,13 +45,13 @@ def _cfg(checkpoint, dataset_dir, unnorm_key):
 @pytest.mark.parametrize("typo, meant", [("bridge_orgi", "bridge_orig"), ("Bridge_Orig", "bridge_orig"),
                                          ("bridge-orig", "bridge_orig"), ("fractal20220817", "fractal20220817_data")])
 def test_typo_of_an_existing_key_is_named(typo, meant):
-    assert hwm.unnorm_key_typo(typo, ["bridge_orig", "fractal20220817_data", "kuka"]) == meant
+    assert preflight.unnorm_key_typo(typo, ["bridge_orig", "fractal20220817_data", "kuka"]) == meant
 
 
 @pytest.mark.parametrize("new", ["my_widowx", "bridge_v3", "demo_world", "bridge"])
 def test_a_new_datasets_key_is_not_a_typo(new):
-    assert hwm.unnorm_key_typo(new, ["bridge_orig", "fractal20220817_data", "kuka"]) is None
-    assert hwm.unnorm_key_typo("bridge_orig", ["bridge_orig"]) is None     # an existing key is no typo either
+    assert preflight.unnorm_key_typo(new, ["bridge_orig", "fractal20220817_data", "kuka"]) is None
+    assert preflight.unnorm_key_typo("bridge_orig", ["bridge_orig"]) is None     # an existing key is no typo either
 
 
 def test_typo_stops_in_the_first_cell_when_the_checkpoint_is_local(checkpoint, tmp_path):
@@ -59,7 +59,7 @@ def test_typo_stops_in_the_first_cell_when_the_checkpoint_is_local(checkpoint, t
         _cfg(checkpoint, tmp_path, "bridge_orgi")
     msg = str(e.value)
     assert "\n" not in msg and "UNNORM_KEY='bridge_orgi'" in msg and "did you mean 'bridge_orig'?" in msg
-    assert hwm.model_norm_stats_keys(str(checkpoint)) == ["bridge_orig", "fractal20220817_data"]
+    assert preflight.model_norm_stats_keys(str(checkpoint)) == ["bridge_orig", "fractal20220817_data"]
 
 
 def test_typo_stops_after_loading_and_a_new_key_is_registered_as_new(checkpoint, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vla_bridge import hardware as hwm
+from vla_bridge import preflight
 from vla_bridge import pretrain
 from vla_bridge.data import world as W
 from vla_bridge.data.world import labels as WL
@@ -135,10 +136,10 @@ def test_a_base_from_another_run_is_never_overwritten(tmp_path):
 
 
 def test_tiny_base_on_another_dataset_says_what_it_is():
-    r = hwm.check_tiny_base("tiny", "/data/my_bridge_copy")
+    r = preflight.check_tiny_base("tiny", "/data/my_bridge_copy")
     assert not r.ok and not r.required   # a warning: allowed, but said
     assert "pretrained on the embedded demo world, not on /data/my_bridge_copy" in r.detail
-    assert "warn" in hwm.format_checks([r])
-    assert hwm.check_tiny_base("tiny", "embedded").ok and hwm.check_tiny_base("openvla", "/data/x").ok
-    assert any(c.name == "tiny base" and not c.ok for c in hwm.run_preflight(
+    assert "warn" in preflight.format_checks([r])
+    assert preflight.check_tiny_base("tiny", "embedded").ok and preflight.check_tiny_base("openvla", "/data/x").ok
+    assert any(c.name == "tiny base" and not c.ok for c in preflight.run_preflight(
         "tiny", "/data/my_bridge_copy", "data/tiny_vla_base", hwm.Decision("yes", "test"), "outputs"))

@@ -18,7 +18,7 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .finetune import cli_train
-    from .runner import load_params_file, parse_kv
+    from .tools.runner import load_params_file, parse_kv
 
     params = load_params_file(args.params)
     params.update(parse_kv(args.param or []))
@@ -39,15 +39,15 @@ def _cmd_check_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
-    from . import hardware
+    from . import hardware, preflight
     from .config import resolve_run_config
 
     cfg = resolve_run_config({"POLICY": args.policy, "DATASET": args.dataset})
-    results = hardware.run_preflight(cfg.policy, cfg.dataset, cfg.model_id, hardware.Decision(cfg.hub, cfg.hub_reason),
+    results = preflight.run_preflight(cfg.policy, cfg.dataset, cfg.model_id, hardware.Decision(cfg.hub, cfg.hub_reason),
                                      cfg.outputs_dir)
     print(json.dumps(hardware.detect_hardware().as_dict(), indent=2))
     print(cfg.summary())
-    print(hardware.format_checks(results))
+    print(preflight.format_checks(results))
     return 0 if all(r.ok or not r.required for r in results) else 1
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import hardware as hwmod
+from . import preflight
 from .hardware import Decision, HardwareInfo, PreflightError
 
 
@@ -264,7 +265,7 @@ def resolve_run_config(
     elif not unnorm.strip():
         raise PreflightError("UNNORM_KEY='' must name the dataset's statistics (e.g. 'bridge_orig'), or be 'auto'")
     else:  # a typo of one of the model's keys, caught here when its config.json is at hand (else after loading)
-        hwmod.check_unnorm_key_name(unnorm, hwmod.model_norm_stats_keys(model_id))
+        preflight.check_unnorm_key_name(unnorm, preflight.model_norm_stats_keys(model_id))
 
     auto = _auto_training(pol.value)
     resolved = {k: (auto[k] if p[k] == "auto" else p[k]) for k in auto}

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import EMBEDDED_UNNORM_KEY
-from .hardware import PreflightError, check_tiny_base, check_unnorm_key_name
+from .hardware import PreflightError
 from .models.openvla import available_unnorm_keys, check_reads_image, load_openvla, register_dataset_statistics
-from .pretrain import PretrainParams, describe_base, ensure_tiny_base
+from .preflight import check_tiny_base, check_unnorm_key_name
+from . import pretrain
 
 
 class PolicyLoadError(RuntimeError):
@@ -49,9 +50,9 @@ def load_policy(cfg, stats_entry: Mapping[str, Any], progress: bool = True) -> L
         if Path(model_id) == default_dir:
             # pretrained on the embedded world under its own key and seed: UNNORM_KEY and SEED (the fine-tuning's)
             # must not select, re-pretrain and overwrite another base
-            path, info = ensure_tiny_base(default_dir, EMBEDDED_UNNORM_KEY, PretrainParams(steps=cfg.pretrain_steps),
+            path, info = pretrain.ensure_tiny_base(default_dir, EMBEDDED_UNNORM_KEY, pretrain.PretrainParams(steps=cfg.pretrain_steps),
                                           progress=progress)
-            notes.append(describe_base(info))
+            notes.append(pretrain.describe_base(info))
             model_id = str(path)
         scope = check_tiny_base(cfg.policy, cfg.dataset)
         if not scope.ok:

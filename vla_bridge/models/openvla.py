@@ -45,8 +45,8 @@ import transformers
 from transformers import AutoModelForVision2Seq, AutoProcessor, BitsAndBytesConfig
 from transformers.utils import HF_MODULES_CACHE
 
-from ..hardware import OPENVLA_TIMM_VERSIONS
 from ..data.stats import validated_entry
+from ..preflight import OPENVLA_TIMM_VERSIONS
 from ..tokenization import ActionTokenizer, build_prompt, space_token_id, to_pil_image
 from . import tiny_vla  # noqa: F401  (registers the tiny VLA with transformers' Auto classes)
 from .lora import base_model, linear_module_names, lora_target_modules, trainable_parameters, trainable_summary
