@@ -179,7 +179,7 @@ preflight.raise_on_failure(checks)
 import time
 
 from vla_bridge import plots
-from vla_bridge.data import build, splits, stream
+from vla_bridge.data import build, counting, schema, source, splits, stream
 from vla_bridge.data import stats as dstats
 
 if hardware.is_embedded(cfg.dataset):
@@ -189,10 +189,10 @@ if hardware.is_embedded(cfg.dataset):
     DATA_SOURCE = str(demo.root)
 else:
     DATA_SOURCE = cfg.dataset
-source = stream.resolve_source(DATA_SOURCE)  # reads meta/info.json only (one small download for a hub id)
-stream.check_version(source.info, DATA_SOURCE)  # v2.x / v1.x stop here with the way out
-print(f"{DATA_SOURCE}: LeRobot {source.codebase_version}, {source.info['total_episodes']:,} episodes, "
-      f"{source.info['total_frames']:,} frames at {source.info['fps']} fps")
+data_source = source.resolve_source(DATA_SOURCE)  # reads meta/info.json only (one small download for a hub id)
+source.check_version(data_source.info, DATA_SOURCE)  # v2.x / v1.x stop here with the way out
+print(f"{DATA_SOURCE}: LeRobot {data_source.codebase_version}, {data_source.info['total_episodes']:,} episodes, "
+      f"{data_source.info['total_frames']:,} frames at {data_source.info['fps']} fps")
 
 # %% [markdown]
 # ### 3a. Open the stream and look at the schema
@@ -209,7 +209,7 @@ print(f"{DATA_SOURCE}: LeRobot {source.codebase_version}, {source.info['total_ep
 
 # %%
 ds = stream.open_dataset(DATA_SOURCE, seed=cfg.seed)
-print(stream.format_schema(stream.schema(ds)))
+print(schema.format_schema(schema.schema(ds)))
 
 # %% [markdown]
 # ### 3b. Splits, from metadata alone
@@ -413,7 +413,7 @@ else:
     print(f"instruction : {frame['instruction']!r}")
     print(f"prompt      : {tok.build_prompt(frame['instruction'])!r}")
     print(action_tokenizer)
-    names = stream.feature_names(ds.meta.features["action"], len(raw))  # list or IPEC's {"motors": [...]}
+    names = schema.feature_names(ds.meta.features["action"], len(raw))  # list or IPEC's {"motors": [...]}
     print(f"{'dim':>8} {'raw':>10} {'normalized':>11} {'bin→id':>8} {'decoded':>9} {'recovered':>10} {'|error|':>9} {'½ bin':>8}")
     for i, n in enumerate(names):
         print(f"{n:>8} {raw[i]:>10.5f} {normalized[i]:>11.4f} {int(token_ids[i]):>8d} {decoded[i]:>9.4f} "
@@ -479,7 +479,7 @@ if OCTO:  # the worker in .venv-octo: same step budget, batch, learning rate, wa
 elif cfg.num_processes > 1:  # N processes, each running sections 3b–8 itself; results read back from process 0
     fit = finetune.launch(PARAMS, cfg)
     finetune.load_adapter(model, fit)
-    result, stream_summary = fit.result, stream.format_counts(fit.counts)
+    result, stream_summary = fit.result, counting.format_counts(fit.counts)
 else:
     fit_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=model_image_size(processor),
                                        seed=cfg.seed)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vla_bridge.data import bridge_layout, splits, stats, stream
+from vla_bridge.data import bridge_layout, episodes, schema, splits, stats, stream
 
 NAMES = list(bridge_layout.BRIDGE_ACTION_NAMES)
 
@@ -50,12 +50,12 @@ def bridge_layout_key(cam: str) -> str:
 
 
 def test_feature_names_reads_every_form():
-    assert stream.feature_names({"motors": ["x", "y"]}) == ["x", "y"]
-    assert stream.feature_names({"dtype": "float32", "shape": [2], "names": {"motors": ["x", "y"]}}) == ["x", "y"]
-    assert stream.feature_names({"arm": ["x", "y"], "gripper": ["g"]}, 3) == ["x", "y", "g"]
-    assert stream.feature_names(["x", "y"], 3) == ["a0", "a1", "a2"]        # wrong count: positional names
-    assert stream.feature_names({"dtype": "float32", "shape": [2], "names": None}) == ["a0", "a1"]
-    assert stream.feature_names(None) == []
+    assert schema.feature_names({"motors": ["x", "y"]}) == ["x", "y"]
+    assert schema.feature_names({"dtype": "float32", "shape": [2], "names": {"motors": ["x", "y"]}}) == ["x", "y"]
+    assert schema.feature_names({"arm": ["x", "y"], "gripper": ["g"]}, 3) == ["x", "y", "g"]
+    assert schema.feature_names(["x", "y"], 3) == ["a0", "a1", "a2"]        # wrong count: positional names
+    assert schema.feature_names({"dtype": "float32", "shape": [2], "names": None}) == ["a0", "a1"]
+    assert schema.feature_names(None) == []
 
 
 def test_stats_table_formats_with_dict_names(bridge):
@@ -71,7 +71,7 @@ def test_stats_table_formats_with_dict_names(bridge):
 
 def test_schema_unwraps_dict_names(bridge):
     ds, _ = bridge
-    s = stream.schema(ds)
+    s = schema.schema(ds)
     assert s["vectors"]["action"]["names"] == NAMES and s["vectors"]["observation.state"]["dim"] == 8
 
 
@@ -133,7 +133,7 @@ def test_stream_decodes_only_the_cameras_asked_for(bridge):
     both = stream.open_dataset(ds.root, episodes=split.train[:2], probe=False, buffer_size=1, cameras="all")
     fr = next(iter(both))
     assert main in fr and side in fr and float(fr[side].max()) == 0.0   # the black side camera
-    got = stream.collect_episodes(default, split.train[:1], cameras=[main, side])
+    got = episodes.collect_episodes(default, split.train[:1], cameras=[main, side])
     assert all(side in f for f in next(iter(got.values())))
     with pytest.raises(ValueError, match="image_9"):
         stream.open_dataset(ds.root, probe=False, cameras=["observation.images.image_9"])

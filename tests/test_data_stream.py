@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SMALL
 
-from vla_bridge.data import build, stream, world
+from vla_bridge.data import build, counting, episodes, schema, source, stream, world
 from vla_bridge.images import to_uint8_hwc
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _write_info(root, version):
 @pytest.mark.parametrize("version", ["v2.0", "v2.1", "v1.6"])
 def test_old_codebase_version_gives_our_error(tmp_path, version):
     _write_info(tmp_path, version)
-    with pytest.raises(stream.DatasetVersionError) as exc:
+    with pytest.raises(source.DatasetVersionError) as exc:
         stream.open_dataset(tmp_path)
     msg = str(exc.value)
     assert "\n" not in msg and version in msg
@@ -41,18 +41,18 @@ def test_old_codebase_version_gives_our_error(tmp_path, version):
 
 def test_hub_v20_dataset_checked_before_lerobot(monkeypatch):
     """A hub id is judged by its info.json alone (one small download), before lerobot touches it."""
-    monkeypatch.setattr(stream, "_hub_info", lambda repo: ({"codebase_version": "v2.0"}, None, None))
-    with pytest.raises(stream.DatasetVersionError, match="IPEC-COMMUNITY/bridge_orig_lerobot is a LeRobot v2.0"):
+    monkeypatch.setattr(source, "_hub_info", lambda repo: ({"codebase_version": "v2.0"}, None, None))
+    with pytest.raises(source.DatasetVersionError, match="IPEC-COMMUNITY/bridge_orig_lerobot is a LeRobot v2.0"):
         stream.open_dataset("IPEC-COMMUNITY/bridge_orig_lerobot")
 
 
 def test_newer_and_missing_versions(tmp_path):
-    with pytest.raises(stream.DatasetVersionError, match="upgrade lerobot"):
-        stream.check_version({"codebase_version": "v4.0"})
-    with pytest.raises(stream.DatasetVersionError, match="not a LeRobot dataset"):
-        stream.check_version({})
-    assert stream.check_version({"codebase_version": "v3.0"}) == "v3.0"
-    with pytest.raises(stream.StreamError, match="no meta/info.json"):
+    with pytest.raises(source.DatasetVersionError, match="upgrade lerobot"):
+        source.check_version({"codebase_version": "v4.0"})
+    with pytest.raises(source.DatasetVersionError, match="not a LeRobot dataset"):
+        source.check_version({})
+    assert source.check_version({"codebase_version": "v3.0"}) == "v3.0"
+    with pytest.raises(source.StreamError, match="no meta/info.json"):
         stream.open_dataset(tmp_path)
 
 
@@ -61,7 +61,7 @@ def test_newer_and_missing_versions(tmp_path):
 
 def test_torchcodec_unavailable_gives_our_error(small, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # "import torchcodec.decoders" now fails
-    with pytest.raises(stream.StreamError) as exc:
+    with pytest.raises(source.StreamError) as exc:
         stream.open_dataset(small.root)
     msg = str(exc.value)
     assert "torchcodec" in msg and "ZERO frames" in msg and "ffmpeg" in msg.lower() and "\n" not in msg
@@ -78,7 +78,7 @@ def test_zero_frames_gives_ffmpeg_explanation(small, monkeypatch):
 
     monkeypatch.setattr(sd, "decode_video_frames_torchcodec", broken)
     monkeypatch.setattr(vu, "decode_video_frames_torchcodec", broken)
-    with pytest.raises(stream.StreamError) as exc:
+    with pytest.raises(source.StreamError) as exc:
         stream.open_dataset(small.root)
     msg = str(exc.value)
     assert "ZERO frames" in msg and "FFmpeg" in msg and "Could not load libtorchcodec" in msg and "\n" not in msg
@@ -87,10 +87,10 @@ def test_zero_frames_gives_ffmpeg_explanation(small, monkeypatch):
 def test_zero_frames_from_an_empty_iterator(small, monkeypatch):
     ds = stream.open_dataset(small.root, probe=False)
     monkeypatch.setattr(type(ds).__mro__[1], "__iter__", lambda self: iter(()))
-    with pytest.raises(stream.StreamError, match="ZERO frames"):
+    with pytest.raises(source.StreamError, match="ZERO frames"):
         stream.probe_first_frames(ds, timeout_s=30)
     ts = stream.TrainingStream(small.root, ds=ds)
-    with pytest.raises(stream.StreamError, match="ZERO frames"):
+    with pytest.raises(source.StreamError, match="ZERO frames"):
         list(ts.epoch())
 
 
@@ -104,7 +104,7 @@ def test_first_frame_timeout(small, monkeypatch):
         yield from ()
 
     monkeypatch.setattr(type(ds).__mro__[1], "__iter__", slow)
-    with pytest.raises(stream.StreamError, match="no frame arrived within 1 s"):
+    with pytest.raises(source.StreamError, match="no frame arrived within 1 s"):
         stream.probe_first_frames(ds, timeout_s=1)
 
 
@@ -131,7 +131,7 @@ def test_frames_from_the_second_video_file_are_the_right_ones(small, rows):
     last = rows[-1]
     ds = stream.open_dataset(small.root, episodes=[last["episode_index"]], shuffle=False)
     assert ds._episode_table.at[last["episode_index"], "videos/observation.images.image_0/from_timestamp"] >= 0
-    frames = stream.collect_episodes(ds, [last["episode_index"]])[last["episode_index"]]
+    frames = episodes.collect_episodes(ds, [last["episode_index"]])[last["episode_index"]]
     ep = world.generate_episode(last["canonical_task"], last["seed"], split=last["split"], prompt=last["task"])
     assert len(frames) == len(ep)
     for fr, ref in zip(frames, ep.frames):
@@ -156,17 +156,17 @@ def test_upstream_streaming_bug_is_still_there(small, rows):
 
 def test_schema(small):
     ds = stream.open_dataset(small.root)
-    s = stream.schema(ds)
+    s = schema.schema(ds)
     assert set(s["cameras"]) == set(world.IMAGE_KEYS)
     assert s["cameras"]["observation.images.image_0"]["shape"] == [128, 128, 3]
     assert s["vectors"]["action"] == {"dim": 7, "names": list(world.ACTION_NAMES)}
     assert s["vectors"]["observation.state"]["dim"] == 8
     assert s["fps"] == 5 and s["total_episodes"] == sum(SMALL.values())
     assert len(s["first_frames"]) == 3
-    tasks = stream.task_table(ds.meta)
+    tasks = schema.task_table(ds.meta)
     f0 = ds.first_frames[0]
     assert s["first_frames"][0]["task"] == tasks[int(f0["task_index"])] == f0["task"]
-    text = stream.format_schema(s)
+    text = schema.format_schema(s)
     assert "observation.images.image_1" in text and "dx dy dz droll dpitch dyaw gripper" in text and "meta/tasks" in text
 
 
@@ -174,7 +174,7 @@ def test_schema(small):
 
 
 def test_sample_counter():
-    c = stream.SampleCounter(strict=False)
+    c = counting.SampleCounter(strict=False)
     c.start_epoch(0, expected=3)
     for e, f in [(0, 0), (0, 1), (1, 0)]:
         c.add(e, f)
@@ -186,9 +186,9 @@ def test_sample_counter():
     c.add(1, 0)  # twice within epoch 1
     assert c.repeats_in_epoch == 1 and c.as_dict()["repeats_within_an_epoch"] == 1
     assert "repeated within the epoch" in c.summary()
-    strict = stream.SampleCounter()
+    strict = counting.SampleCounter()
     strict.add(0, 0)
-    with pytest.raises(stream.RepeatedSampleError):
+    with pytest.raises(counting.RepeatedSampleError):
         strict.add(0, 0)
 
 
@@ -217,7 +217,7 @@ def test_training_stream_epochs_batches_and_resume(small, rows):
 def test_dataloader_workers_split_episodes(small, rows):
     train = [r["episode_index"] for r in rows if r["split"] == "finetune"]
     ts = stream.TrainingStream(small.root, episodes=train, image_size=64, buffer_size=32)
-    counter = stream.SampleCounter()
+    counter = counting.SampleCounter()
     for batch in stream.dataloader(ts, num_workers=2, batch_size=16):
         for item in batch:
             counter.add(item["episode_index"], item["frame_index"])

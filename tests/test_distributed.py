@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from vla_bridge import finetune
 from vla_bridge.config import resolve_run_config
-from vla_bridge.data import stream
+from vla_bridge.data import counting, stream
 from vla_bridge.data.splits import make_split
 from vla_bridge.data.stats import compute_action_stats, norm_stats_entry
 from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
@@ -179,12 +179,12 @@ def test_overlapping_shards_raise(setup):
         return s.counter
 
     c0, c1, same = counted((0, 2)), counted((1, 2)), counted((0, 2))
-    merged = stream.merge_counts([c0.as_dict(), c1.as_dict()], [c0.seen, c1.seen])
+    merged = counting.merge_counts([c0.as_dict(), c1.as_dict()], [c0.seen, c1.seen])
     assert merged["frames"] == merged["unique"] == 12
-    with pytest.raises(stream.RepeatedSampleError, match="came to process 0 and process 1"):
-        stream.merge_counts([c0.as_dict(), same.as_dict()], [c0.seen, same.seen])
+    with pytest.raises(counting.RepeatedSampleError, match="came to process 0 and process 1"):
+        counting.merge_counts([c0.as_dict(), same.as_dict()], [c0.seen, same.seen])
     with pytest.raises(ValueError, match=f"at most NUM_PROCESSES={len(split.train)} "):
-        stream.shard_episodes(split.train, 0, len(split.train) + 1)
+        counting.shard_episodes(split.train, 0, len(split.train) + 1)
 
 
 def test_only_process_zero_writes_checkpoints_in_the_usual_layout(two_procs, setup):
@@ -259,7 +259,7 @@ def test_accelerate_launch_resumes_a_one_process_run_on_two(setup, tmp_path):
     res = _run(accelerate_launch(_write(tmp_path, {**params, "BATCH_SIZE": 4}), "-p", "RESUME=True"), tmp_path)
     assert "1 → 2 processes" in res.stdout
     lengths = stream.open_dataset(root, probe=False).episode_lengths()
-    shard = [sum(lengths[e] for e in stream.shard_episodes(split.train, r, 2)) for r in range(2)]
+    shard = [sum(lengths[e] for e in counting.shard_episodes(split.train, r, 2)) for r in range(2)]
     starts = [16 * n // sum(shard) for n in shard]
     state = torch.load(Path(params["OUTPUTS_DIR"]) / "checkpoints" / "ws" / LATEST / STATE_FILE, weights_only=False)
     assert state["step"] == 4 and state["data_position"] == {"world_size": 2, "frames": [s + 8 for s in starts]}

@@ -37,7 +37,7 @@ def test_the_tree_keeps_every_contract():
 
 @pytest.mark.parametrize("rel, line, contract", [
     ("vla_bridge/data/tasks.py", "from ..evaluation import metrics  # noqa", "layers"),
-    ("vla_bridge/data/stream.py", "from . import stats  # noqa", "cycles"),           # stats → stream already
+    ("vla_bridge/data/schema.py", "from . import stats  # noqa", "cycles"),           # stats → schema already
     ("vla_bridge/octo/protocol.py", "import torch  # noqa", "Octo workers"),
 ])
 def test_a_bad_import_breaks_a_contract(tmp_path, rel, line, contract):

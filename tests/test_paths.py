@@ -9,7 +9,7 @@ import pytest
 
 from vla_bridge import hardware
 from vla_bridge import preflight
-from vla_bridge.data import stream
+from vla_bridge.data import source
 
 DOWN = hardware.Decision("no", "unreachable within 3 s (URLError)")
 
@@ -35,8 +35,8 @@ def test_mistyped_dataset_path_is_no_such_directory(in_tmp, text):
     assert "no such directory" in msg and expanded in msg and "unreachable" not in msg and "\n" not in msg
     r = preflight.check_hub_for(text, "openvla", "openvla/openvla-7b", hardware.Decision("yes", "reachable"))
     assert not r.ok and "no such directory" in r.detail and r.name == "dataset"
-    with pytest.raises(stream.StreamError, match="no such directory"):
-        stream.resolve_source(text)
+    with pytest.raises(source.StreamError, match="no such directory"):
+        source.resolve_source(text)
 
 
 @pytest.mark.parametrize("text", MISTYPED)

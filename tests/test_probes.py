@@ -13,7 +13,7 @@ import torch
 
 from vla_bridge import plots
 from vla_bridge.data import episodes, tasks, world
-from vla_bridge.data.stream import MAIN_CAMERA
+from vla_bridge.data.schema import MAIN_CAMERA
 from vla_bridge.evaluation import failures, metrics, perturbations, policies, probe_report, probes, video
 
 KEY = "demo_world"

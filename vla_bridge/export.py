@@ -41,8 +41,8 @@ import torch
 from huggingface_hub import hf_hub_download
 from transformers import AutoConfig, AutoModelForVision2Seq, AutoProcessor
 
+from .data.schema import MAIN_CAMERA
 from .data.stats import load_dataset_statistics, save_dataset_statistics
-from .data.stream import MAIN_CAMERA
 from .data.world import TabletopEnv, task_catalog
 from .models import tiny_vla  # noqa: F401  (registers the tiny VLA with the Auto classes)
 from .models.openvla import (_read_json, _resolve_source, action_inputs, load_openvla, missing_checkpoint_files,

@@ -32,7 +32,7 @@ import torch
 
 from . import hardware, plots
 from .config import RunConfig, resolve_run_config, write_json
-from .data import build, splits, stream
+from .data import build, counting, source, splits, stream
 from .data import stats as dstats
 from .data.splits import LeakageError
 from .hardware import PreflightError
@@ -43,8 +43,8 @@ from .training import (TrainConfig, TrainingError, TrainResult, load_checkpoint_
                        train)
 
 # The project's one-line errors: the CLI prints them as one line (anything else keeps its traceback).
-ONE_LINE_ERRORS = (PreflightError, TrainingError, stream.StreamError, stream.RepeatedSampleError,
-                   stream.DatasetVersionError, PolicyLoadError, ModelLoadError, LeakageError, ValueError)
+ONE_LINE_ERRORS = (PreflightError, TrainingError, source.StreamError, counting.RepeatedSampleError,
+                   source.DatasetVersionError, PolicyLoadError, ModelLoadError, LeakageError, ValueError)
 
 RESULT_FILE = "train_result.json"
 COUNTS_FILE = "stream_counts.json"
@@ -114,7 +114,7 @@ class Finetuned:
             f"GRAD_ACCUM {self.cfg.grad_accum} × {self.world_size} process{'es' if self.world_size > 1 else ''}), "
             f"{r.frames_seen:,} frames in {r.seconds:.0f} s; stopped: {r.stopped_reason}",
             f"log: {r.log_path}\nlast checkpoint: {r.last_checkpoint}",
-            stream.format_counts(self.counts),
+            counting.format_counts(self.counts),
             f"loss: first tenth {self.check.get('first_tenth', float('nan')):.3f} → last tenth "
             f"{self.check.get('last_tenth', float('nan')):.3f}; below our 0.7× bar: {self.check.get('ok')}"])
 
@@ -153,7 +153,7 @@ def run(params: Mapping[str, Any], *, progress: bool = True, **train_overrides: 
                                                         progress=progress and main).root)
         else:
             data_source = cfg.dataset
-        stream.check_version(stream.resolve_source(data_source).info, data_source)
+        source.check_version(source.resolve_source(data_source).info, data_source)
         ds = stream.open_dataset(data_source, seed=cfg.seed)
         split = splits.make_split(ds)                                    # 3b; raises LeakageError
         action_stats = dstats.compute_action_stats(ds, episodes=split.train,                 # 3c
@@ -175,8 +175,8 @@ def run(params: Mapping[str, Any], *, progress: bool = True, **train_overrides: 
                                                     cfg.grad_accum * world, "episodes_per_process": shards})
     result = train(model, loaded.processor, fit_stream, {cfg.unnorm_key: action_stats},
                    train_config(cfg, progress=progress, **train_overrides))
-    counts = stream.merge_counts(_gather(state, fit_stream.counter.as_dict()),
-                                 _gather(state, sorted(fit_stream.counter.seen)) if world > 1 else None)
+    counts = counting.merge_counts(_gather(state, fit_stream.counter.as_dict()),
+                                   _gather(state, sorted(fit_stream.counter.seen)) if world > 1 else None)
     check, curve = {}, None
     if main:                                                                                 # 8
         check = loss_descent_check(read_log(result.log_path), within_steps=500)

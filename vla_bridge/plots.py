@@ -20,7 +20,8 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data.stream import collect_episodes, feature_names
+from .data.episodes import collect_episodes
+from .data.schema import feature_names
 from .images import to_uint8_hwc
 from .training import smoothed
 
@@ -101,7 +102,7 @@ def plot_episode_frames(episode_frames: Mapping[int, Sequence[Mapping[str, Any]]
                         cameras: Sequence[str] | None = None, filename: str = "episode_frames.png",
                         fps: float | None = None) -> Path:
     """One row per episode, titled with its task text; per camera, its start / middle / end frames.
-    ``episode_frames``: episode → its frames (e.g. ``stream.collect_episodes``)."""
+    ``episode_frames``: episode → its frames (e.g. ``episodes.collect_episodes``)."""
     plt = _plt()
     eps = list(episode_frames)
     first = episode_frames[eps[0]][0]

@@ -27,7 +27,7 @@ import numpy as np
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 from .build import VIDEO_CODEC, _quiet
-from .stream import MAIN_CAMERA
+from .schema import MAIN_CAMERA
 
 REPO_ID = "local/bridge_layout"
 FPS = 5

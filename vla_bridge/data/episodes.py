@@ -1,6 +1,7 @@
 """Decoded episodes: every frame of a few episodes, with their actions and states, for evaluation and probes.
 
-One type, :class:`EpisodeData`, and its loaders: :func:`load_episodes` decodes episodes from an opened stream (the
+One type, :class:`EpisodeData`, and its loaders: :func:`collect_episodes` streams every frame of a few episodes (raw
+lerobot frames; the data figures use them), :func:`load_episodes` decodes episodes from an opened stream (the
 evaluation, the probes, the benchmark, the Octo shards and the export check use it); :func:`load_episode_groups`
 gives the probes and the rollout video those episodes grouped by evaluation group, every ``frame_stride``-th frame
 stacked, the other camera dropped when it is missing or black, and the embedded world's per-episode metadata
@@ -9,7 +10,9 @@ stacked, the other camera dropped when it is missing or black, and the embedded 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +20,9 @@ import numpy as np
 from ..images import to_uint8_hwc
 from ..progress import tqdm
 from .build import load_episode_sidecar
-from .stream import MAIN_CAMERA, collect_episodes
+from .schema import MAIN_CAMERA
+from .source import StreamError
+from .stream import resolve_cameras, torch_threads, zero_frames_error
 
 OTHER_CAMERA = "observation.images.image_1"
 BLACK_MAX = 10                # an image whose 99th-percentile pixel is <= this is "black" (a dead camera)
@@ -33,6 +38,37 @@ class EpisodeData:
     other: Any = None         # uint8 HxWx3 frames of the other camera when asked for and present (list or stacked)
     group: str = ""           # the evaluation group it was loaded for (load_episode_groups)
     meta: dict = dataclasses.field(default_factory=dict)  # the world's sidecar row (seed, canonical_task, ...) or {}
+
+
+def collect_episodes(ds, episodes: Sequence[int], timeout_s: float | None = None,
+                     cameras: Sequence[str] | str | None = None) -> dict[int, list[dict]]:
+    """Every frame of a few ``episodes`` (sorted by frame_index), streamed through a copy of ``ds`` restricted to
+    them (for figures: nothing else is decoded). ``cameras``: the video keys to decode (default: ``ds.cameras``;
+    ``"all"``, or a list: ``stream.resolve_cameras``)."""
+    want = [int(e) for e in episodes]
+    lengths = {e: int(ds._episode_table.at[e, "length"]) for e in want}
+    sub = copy.copy(ds)
+    if cameras is not None:
+        sub.cameras = resolve_cameras(ds.meta.video_keys, cameras)
+    sub.buffer_size = 1
+    sub.video_decoder_cache = None
+    sub._select(want)
+    sub.selected_episodes = sorted(want)
+    out: dict[int, list[dict]] = {e: [] for e in want}
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        for fr in sub:
+            e = int(fr["episode_index"])
+            if e in out:
+                out[e].append(fr)
+            if all(len(out[k]) >= lengths[k] for k in want):
+                break
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                raise StreamError(f"collecting episodes {want} took longer than {timeout_s:.0f} s")
+    missing = [e for e in want if not out[e]]
+    if missing:
+        raise zero_frames_error(sub)
+    return {e: sorted(frs, key=lambda f: int(f["frame_index"])) for e, frs in out.items()}
 
 
 def load_episodes(ds: Any, episodes: Sequence[int], camera: str | None = None,
@@ -106,5 +142,5 @@ def load_episode_groups(ds, episodes_by_group: Mapping[str, Sequence[int]], fram
     return out
 
 
-__all__ = ["OTHER_CAMERA", "BLACK_MAX", "EpisodeData", "load_episodes", "is_missing_or_black", "world_sidecar",
-           "load_episode_groups"]
+__all__ = ["OTHER_CAMERA", "BLACK_MAX", "EpisodeData", "collect_episodes", "load_episodes", "is_missing_or_black",
+           "world_sidecar", "load_episode_groups"]

@@ -32,7 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .stream import _local_repo_id
+from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+from .source import _local_repo_id
 from .tasks import normalize_task, verb_noun
 
 HUB_HELDOUT_OBJECT = "eggplant"
@@ -185,8 +187,6 @@ def _load_meta(dataset_or_meta: Any, root: str | Path | None = None):
         return dataset_or_meta
     if hasattr(dataset_or_meta, "meta"):
         return dataset_or_meta.meta
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata  # lazy: seconds to import; only for a path
-
     path = Path(root or dataset_or_meta)
     return LeRobotDatasetMetadata(_local_repo_id(path), root=path)
 

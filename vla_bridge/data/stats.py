@@ -35,7 +35,7 @@ import numpy as np
 
 from ..jsonio import to_jsonable
 from ..paths import STATS_FILENAME
-from .stream import feature_names
+from .schema import feature_names
 
 ACTION_KEY = "action"
 STATE_KEY = "observation.state"
@@ -281,7 +281,7 @@ def load_dataset_statistics(path: str | os.PathLike, unnorm_key: str | None = No
 def format_stats_table(entry: Mapping[str, Any], names: Any = None) -> str:
     """Per-dimension q01 / q99 / mean / std / min / max and whether the dimension is normalized. ``names``: the
     action feature's spec or its ``names`` (a list, or the dict form ``{"motors": [...]}``; see
-    ``stream.feature_names``)."""
+    ``schema.feature_names``)."""
     a = entry["action"]
     dim = len(a["q01"])
     names = feature_names(names, dim)

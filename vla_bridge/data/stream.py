@@ -1,13 +1,12 @@
-"""Open a LeRobot dataset (hub id or local root), check it, stream it, print its schema, count what training sees.
+"""Stream a LeRobot dataset (hub id or local root): open it after the checks, fix two lerobot bugs, feed training.
 
-The order of the checks is the point of this module — each one turns a failure that would otherwise surface deep
-inside lerobot (or not at all) into a one-line error with the way out:
+The order of the checks is the point of :func:`open_dataset` — each one turns a failure that would otherwise surface
+deep inside lerobot (or not at all) into a one-line error with the way out:
 
-1. ``meta/info.json`` is read FIRST (a local file, or one small hub download) and its ``codebase_version`` checked:
-   v3.x streams; v2.x / v1.x raise :class:`DatasetVersionError` naming the version and the conversion path (lerobot
-   0.4.4 itself raises ``NotImplementedError("Contact the maintainer on Discord")`` for a v2.0 dataset);
-2. torchcodec must load (``hardware.check_torchcodec``): without system FFmpeg the stream yields zero frames;
-3. after streaming starts, the first frames must arrive within a time bound; zero frames raise :class:`StreamError`
+1. ``meta/info.json`` is read FIRST and its ``codebase_version`` checked (``source.resolve_source`` /
+   ``source.check_version``): v3.x streams; v2.x / v1.x raise ``DatasetVersionError`` with the conversion path;
+2. torchcodec must load (``source.require_torchcodec``): without system FFmpeg the stream yields zero frames;
+3. after streaming starts, the first frames must arrive within a time bound; zero frames raise ``StreamError``
    with the FFmpeg explanation and the real decoder error (lerobot swallows it and silently drops the shard).
 
 Two bugs of lerobot 0.4.4's ``StreamingLeRobotDataset`` are worked around in :class:`BridgeStreamingDataset`:
@@ -28,13 +27,13 @@ other workers stream nothing. :class:`BridgeStreamingDataset` gives each worker 
 
 :class:`TrainingStream` is what training and the notebook iterate: epochs over a split's episodes through the input
 pipeline (:class:`FramePipeline`: decode → uint8 HxWx3 → resize to the model's image size; the prompt / tokenize /
-collate step plugs in as ``example_fn`` / ``collate_fn``), with a :class:`SampleCounter` of unique and repeated
+collate step plugs in as ``example_fn`` / ``collate_fn``), with a ``counting.SampleCounter`` of unique and repeated
 ``(episode_index, frame_index)`` pairs per epoch. It satisfies ``training.FrameSource`` (``iterate(start)``).
 
-Data parallelism (``shard=(rank, world)``): each of ``world`` training processes streams its own episodes, the
-split's sorted episode list dealt round-robin (``episodes[rank::world]``), shuffled per epoch with its own seed, so
-no frame reaches two processes; :func:`merge_counts` sums the processes' counters per epoch and raises when a frame
-came to two of them. ``world == 1`` is exactly the unsharded stream.
+Data parallelism (``shard=(rank, world)``): each of ``world`` training processes streams its own episodes
+(``counting.shard_episodes``: the split's sorted episode list dealt round-robin), shuffled per epoch with its own
+seed, so no frame reaches two processes; ``counting.merge_counts`` sums the processes' counters per epoch and raises
+when a frame came to two of them. ``world == 1`` is exactly the unsharded stream.
 """
 
 from __future__ import annotations
@@ -42,22 +41,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import queue
 import threading
 import time
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import lerobot.datasets.video_utils as video_utils
 import numpy as np
+import torch
+import torch.utils.data as tud
+from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
 
-from .. import hardware
-from ..hardware import HUB_BRIDGE_V3
+from .. import preflight
 from ..images import to_uint8_hwc
+from .counting import SampleCounter, shard_episodes
+from .schema import MAIN_CAMERA
+from .source import StreamError, check_version, require_torchcodec, resolve_source
 
-MAIN_CAMERA = "observation.images.image_0"
 DEFAULT_BUFFER_SIZE = 1000        # lerobot's shuffle buffer (frames); the first frame waits until it is full
 FIRST_FRAME_TIMEOUT_LOCAL_S = 60.0
 FIRST_FRAME_TIMEOUT_HUB_S = 180.0
@@ -66,144 +68,10 @@ FIRST_FRAME_TIMEOUT_HUB_S = 180.0
 MODEL_IMAGE_SIZE = {"openvla": 224, "openvla-4bit": 224, "octo": 256, "tiny": 128}
 
 
-class DatasetVersionError(ValueError):
-    """The dataset's LeRobot codebase version cannot be streamed by lerobot 0.4.x; the message says the way out."""
-
-
-class StreamError(RuntimeError):
-    """The dataset cannot be streamed (no torchcodec, zero frames, no first frame in time); one line with the fix."""
-
-
-class RepeatedSampleError(RuntimeError):
-    """The same (episode_index, frame_index) came twice within one epoch."""
-
-
 def policy_image_size(policy: str) -> int:
     """The square size POLICY works at, known before its model is loaded (a loaded processor says it itself:
     ``models.openvla.model_image_size``)."""
     return MODEL_IMAGE_SIZE.get(policy, 224)
-
-
-# ----------------------------------------------------------------------------------------------- info + version
-
-
-@dataclasses.dataclass
-class DatasetSource:
-    """Where a dataset lives: ``root`` is a local LeRobot root, or None for a hub id (streamed)."""
-
-    dataset: str
-    repo_id: str
-    root: Path | None
-    info: dict
-    revision: str | None = None
-    commit: str | None = None      # hub: the commit sha the info.json was read at (its snapshot directory)
-
-    @property
-    def is_local(self) -> bool:
-        return self.root is not None
-
-    @property
-    def codebase_version(self) -> str:
-        return str(self.info.get("codebase_version", "unknown"))
-
-
-def _local_repo_id(root: Path) -> str:
-    build = root / "meta" / "vla_bridge_build.json"
-    if build.is_file():
-        with contextlib.suppress(Exception):
-            return json.loads(build.read_text())["repo_id"]
-    return f"local/{root.resolve().name}"
-
-
-def _hub_info(repo_id: str) -> tuple[dict, str | None, str | None]:
-    """meta/info.json from the hub: lerobot streams the "v3.0" tag when there is one, else the default branch."""
-    from huggingface_hub import hf_hub_download
-
-    last: Exception | None = None
-    for revision in ("v3.0", None):
-        try:
-            path = Path(hf_hub_download(repo_id, "meta/info.json", repo_type="dataset", revision=revision))
-            snapshot = path.parent.parent.name  # <cache>/snapshots/<commit sha>/meta/info.json
-            commit = snapshot if len(snapshot) == 40 and all(c in "0123456789abcdef" for c in snapshot) else None
-            return json.loads(path.read_text()), revision, commit
-        except Exception as exc:  # RevisionNotFoundError, EntryNotFoundError, offline, gated ...
-            last = exc
-            if type(exc).__name__ != "RevisionNotFoundError":
-                break
-    msg = str(last).strip().splitlines()[0][:200] if last and str(last).strip() else type(last).__name__
-    raise StreamError(
-        f"cannot read meta/info.json of the hub dataset {repo_id!r} ({type(last).__name__}: {msg}). Offline or "
-        "gated? Set DATASET to a local LeRobot v3.0 root or 'embedded'; for gated data run `huggingface-cli login`"
-    )
-
-
-def resolve_source(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> DatasetSource:
-    """A hub id or a local root → :class:`DatasetSource` with its info.json (read first, nothing else is touched).
-
-    ``root`` given: a local copy of ``dataset`` (a hub id used as the name) is read from there.
-    """
-    text = str(dataset)
-    local = Path(root) if root is not None else (Path(text).expanduser() if Path(text).expanduser().exists() else None)
-    if local is not None:
-        info_path = local / "meta" / "info.json"
-        if not info_path.is_file():
-            raise StreamError(f"{local} has no meta/info.json: not a LeRobot dataset root")
-        info = json.loads(info_path.read_text())
-        repo_id = text if (root is not None and hardware.looks_like_hub_id(text)) else _local_repo_id(local)
-        return DatasetSource(text, repo_id, local, info)
-    if not hardware.looks_like_hub_id(text):
-        if "/" in text or text.startswith((".", "~")):
-            raise StreamError(hardware.no_such_directory("DATASET", text))
-        raise StreamError(f"{text!r} is neither an existing local directory nor a hub id of the form owner/name")
-    info, revision, commit = _hub_info(text)
-    return DatasetSource(text, text, None, info, revision, commit)
-
-
-def read_info(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
-    return resolve_source(dataset, root).info
-
-
-def _version_tuple(v: str) -> tuple[int, int]:
-    parts = v.lstrip("vV").split(".")
-    try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
-        raise DatasetVersionError(f"unreadable codebase_version {v!r} in meta/info.json") from None
-
-
-def check_version(info: Mapping[str, Any], name: str = "the dataset") -> str:
-    """Return the codebase version when lerobot 0.4.x can stream it, else raise :class:`DatasetVersionError`."""
-    v = info.get("codebase_version")
-    if not v:
-        raise DatasetVersionError(f"{name}: meta/info.json has no codebase_version — not a LeRobot dataset")
-    major, minor = _version_tuple(str(v))
-    if major == 3:
-        return str(v)
-    lerobot_v = hardware.package_versions(("lerobot",)).get("lerobot") or "0.4.x"
-    to_v30 = (f"v2.1→v3.0 with lerobot ≥ 0.4 (this one): `python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 "
-              f"--repo-id=<your copy> [--root=<local dir> --push-to-hub=false]`")
-    if major == 2 and minor == 0:
-        way = ("convert it in two steps: v2.0→v2.1 with lerobot 0.3.x in a separate venv (`pip install "
-               "'lerobot>=0.3,<0.4'`; `python -m lerobot.datasets.v21.convert_dataset_v20_to_v21 --repo-id=<a hub copy "
-               f"you can push to>`), then {to_v30}")
-    elif major == 2:
-        way = f"convert it: {to_v30}"
-    elif major < 2:
-        way = ("convert it with lerobot's historical scripts: v1.x→v2.0 (lerobot ≤ 0.2, lerobot/common/datasets/v2/"
-               f"convert_dataset_v1_to_v2.py), v2.0→v2.1 (lerobot 0.3.x), then {to_v30}")
-    else:
-        raise DatasetVersionError(f"{name} is LeRobot {v}, newer than lerobot {lerobot_v} can read: upgrade lerobot")
-    raise DatasetVersionError(
-        f"{name} is a LeRobot {v} dataset; lerobot {lerobot_v} streams only v3.0. Way out: use BridgeData V2 in v3.0, "
-        f"DATASET='{HUB_BRIDGE_V3}', or {way}"
-    )
-
-
-def require_torchcodec() -> None:
-    """torchcodec (lerobot's video decoder) must load FFmpeg, else every stream yields zero frames."""
-    res = hardware.check_torchcodec()
-    if not res.ok:
-        raise StreamError(f"{res.detail}. Fix: {res.fix}, then rerun `bash setup.sh`")
 
 
 # ----------------------------------------------------------------------------------------------- the stream
@@ -220,8 +88,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    import torch
-
     prev = torch.get_num_threads()
     if prev != n:
         torch.set_num_threads(n)
@@ -235,8 +101,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _hide_worker_info() -> Iterator[None]:
     """Make ``datasets`` iterate as if outside a DataLoader worker (we shard by episode ourselves)."""
-    import torch.utils.data as tud
-
     original = tud.get_worker_info
     tud.get_worker_info = lambda: None
     try:
@@ -261,99 +125,81 @@ def resolve_cameras(video_keys: Sequence[str], cameras: Sequence[str] | str | No
     return out
 
 
-def _make_streaming_class():
-    from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
+class BridgeStreamingDataset(StreamingLeRobotDataset):
+    """lerobot's ``StreamingLeRobotDataset`` with the episode filter applied, file-relative video timestamps and
+    per-worker episode shards (see the module docstring). ``delta_timestamps`` is not supported."""
 
-    class BridgeStreamingDataset(StreamingLeRobotDataset):
-        """lerobot's ``StreamingLeRobotDataset`` with the episode filter applied, file-relative video timestamps and
-        per-worker episode shards (see the module docstring). ``delta_timestamps`` is not supported."""
+    def __init__(self, repo_id: str, root: str | os.PathLike | None = None, episodes: Sequence[int] | None = None,
+                 cameras: Sequence[str] | str | None = None, **kwargs: Any):
+        if kwargs.get("delta_timestamps"):
+            raise NotImplementedError("BridgeStreamingDataset streams single frames (no delta_timestamps)")
+        if episodes is not None and len(episodes) == 0:
+            raise ValueError("no episodes to stream: the episode list (the split) is empty")
+        self._max_num_shards = int(kwargs.get("max_num_shards", 16))
+        super().__init__(repo_id, root=root, episodes=list(episodes) if episodes is not None else None, **kwargs)
+        self._unfiltered = self.hf_dataset
+        cols = ["episode_index", "length", "dataset_from_index"] + [
+            f"videos/{k}/from_timestamp" for k in self.meta.video_keys]
+        table = self.meta.episodes.select_columns(cols).to_pandas().set_index("episode_index")
+        self._episode_table = table
+        known = set(int(e) for e in table.index)
+        if episodes is not None:
+            bad = sorted(set(int(e) for e in episodes) - known)
+            if bad:
+                raise ValueError(f"episodes not in the dataset: {bad[:10]}{' …' if len(bad) > 10 else ''}")
+            self.selected_episodes = sorted(set(int(e) for e in episodes))
+        else:
+            self.selected_episodes = sorted(known)
+        self._select(self.selected_episodes if episodes is not None else None)
+        self.cameras = resolve_cameras(self.meta.video_keys, cameras)
 
-        def __init__(self, repo_id: str, root: str | os.PathLike | None = None, episodes: Sequence[int] | None = None,
-                     cameras: Sequence[str] | str | None = None, **kwargs: Any):
-            if kwargs.get("delta_timestamps"):
-                raise NotImplementedError("BridgeStreamingDataset streams single frames (no delta_timestamps)")
-            if episodes is not None and len(episodes) == 0:
-                raise ValueError("no episodes to stream: the episode list (the split) is empty")
-            self._max_num_shards = int(kwargs.get("max_num_shards", 16))
-            super().__init__(repo_id, root=root, episodes=list(episodes) if episodes is not None else None, **kwargs)
-            self._unfiltered = self.hf_dataset
-            cols = ["episode_index", "length", "dataset_from_index"] + [
-                f"videos/{k}/from_timestamp" for k in self.meta.video_keys]
-            table = self.meta.episodes.select_columns(cols).to_pandas().set_index("episode_index")
-            self._episode_table = table
-            known = set(int(e) for e in table.index)
-            if episodes is not None:
-                bad = sorted(set(int(e) for e in episodes) - known)
-                if bad:
-                    raise ValueError(f"episodes not in the dataset: {bad[:10]}{' …' if len(bad) > 10 else ''}")
-                self.selected_episodes = sorted(set(int(e) for e in episodes))
-            else:
-                self.selected_episodes = sorted(known)
-            self._select(self.selected_episodes if episodes is not None else None)
-            self.cameras = resolve_cameras(self.meta.video_keys, cameras)
+    # -- the episode filter (lerobot 0.4.4 ignores `episodes`)
+    def _select(self, episodes: Sequence[int] | None) -> None:
+        if episodes is None:
+            self.hf_dataset = self._unfiltered
+        else:
+            allowed = frozenset(int(e) for e in episodes)
+            self.hf_dataset = self._unfiltered.filter(
+                lambda eps: [int(e) in allowed for e in eps], input_columns="episode_index", batched=True,
+                batch_size=1000)
+        self.num_shards = min(self.hf_dataset.num_shards, self._max_num_shards)
 
-        # -- the episode filter (lerobot 0.4.4 ignores `episodes`)
-        def _select(self, episodes: Sequence[int] | None) -> None:
-            if episodes is None:
-                self.hf_dataset = self._unfiltered
-            else:
-                allowed = frozenset(int(e) for e in episodes)
-                self.hf_dataset = self._unfiltered.filter(
-                    lambda eps: [int(e) in allowed for e in eps], input_columns="episode_index", batched=True,
-                    batch_size=1000)
-            self.num_shards = min(self.hf_dataset.num_shards, self._max_num_shards)
+    @property
+    def num_frames(self) -> int:
+        t = self._episode_table
+        return int(t.loc[self.selected_episodes, "length"].sum())
 
-        @property
-        def num_frames(self) -> int:
-            t = self._episode_table
-            return int(t.loc[self.selected_episodes, "length"].sum())
+    @property
+    def num_episodes(self) -> int:
+        return len(self.selected_episodes)
 
-        @property
-        def num_episodes(self) -> int:
-            return len(self.selected_episodes)
+    def episode_lengths(self) -> dict[int, int]:
+        t = self._episode_table
+        return {int(e): int(t.at[e, "length"]) for e in self.selected_episodes}
 
-        def episode_lengths(self) -> dict[int, int]:
-            t = self._episode_table
-            return {int(e): int(t.at[e, "length"]) for e in self.selected_episodes}
+    # -- file-relative video timestamps (lerobot 0.4.4 uses the dataset-global index / fps)
+    # -- and only the cameras asked for (lerobot decodes every video key of every frame)
+    def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict:
+        row = self._episode_table.loc[int(ep_idx)]
+        ep_start = float(row["dataset_from_index"]) / self.fps
+        wanted = self.cameras
+        fixed = {key: [float(row[f"videos/{key}/from_timestamp"]) + (ts - ep_start) for ts in tss]
+                 for key, tss in query_timestamps.items() if wanted is None or key in wanted}
+        return super()._query_videos(fixed, ep_idx)
 
-        # -- file-relative video timestamps (lerobot 0.4.4 uses the dataset-global index / fps)
-        # -- and only the cameras asked for (lerobot decodes every video key of every frame)
-        def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict:
-            row = self._episode_table.loc[int(ep_idx)]
-            ep_start = float(row["dataset_from_index"]) / self.fps
-            wanted = self.cameras
-            fixed = {key: [float(row[f"videos/{key}/from_timestamp"]) + (ts - ep_start) for ts in tss]
-                     for key, tss in query_timestamps.items() if wanted is None or key in wanted}
-            return super()._query_videos(fixed, ep_idx)
-
-        # -- DataLoader workers: each worker streams its own episodes
-        def __iter__(self):
-            import torch.utils.data as tud
-
-            info = tud.get_worker_info()
-            if info is None or info.num_workers <= 1:
-                yield from super().__iter__()
-                return
-            mine = self.selected_episodes[info.id::info.num_workers]
-            if not mine:
-                return
-            self._select(mine)
-            self.rng = np.random.default_rng([int(self.seed), int(info.id)])
-            with _hide_worker_info():
-                yield from super().__iter__()
-
-    return BridgeStreamingDataset
-
-
-_STREAMING_CLASS = None
-
-
-def streaming_class():
-    """The :class:`BridgeStreamingDataset` class (built lazily: importing lerobot takes seconds)."""
-    global _STREAMING_CLASS
-    if _STREAMING_CLASS is None:
-        _STREAMING_CLASS = _make_streaming_class()
-    return _STREAMING_CLASS
+    # -- DataLoader workers: each worker streams its own episodes
+    def __iter__(self):
+        info = tud.get_worker_info()
+        if info is None or info.num_workers <= 1:
+            yield from super().__iter__()
+            return
+        mine = self.selected_episodes[info.id::info.num_workers]
+        if not mine:
+            return
+        self._select(mine)
+        self.rng = np.random.default_rng([int(self.seed), int(info.id)])
+        with _hide_worker_info():
+            yield from super().__iter__()
 
 
 # ----------------------------------------------------------------------------------------------- first frames
@@ -373,15 +219,21 @@ def _diagnose_decode(ds) -> tuple[int, str, str]:
     ep = int(ds.selected_episodes[0])
     key = ds.meta.video_keys[0]
     try:
-        from lerobot.datasets.video_utils import decode_video_frames_torchcodec
-
         ts = float(ds._episode_table.at[ep, f"videos/{key}/from_timestamp"])
         base = ds.meta.url_root if (ds.streaming and not ds.streaming_from_local) else ds.root
-        decode_video_frames_torchcodec(f"{base}/{ds.meta.get_video_file_path(ep, key)}", [ts], ds.tolerance_s)
+        path = f"{base}/{ds.meta.get_video_file_path(ep, key)}"
+        video_utils.decode_video_frames_torchcodec(path, [ts], ds.tolerance_s)  # the attribute: tests patch it
         return ep, key, "works (so the frames were lost elsewhere: check the episode filter and the parquet files)"
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return ep, key, f"{type(exc).__name__}: {msg}"
+
+
+def zero_frames_error(ds) -> StreamError:
+    """The :class:`StreamError` for a stream of ``ds`` that yielded no frames: the FFmpeg explanation with the error
+    of one frame decoded directly."""
+    ep, key, diag = _diagnose_decode(ds)
+    return StreamError(_ZERO_FRAMES.format(hint=preflight.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
 
 
 def probe_first_frames(ds, n: int = 3, timeout_s: float = FIRST_FRAME_TIMEOUT_LOCAL_S) -> list[dict]:
@@ -420,8 +272,7 @@ def probe_first_frames(ds, n: int = 3, timeout_s: float = FIRST_FRAME_TIMEOUT_LO
         msg = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else ""
         raise StreamError(f"streaming failed on its first frames: {type(exc).__name__}: {msg}") from exc
     if not payload:
-        ep, key, diag = _diagnose_decode(ds)
-        raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
+        raise zero_frames_error(ds)
     return payload
 
 
@@ -443,7 +294,7 @@ def open_dataset(
     """Open a hub id or a local LeRobot root for streaming, after the checks in the module docstring.
 
     Returns a :class:`BridgeStreamingDataset`; with ``probe`` its first frames (stream order) are in
-    ``ds.first_frames`` and ``ds.source`` is the :class:`DatasetSource`. ``cameras``: the video keys each frame
+    ``ds.first_frames`` and ``ds.source`` is the ``source.DatasetSource``. ``cameras``: the video keys each frame
     decodes (:func:`resolve_cameras`; default the main camera only — Bridge has four, training reads one).
     """
     if episodes is not None and len(episodes) == 0:
@@ -454,14 +305,13 @@ def open_dataset(
     source = resolve_source(dataset, root)
     check_version(source.info, str(dataset))
     require_torchcodec()
-    cls = streaming_class()
     kwargs: dict[str, Any] = dict(episodes=episodes, shuffle=shuffle, seed=seed, buffer_size=buffer_size,
                                   cameras=cameras)
     if source.revision:
         kwargs["revision"] = source.revision
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Repo card metadata block.*")
-        ds = cls(source.repo_id, root=source.root, **kwargs)
+        ds = BridgeStreamingDataset(source.repo_id, root=source.root, **kwargs)
     ds.source = source
     ds.first_frames = []
     if probe:
@@ -469,91 +319,6 @@ def open_dataset(
             timeout_s = FIRST_FRAME_TIMEOUT_LOCAL_S if source.is_local else FIRST_FRAME_TIMEOUT_HUB_S
         ds.first_frames = probe_first_frames(ds, 3, timeout_s)
     return ds
-
-
-# ----------------------------------------------------------------------------------------------- schema
-
-
-def task_table(meta) -> dict[int, str]:
-    """task_index → task string, from meta/tasks (a DataFrame indexed by the task string)."""
-    tasks = meta.tasks
-    return {int(ti): str(task) for task, ti in zip(tasks.index, tasks["task_index"])}
-
-
-def feature_names(feature: Any, dim: int | None = None) -> list[str]:
-    """Per-dimension names of a LeRobot feature — THE one reading of a feature's ``names`` in this package.
-
-    ``feature``: a feature spec from ``meta/info.json`` (a mapping with ``shape`` / ``dtype`` / ``names``) or its
-    ``names`` value alone. ``names`` is a list, or — in v2-era conversions such as IPEC's Bridge — a dict of lists
-    (``{"motors": [...]}``), whose lists are joined in order. The dimension count is the spec's ``shape[0]`` (or
-    ``dim``); names that do not give exactly that many strings (none, a dict of non-lists, the wrong count) fall back
-    to ``a0 … a{dim-1}``. Without any dimension count, whatever names there are come back ([] when none)."""
-    names = feature
-    if isinstance(feature, Mapping) and ("shape" in feature or "dtype" in feature or "names" in feature):
-        names = feature.get("names")
-        if dim is None and feature.get("shape"):
-            dim = int(feature["shape"][0])
-    if isinstance(names, Mapping):  # {"motors": [...]} (several lists: concatenated)
-        lists = [v for v in names.values() if isinstance(v, (list, tuple))]
-        names = [n for v in lists for n in v] if lists else None
-    out = [str(n) for n in names] if isinstance(names, (list, tuple)) else []
-    if dim is not None and len(out) != int(dim):
-        return [f"a{i}" for i in range(int(dim))]
-    return out
-
-
-def schema(ds) -> dict[str, Any]:
-    """What the notebook prints about a dataset: cameras, vectors, fps, counts and the first frames' tasks."""
-    info, meta = ds.meta.info, ds.meta
-    cams = {}
-    for key in meta.camera_keys:
-        ft = info["features"][key]
-        vinfo = ft.get("info") or ft.get("video_info") or {}
-        cams[key] = {"shape": list(ft["shape"]), "dtype": ft["dtype"], "codec": vinfo.get("video.codec")}
-    vectors = {}
-    for key in ("observation.state", "action"):
-        if key in info["features"]:
-            ft = info["features"][key]
-            vectors[key] = {"dim": int(ft["shape"][0]), "names": feature_names(ft.get("names"))}
-    tasks = task_table(meta)
-    first = []
-    for fr in getattr(ds, "first_frames", []) or []:
-        ti = int(fr["task_index"])
-        first.append({"episode_index": int(fr["episode_index"]), "frame_index": int(fr["frame_index"]),
-                      "task_index": ti, "task": tasks.get(ti, "?")})
-    return {
-        "dataset": getattr(getattr(ds, "source", None), "dataset", ds.repo_id),
-        "codebase_version": info.get("codebase_version"),
-        "robot_type": info.get("robot_type"),
-        "fps": info.get("fps"),
-        "cameras": cams,
-        "vectors": vectors,
-        "total_episodes": int(info.get("total_episodes", 0)),
-        "total_frames": int(info.get("total_frames", 0)),
-        "total_tasks": len(tasks),
-        "blank_tasks": sum(1 for t in tasks.values() if not t.strip()),
-        "streamed_episodes": ds.num_episodes,
-        "streamed_frames": ds.num_frames,
-        "first_frames": first,
-    }
-
-
-def format_schema(s: Mapping[str, Any]) -> str:
-    lines = [f"dataset          : {s['dataset']}  (LeRobot {s['codebase_version']}, robot {s['robot_type']}, "
-             f"{s['fps']} fps)"]
-    for key, c in s["cameras"].items():
-        h, w, ch = (c["shape"] + [None, None, None])[:3]
-        lines.append(f"camera           : {key:<28} {h}x{w}x{ch} {c['dtype']}" + (f" ({c['codec']})" if c["codec"] else ""))
-    for key, v in s["vectors"].items():
-        names = " ".join(v["names"]) if v["names"] else "(unnamed)"
-        lines.append(f"{key:<17}: {v['dim']} floats: {names}")
-    lines.append(f"episodes / frames: {s['total_episodes']:,} / {s['total_frames']:,}  "
-                 f"(this stream: {s['streamed_episodes']:,} / {s['streamed_frames']:,})")
-    lines.append(f"tasks            : {s['total_tasks']:,} distinct strings, {s['blank_tasks']} blank")
-    for f in s["first_frames"]:
-        lines.append(f"first frames     : episode {f['episode_index']} frame {f['frame_index']}: task_index "
-                     f"{f['task_index']} → {f['task']!r} (meta/tasks)")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -589,130 +354,6 @@ def _np32(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------------------------- counting
-
-
-@dataclasses.dataclass
-class EpochCount:
-    epoch: int
-    frames: int = 0
-    new: int = 0               # first time ever seen
-    repeats_in_epoch: int = 0  # seen before in this same epoch: a sampling error
-    expected: int | None = None
-    seconds: float = 0.0
-
-    @property
-    def repeats_from_earlier_epochs(self) -> int:
-        return self.frames - self.new - self.repeats_in_epoch
-
-
-class SampleCounter:
-    """Counts ``(episode_index, frame_index)`` pairs: unique overall, repeats overall, and per epoch.
-
-    A pair seen again in a LATER epoch is the expected cost of looping over a finite split; the same pair twice
-    within ONE epoch is a sampling bug (``strict`` raises :class:`RepeatedSampleError`).
-    """
-
-    def __init__(self, strict: bool = True):
-        self.strict = strict
-        self.seen: set[tuple[int, int]] = set()
-        self.frames = 0
-        self.epochs: list[EpochCount] = []
-        self._epoch_seen: set[tuple[int, int]] = set()
-
-    def start_epoch(self, epoch: int, expected: int | None = None) -> EpochCount:
-        self._epoch_seen = set()
-        self.epochs.append(EpochCount(epoch, expected=expected))
-        return self.epochs[-1]
-
-    def add(self, episode_index: int, frame_index: int) -> None:
-        if not self.epochs:
-            self.start_epoch(0)
-        cur = self.epochs[-1]
-        key = (int(episode_index), int(frame_index))
-        cur.frames += 1
-        self.frames += 1
-        if key in self._epoch_seen:
-            cur.repeats_in_epoch += 1
-            if self.strict:
-                raise RepeatedSampleError(f"(episode {key[0]}, frame {key[1]}) came twice within epoch {cur.epoch}")
-        else:
-            self._epoch_seen.add(key)
-        if key not in self.seen:
-            self.seen.add(key)
-            cur.new += 1
-
-    @property
-    def unique(self) -> int:
-        return len(self.seen)
-
-    @property
-    def repeats(self) -> int:
-        return self.frames - self.unique
-
-    @property
-    def repeats_in_epoch(self) -> int:
-        return sum(e.repeats_in_epoch for e in self.epochs)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"frames": self.frames, "unique": self.unique, "repeats": self.repeats,
-                "repeats_within_an_epoch": self.repeats_in_epoch,
-                "epochs": [dict(dataclasses.asdict(e), repeats_from_earlier_epochs=e.repeats_from_earlier_epochs)
-                           for e in self.epochs]}
-
-    def summary(self) -> str:
-        return format_counts(self.as_dict())
-
-
-def format_counts(c: Mapping[str, Any]) -> str:
-    """A :meth:`SampleCounter.as_dict` (or :func:`merge_counts`) as the lines the notebook prints."""
-    procs = f" over {c['processes']} processes" if c.get("processes", 1) > 1 else ""
-    lines = [f"frames streamed{procs}: {c['frames']:,}  unique (episode, frame): {c['unique']:,}  "
-             f"repeats: {c['repeats']:,}  repeats within an epoch: {c['repeats_within_an_epoch']}"]
-    for e in c["epochs"]:
-        expected, seconds = e.get("expected"), e.get("seconds") or 0
-        full = "" if expected is None else (" (complete)" if e["frames"] == expected else f" of {expected:,}")
-        lines.append(f"  epoch {e['epoch']}: {e['frames']:,} frames{full}, {e['new']:,} new, "
-                     f"{e['repeats_from_earlier_epochs']:,} seen in an earlier epoch, {e['repeats_in_epoch']} repeated "
-                     f"within the epoch" + (f", {e['frames'] / seconds:,.0f} frames/s" if seconds > 0 else ""))
-    return "\n".join(lines)
-
-
-def shard_episodes(episodes: Sequence[int], rank: int, world: int) -> list[int]:
-    """Process ``rank``'s share of a split: its sorted episodes dealt round-robin over ``world`` processes."""
-    eps = sorted(set(int(e) for e in episodes))
-    if not 0 <= rank < world:
-        raise ValueError(f"process rank {rank} is outside 0..{world - 1}")
-    if world > len(eps):
-        raise ValueError(f"{world} processes but the training split has {len(eps)} episodes: each process streams "
-                         f"its own episodes, so use at most NUM_PROCESSES={len(eps)} (or more episodes)")
-    return eps[rank::world]
-
-
-def merge_counts(parts: Sequence[Mapping[str, Any]], seen: Sequence[Iterable] | None = None) -> dict[str, Any]:
-    """The :meth:`SampleCounter.as_dict` of every process summed per epoch (epoch e = each process's e-th pass
-    over its own shard: together one pass over the split). ``seen``: each process's ``(episode, frame)`` pairs;
-    a pair two processes streamed raises :class:`RepeatedSampleError` (the shards overlap)."""
-    owner: dict[tuple[int, int], int] = {}
-    for rank, keys in enumerate(seen or []):
-        for k in keys:
-            k = (int(k[0]), int(k[1]))
-            if owner.setdefault(k, rank) != rank:
-                raise RepeatedSampleError(f"(episode {k[0]}, frame {k[1]}) came to process {owner[k]} and process "
-                                          f"{rank}: the processes' episode shards overlap")
-    epochs: dict[int, dict[str, Any]] = {}
-    fields = ("frames", "new", "repeats_in_epoch", "repeats_from_earlier_epochs", "expected")
-    for part in parts:
-        for e in part["epochs"]:
-            m = epochs.setdefault(int(e["epoch"]), {"epoch": int(e["epoch"]), **{f: 0 for f in fields}})
-            for f in fields:
-                m[f] += int(e.get(f) or 0)
-    out = {k: sum(int(p[k]) for p in parts) for k in ("frames", "unique", "repeats", "repeats_within_an_epoch")}
-    return {**out, "processes": len(parts), "epochs": [epochs[k] for k in sorted(epochs)],
-            "per_process": [{k: p[k] for k in ("frames", "unique", "repeats_within_an_epoch")} for p in parts]}
-
 
 # ----------------------------------------------------------------------------------------------- training stream
 
@@ -788,8 +429,7 @@ class TrainingStream:
             yield item
         cur.seconds = time.perf_counter() - t0
         if cur.frames == 0:
-            ep, key, diag = _diagnose_decode(self.ds)
-            raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
+            raise zero_frames_error(self.ds)
         if cur.frames < self.epoch_frames:
             warnings.warn(f"epoch {epoch} streamed {cur.frames} of {self.epoch_frames} frames: lerobot dropped a "
                           "stream after a decoding error", RuntimeWarning, stacklevel=2)
@@ -821,41 +461,6 @@ class TrainingStream:
         return self.counter.summary()
 
 
-# ----------------------------------------------------------------------------------------------- whole episodes
-
-
-def collect_episodes(ds, episodes: Sequence[int], timeout_s: float | None = None,
-                     cameras: Sequence[str] | str | None = None) -> dict[int, list[dict]]:
-    """Every frame of a few ``episodes`` (sorted by frame_index), streamed through a copy of ``ds`` restricted to
-    them (for figures: nothing else is decoded). ``cameras``: the video keys to decode (default: ``ds.cameras``;
-    ``"all"``, or a list: :func:`resolve_cameras`)."""
-    want = [int(e) for e in episodes]
-    lengths = {e: int(ds._episode_table.at[e, "length"]) for e in want}
-    sub = copy.copy(ds)
-    if cameras is not None:
-        sub.cameras = resolve_cameras(ds.meta.video_keys, cameras)
-    sub.buffer_size = 1
-    sub.video_decoder_cache = None
-    sub._select(want)
-    sub.selected_episodes = sorted(want)
-    out: dict[int, list[dict]] = {e: [] for e in want}
-    t0 = time.perf_counter()
-    with torch_threads(1):
-        for fr in sub:
-            e = int(fr["episode_index"])
-            if e in out:
-                out[e].append(fr)
-            if all(len(out[k]) >= lengths[k] for k in want):
-                break
-            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                raise StreamError(f"collecting episodes {want} took longer than {timeout_s:.0f} s")
-    missing = [e for e in want if not out[e]]
-    if missing:
-        ep, key, diag = _diagnose_decode(sub)
-        raise StreamError(_ZERO_FRAMES.format(hint=hardware.ffmpeg_install_hint(), ep=ep, key=key, diag=diag))
-    return {e: sorted(frs, key=lambda f: int(f["frame_index"])) for e, frs in out.items()}
-
-
 # ----------------------------------------------------------------------------------------------- DataLoader
 
 
@@ -867,8 +472,6 @@ def dataloader(stream: TrainingStream, num_workers: int = 2, batch_size: int | N
     shuffle buffer, and runs the pipeline; DataLoader workers use one torch thread each. ``batch_size=None`` yields
     single items; otherwise lists of items (or ``collate_fn`` outputs). Count samples on the consumer side.
     """
-    import torch.utils.data as tud
-
     ds, pipeline, threads = stream.ds, stream.pipeline, stream.loader_threads
 
     class _PipelineIterable(tud.IterableDataset):

@@ -44,9 +44,9 @@ from ..config import write_json
 from ..data import world
 from ..data.build import load_build_info, load_episode_sidecar
 from ..data.episodes import load_episodes
+from ..data.schema import MAIN_CAMERA, feature_names
 from ..data.splits import GROUP_TITLES as _SPLIT_GROUP_TITLES
 from ..data.stats import stats_from_stream
-from ..data.stream import MAIN_CAMERA, feature_names
 from ..data.tasks import normalize_task
 from ..jsonio import to_jsonable
 from ..models.lora import trainable_parameters

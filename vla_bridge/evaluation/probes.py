@@ -57,8 +57,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..data.episodes import OTHER_CAMERA, EpisodeData, load_episode_groups, world_sidecar
+from ..data.schema import feature_names
 from ..data.splits import GROUP_TITLES
-from ..data.stream import feature_names, torch_threads
+from ..data.stream import torch_threads
 from ..data.tasks import normalize_task, paraphrase_for, verb_noun
 from ..models.openvla import base_model
 from .metrics import kl_divergence, l1_per_frame, mean_abs_delta, prediction_spread, weighted_bootstrap_ci

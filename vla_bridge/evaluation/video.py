@@ -19,7 +19,8 @@ import numpy as np
 from .. import plots
 from ..data import world
 from ..data.episodes import load_episode_groups, world_sidecar
-from ..data.stream import MAIN_CAMERA, torch_threads
+from ..data.schema import MAIN_CAMERA
+from ..data.stream import torch_threads
 from .perturbations import PROBE_GROUPS
 from .policies import VLAPolicy
 from .rollout import ClosedLoopEpisode, run_closed_loop

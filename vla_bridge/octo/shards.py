@@ -37,8 +37,8 @@ import numpy as np
 
 from ..data.build import load_build_info
 from ..data.episodes import load_episodes
+from ..data.schema import MAIN_CAMERA
 from ..data.stats import norm_stats_entry, save_dataset_statistics
-from ..data.stream import MAIN_CAMERA
 from ..images import to_uint8_hwc
 from ..paths import STATS_FILENAME
 from ..progress import tqdm

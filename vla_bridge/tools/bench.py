@@ -34,6 +34,7 @@ import torch
 
 from ..data import stream as st
 from ..data.build import build_demo_dataset, ensure_demo_dataset
+from ..data.counting import SampleCounter
 from ..data.episodes import load_episodes
 from ..data.splits import make_split
 from ..data.stats import compute_action_stats, norm_stats_entry
@@ -101,7 +102,7 @@ def bench_loader(dataset: str = "embedded", root: str | None = None, frames: int
     if workers > 0:
         ds_w = st.open_dataset(dataset, root, episodes, seed=seed, buffer_size=buffer_size, probe=False)
         ts_w = st.TrainingStream(dataset, root, ds=ds_w, image_size=image_size, seed=seed, example_fn=example_fn)
-        counter = st.SampleCounter(strict=True)
+        counter = SampleCounter(strict=True)
         counter.start_epoch(0)
 
         def counted():
