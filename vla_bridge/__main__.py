@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from . import hardware, preflight
+from .config import resolve_run_config, write_json
+from .data.build import ensure_demo_dataset
+from .export import ExportError, export_policy
+from .finetune import cli_train
+from .plots import check_figures
+from .pretrain import PretrainParams, describe_base, ensure_tiny_base
+from .tools.bench import bench_eval, bench_loader, format_bench, format_bench_eval
+from .tools.bench_train import bench_train, bench_train_worker, format_bench_train
+from .tools.runner import execute_notebook, load_params_file, parse_kv
 
 
 def _cmd_run_notebook(args: argparse.Namespace) -> int:
-    from .tools.runner import execute_notebook, load_params_file, parse_kv
-
     params = load_params_file(args.params_file)
     params.update(parse_kv(args.param or []))
     execute_notebook(args.notebook, args.out, params, kernel_name=args.kernel)
@@ -17,17 +27,12 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .finetune import cli_train
-    from .tools.runner import load_params_file, parse_kv
-
     params = load_params_file(args.params)
     params.update(parse_kv(args.param or []))
     return cli_train(params)
 
 
 def _cmd_check_figures(args: argparse.Namespace) -> int:
-    from .plots import check_figures
-
     files, problems = check_figures(*args.dirs)
     if not files:
         print(f"check-figures: no PNG under {', '.join(args.dirs)}: run the notebook first", file=sys.stderr)
@@ -39,9 +44,6 @@ def _cmd_check_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_preflight(args: argparse.Namespace) -> int:
-    from . import hardware, preflight
-    from .config import resolve_run_config
-
     cfg = resolve_run_config({"POLICY": args.policy, "DATASET": args.dataset})
     results = preflight.run_preflight(cfg.policy, cfg.dataset, cfg.model_id, hardware.Decision(cfg.hub, cfg.hub_reason),
                                      cfg.outputs_dir)
@@ -52,8 +54,6 @@ def _cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from .data.build import ensure_demo_dataset
-
     build = ensure_demo_dataset(args.out, episodes=args.episodes, seed=args.seed, image_size=args.image_size,
                                 force=args.force, progress=not args.quiet)
     print(build.describe())
@@ -63,23 +63,17 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_loader(args: argparse.Namespace) -> int:
-    from .tools.bench import bench_loader, format_bench
-
     res = bench_loader(args.dataset, root=args.root, frames=args.frames, image_size=args.image_size,
                        workers=args.workers, data_dir=args.data_dir, seed=args.seed, buffer_size=args.buffer_size,
                        default_threads=args.default_threads, batch_size=args.batch_size, split=args.split,
                        warmup=args.warmup)
     print(format_bench(res))
     if args.json:
-        from .config import write_json
-
         print(f"saved {write_json(args.json, res)}")
     return 0
 
 
 def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
-    from .pretrain import PretrainParams, describe_base, ensure_tiny_base
-
     params = PretrainParams(steps=args.steps) if args.steps else PretrainParams()
     path, info = ensure_tiny_base(f"{args.data_dir}/tiny_vla_base", args.unnorm_key, params, force=args.force)
     print(f"{path}: {describe_base(info)}")
@@ -87,8 +81,6 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from .tools.bench_train import bench_train, bench_train_worker, format_bench_train
-
     if args.worker_json:  # one of the processes of the multi-process row (started by bench_train itself)
         bench_train_worker(args.worker_json, args.data_dir, args.steps, args.batch_size, args.rank, args.threads)
         return 0
@@ -98,22 +90,14 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_eval(args: argparse.Namespace) -> int:
-    from .tools.bench import bench_eval, format_bench_eval
-
     res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None)
     print(format_bench_eval(res))
     if args.json:
-        from .config import write_json
-
         print(f"saved {write_json(args.json, res)}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .export import ExportError, export_policy
-
     adapter = args.adapter or str(Path(args.outputs_dir) / "checkpoints" / args.run / "latest")
     try:
         result = export_policy(adapter, out_dir=args.out, base=args.base, unnorm_key=args.unnorm_key,

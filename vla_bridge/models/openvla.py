@@ -43,7 +43,6 @@ import torch
 import torch.nn as nn
 import transformers
 from transformers import AutoModelForVision2Seq, AutoProcessor, BitsAndBytesConfig
-from transformers.utils import HF_MODULES_CACHE
 
 from ..data.stats import validated_entry
 from ..preflight import OPENVLA_TIMM_VERSIONS
@@ -261,13 +260,13 @@ def _check_environment(source: str) -> None:
         warnings.warn(f"OpenVLA was released against transformers==4.40.1 (found {transformers.__version__}); "
                       f"predict_action may differ", stacklevel=3)
     try:
-        os.makedirs(HF_MODULES_CACHE, exist_ok=True)
-        writable = os.access(HF_MODULES_CACHE, os.W_OK)
+        os.makedirs(transformers.utils.HF_MODULES_CACHE, exist_ok=True)
+        writable = os.access(transformers.utils.HF_MODULES_CACHE, os.W_OK)
     except OSError:
         writable = False
     if not writable:
-        raise ModelLoadError(f"trust_remote_code copies OpenVLA's model code to {HF_MODULES_CACHE}, which is not "
-                             f"writable; set HF_HOME to a writable directory")
+        raise ModelLoadError(f"trust_remote_code copies OpenVLA's model code to {transformers.utils.HF_MODULES_CACHE}, "
+                             f"which is not writable; set HF_HOME to a writable directory")
 
 
 def load_openvla(model_id: str, precision: str = "bf16", device: Optional[Union[str, torch.device]] = None,
