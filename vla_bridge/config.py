@@ -108,7 +108,7 @@ class RunConfig:
     export: bool = False          # EXPORT resolved: section 13 merges and saves outputs/export/<run>/
     num_processes: int = 1        # NUM_PROCESSES resolved: data-parallel training processes
 
-    # ----- stable output locations (DESIGN.md "Outputs")
+    # ----- stable output locations (docs/ARCHITECTURE.md "Layouts")
     def path(self, kind: str) -> Path:
         """outputs/<kind>/<run> for kind in checkpoints, logs, eval, figures, videos."""
         return Path(self.outputs_dir) / kind / self.run_name

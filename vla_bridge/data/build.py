@@ -6,7 +6,7 @@ source, the lerobot version and the parameters, so the dataset is rebuilt only w
 complete build with the same key is reused in milliseconds. A build is written to a temporary directory and renamed
 when complete, so an interrupted build is never reused.
 
-What lands in the root (Bridge's schema; see DESIGN.md "Bridge schema"):
+What lands in the root (Bridge's schema; see docs/ARCHITECTURE.md "Layouts"):
 
 * lerobot's layout: ``meta/info.json`` (``codebase_version`` v3.0, 5 fps, robot ``widowx``), ``meta/tasks.parquet``,
   ``meta/episodes/``, ``meta/stats.json``, ``data/chunk-*/file-*.parquet`` and one MP4 stream per camera under

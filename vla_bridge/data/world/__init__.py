@@ -99,7 +99,7 @@ from .recording import (
     run_expert,
     sample_task_seeds,
 )
-from .render import _SS, CAMERAS, _cams  # noqa: F401  (_cams / _SS: the camera model, used by vla_bridge.probes)
+from .render import _SS, CAMERAS, _cams  # noqa: F401  (_cams / _SS: the camera model, used by vla_bridge.evaluation.video)
 from .scene import FAMILY_SPECS, TARGET_SPECS
 from .tasks import (
     ALL_COLORS,
