@@ -18,7 +18,7 @@ def _cmd_run_notebook(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .finetune import cli_train
-    from .runner import load_params_file, parse_kv
+    from .tools.runner import load_params_file, parse_kv
 
     params = load_params_file(args.params)
     params.update(parse_kv(args.param or []))
