@@ -505,7 +505,7 @@ if not OCTO:
 # action, e.g. droll/dpitch on the embedded world) as always right, so it reads higher than the motion it predicts.
 
 # %%
-from vla_bridge.training import loss_descent_check, read_log
+from vla_bridge.train_log import loss_descent_check, read_log
 
 log = read_log(result.log_path)
 curve = plots.plot_loss_curve(log, cfg.path("figures") / "loss_curve.png", octo=OCTO)

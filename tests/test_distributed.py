@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from vla_bridge import finetune
+from vla_bridge.checkpoints import (LATEST, META_FILE, STATE_FILE, TrainingError, check_resume_parameters,
+                                    resume_checkpoint)
 from vla_bridge.config import resolve_run_config
 from vla_bridge.data import counting, stream
 from vla_bridge.data.splits import make_split
@@ -26,8 +28,8 @@ from vla_bridge.hardware import Decision, HardwareInfo, PreflightError
 from vla_bridge.models.openvla import attach_lora, load_openvla
 from vla_bridge.models.tiny_vla import build_tiny_vla
 from vla_bridge.policy import load_policy
-from vla_bridge.training import (LATEST, META_FILE, STATE_FILE, TrainingError, check_resume_parameters, read_log,
-                                 resume_checkpoint, train)
+from vla_bridge.train_log import read_log
+from vla_bridge.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

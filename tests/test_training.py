@@ -15,14 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vla_bridge.checkpoints import LATEST, MAX_ABS_WEIGHT, META_FILE, STATE_FILE, TrainingError, resume_checkpoint
 from vla_bridge.data.build import ensure_demo_dataset
 from vla_bridge.data.splits import make_split
 from vla_bridge.data.stats import compute_action_stats, norm_stats_entry
 from vla_bridge.data.stream import TrainingStream
 from vla_bridge.models.openvla import attach_lora, lora_config
 from vla_bridge.models.tiny_vla import build_tiny_vla
-from vla_bridge.training import (LATEST, MAX_ABS_WEIGHT, META_FILE, STATE_FILE, TrainConfig, TrainingError, read_log,
-                                 resume_checkpoint, train)
+from vla_bridge.train_log import read_log
+from vla_bridge.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

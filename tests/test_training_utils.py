@@ -8,8 +8,10 @@ import json
 import math
 import os
 
-from vla_bridge.training import (LATEST, META_FILE, STATE_FILE, _atomic_dir_write, _publish_latest, clean_leftovers,
-                                 divergence, loss_descent_check, lr_lambda, resume_checkpoint, smoothed)
+from vla_bridge.checkpoints import (LATEST, META_FILE, STATE_FILE, _atomic_dir_write, _publish_latest, clean_leftovers,
+                                    resume_checkpoint)
+from vla_bridge.train_log import loss_descent_check, smoothed
+from vla_bridge.training import divergence, lr_lambda
 
 
 def test_lr_schedule_warmup_then_cosine():

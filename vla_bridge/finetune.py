@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from . import hardware, plots
+from .checkpoints import TrainingError, load_checkpoint_weights
 from .config import RunConfig, resolve_run_config, write_json
 from .data import build, counting, source, splits, stream
 from .data import stats as dstats
@@ -39,8 +40,8 @@ from .hardware import PreflightError
 from .models.lora import trainable_parameters
 from .models.openvla import ModelLoadError, attach_lora, model_image_size
 from .policy import PolicyLoadError, load_policy
-from .training import (TrainConfig, TrainingError, TrainResult, load_checkpoint_weights, loss_descent_check, read_log,
-                       train)
+from .train_log import loss_descent_check, read_log
+from .training import TrainConfig, TrainResult, train
 
 # The project's one-line errors: the CLI prints them as one line (anything else keeps its traceback).
 ONE_LINE_ERRORS = (PreflightError, TrainingError, source.StreamError, counting.RepeatedSampleError,

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .data.episodes import collect_episodes
 from .data.schema import feature_names
 from .images import to_uint8_hwc
-from .training import smoothed
+from .train_log import smoothed
 
 _UNITS = {"dx": "m", "dy": "m", "dz": "m", "droll": "rad", "dpitch": "rad", "dyaw": "rad", "gripper": "1 = open"}
 

@@ -6,11 +6,13 @@ What it does, in upstream's terms (openvla/vla-scripts/finetune.py):
 - gradient accumulation: ``batch_size`` examples per micro-batch, ``grad_accum`` micro-batches per optimizer step;
 - bf16 autocast on a GPU (through accelerate), fp32 on a CPU;
 - every ``log_every`` optimizer steps one JSON line in ``outputs/logs/<run>/train_log.jsonl``: step, loss,
-  action_accuracy, l1 (de-normalized action units; ``l1_normalized`` is upstream's [-1, 1] figure), lr;
+  action_accuracy, l1 (de-normalized action units; ``l1_normalized`` is upstream's [-1, 1] figure), lr (read
+  back by :mod:`vla_bridge.train_log`);
 - checkpoints every ``save_every`` steps and at the end in ``outputs/checkpoints/<run>/step_XXXXXX/`` (adapter
   weights + config, ``training_state.pt``, ``dataset_statistics.json``, ``checkpoint.json`` with the run's
   parameters), each written to a temporary directory and renamed into place; ``latest`` is a symlink to the newest
-  one, swapped with one ``os.replace``, so a kill at any moment leaves every visible checkpoint complete;
+  one, swapped with one ``os.replace``, so a kill at any moment leaves every visible checkpoint complete
+  (the layout, its writer and RESUME's reader: :mod:`vla_bridge.checkpoints`);
 - ``resume=True`` continues from the newest complete ``step_*`` (``latest``'s target, or a newer one a kill left
   unpublished): optimizer, scheduler, step, RNG states and the data position, so the resumed run matches an
   uninterrupted one. A resume whose parameters would change the run (rank, alpha, learning rate, schedule, batch,
@@ -43,8 +45,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -52,40 +52,18 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 import torch
 
-from .data.stats import save_dataset_statistics
+from .checkpoints import (LATEST, TrainingError, WeightsError, clean_leftovers, load_checkpoint_weights, open_resume,
+                          resume_position, rng_state, save_checkpoint, weights_problem)
 from .images import train_transform
 from .progress import tqdm
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 
-STATE_FILE = "training_state.pt"
-META_FILE = "checkpoint.json"     # step, frames_seen, saved_at and the run's parameters: small, read without torch
-LATEST = "latest"                 # a symlink to the newest step_XXXXXX/
-STEP_DIR = re.compile(r"step_\d{6,}")
-LEFTOVER = re.compile(r"\..+\.(tmp|old)-\d+")   # what a killed writer leaves behind
-
-# TrainConfig fields that define the run, by their notebook names: RESUME refuses to change them (the adapter's
-# LORA_RANK / LORA_ALPHA / LORA_DROPOUT / LORA_TARGETS are read from the model and checked too). Everything else
-# (LOG_EVERY, SAVE_EVERY, USE_WANDB, progress, ...) may change between a run and its resume.
-RUN_DEFINING = {"max_steps": "MAX_STEPS", "batch_size": "BATCH_SIZE", "grad_accum": "GRAD_ACCUM",
-                "learning_rate": "LEARNING_RATE", "warmup_steps": "WARMUP_STEPS", "max_grad_norm": "MAX_GRAD_NORM",
-                "weight_decay": "WEIGHT_DECAY", "seed": "SEED", "image_aug": "IMAGE_AUG", "unnorm_key": "UNNORM_KEY",
-                "save_full_model": "SAVE_FULL_MODEL"}
-
 # Divergence: the smoothed loss back at a uniform distribution over the vocabulary (ln V) after starting well below
-# it, or far above the first step's loss. Weights beyond MAX_ABS_WEIGHT are treated as blown up, like NaN.
+# it, or far above the first step's loss. Blown-up weights: checkpoints.weights_problem.
 UNIFORM_FRACTION = 0.9        # loss ≥ 0.9·ln V counts as "back at uniform" ...
 UNIFORM_START_BELOW = 0.75    # ... when the run started below 0.75·ln V
 RISE_FACTOR = 3.0             # or the loss is ≥ 3× the first step's
-LOSS_EMA_ALPHA = 0.2          # the smoothing of `smoothed` (the loss curve's line)
-MAX_ABS_WEIGHT = 1e4
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or had to stop; the message says why and what to do."""
-
-
-class WeightsError(TrainingError):
-    """The weights are non-finite or blown up: they are not written as a checkpoint."""
+LOSS_EMA_ALPHA = 0.2          # the smoothing of `train_log.smoothed` (the loss curve's line)
 
 
 class FrameSource(Protocol):
@@ -156,81 +134,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(np_rng: np.random.Generator) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "aug": np_rng.bit_generator.state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, np_rng: np.random.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    np_rng.bit_generator.state = state["aug"]
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
-    """Write a directory through ``write(tmp)`` and rename it into place; replace ``final`` if it exists.
-
-    Only a complete directory ever carries the final name. Replacing an existing ``final`` takes two renames (it is
-    moved aside first); a kill between them leaves ``final`` absent and its old copy in ``.<name>.old-<pid>``, which
-    the next write (or :func:`clean_leftovers`) removes.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
-
-
-def _publish_latest(ckpt_dir: Path, step_dir: Path) -> None:
-    """Point ``latest`` at ``step_dir`` with one atomic ``os.replace`` of a relative symlink."""
-    link = ckpt_dir / f".{LATEST}.tmp-{os.getpid()}"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(step_dir.name, link)
-    latest = ckpt_dir / LATEST
-    if latest.is_dir() and not latest.is_symlink():  # a copied latest/ from before the symlink layout
-        latest.rename(ckpt_dir / f".{LATEST}.old-{os.getpid()}")
-    os.replace(link, latest)
-
-
-def clean_leftovers(ckpt_dir: Path) -> list[str]:
-    """Remove the ``.*.tmp-<pid>`` / ``.*.old-<pid>`` entries a killed writer left in ``ckpt_dir``; their names."""
-    removed = []
-    for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
-        if LEFTOVER.fullmatch(p.name):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-def weights_problem(params) -> str | None:
-    """Why the parameters are unusable — non-finite, or beyond ``MAX_ABS_WEIGHT`` (a blown-up run) — or None."""
-    worst = 0.0
-    for p in params:
-        d = p.detach()
-        if not torch.isfinite(d).all():
-            return "the weights hold NaN/inf"
-        worst = max(worst, float(d.abs().max()))
-    if worst > MAX_ABS_WEIGHT:
-        return f"a weight reached |w| = {worst:.3g} (> {MAX_ABS_WEIGHT:g}): the run blew up"
-    return None
-
 
 def divergence(loss: float, first_loss: float, uniform_loss: float) -> str | None:
     """Why ``loss`` (smoothed) says the run diverged, or None: back at ln(vocabulary) after starting well below it,
@@ -241,138 +144,6 @@ def divergence(loss: float, first_loss: float, uniform_loss: float) -> str | Non
     if first_loss > 0 and loss >= RISE_FACTOR * first_loss:
         return f"the loss rose from {first_loss:.3f} to {loss:.3f} (≥ {RISE_FACTOR:g}× where it started)"
     return None
-
-
-def run_parameters(model, cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
-    """The parameters that define the run, by their notebook names: ``RUN_DEFINING`` plus the adapter's (and
-    ``WORLD_SIZE``, the number of training processes, when it is not 1)."""
-    out = {name: getattr(cfg, field) for field, name in RUN_DEFINING.items()}
-    if world_size > 1:
-        out["WORLD_SIZE"] = int(world_size)
-    lora = (getattr(model, "peft_config", None) or {}).get("default")
-    if lora is not None:
-        out.update(_adapter_parameters(lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules))
-    return out
-
-
-def _adapter_parameters(r, alpha, dropout, targets) -> dict[str, Any]:
-    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
-    return {"LORA_RANK": r, "LORA_ALPHA": alpha, "LORA_DROPOUT": dropout, "LORA_TARGETS": targets}
-
-
-def save_checkpoint(model, optimizer, scheduler, step: int, frames_seen: int, np_rng: np.random.Generator,
-                    norm_stats: Mapping[str, Any], cfg: TrainConfig, extra_state: Mapping[str, Any] | None = None,
-                    world_size: int = 1) -> Path:
-    """``step_XXXXXX/`` (weights — adapter or full —, training_state.pt, dataset_statistics.json, checkpoint.json),
-    then ``latest`` → it. The weights are checked first: NaN/inf or blown-up weights are never written.
-    With several training processes only process 0 calls this (``checkpoint.json`` then names its writer)."""
-    bad = weights_problem(p for p in model.parameters() if p.requires_grad)
-    if bad:
-        raise WeightsError(f"{bad}; the step-{step} checkpoint was not written")
-    meta = {"step": step, "frames_seen": frames_seen, "saved_at": time.time(),
-            "run": run_parameters(model, cfg, world_size)}
-    if world_size > 1:
-        meta["written_by"] = {"rank": 0, "world_size": int(world_size), "pid": os.getpid()}
-
-    def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp))
-        torch.save({"step": step, "frames_seen": frames_seen, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(np_rng),
-                    "config": dataclasses.asdict(cfg), **(extra_state or {})}, tmp / STATE_FILE)
-        save_dataset_statistics(tmp, norm_stats)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-
-    step_dir = _atomic_dir_write(cfg.checkpoint_dir / f"step_{step:06d}", write)
-    _publish_latest(cfg.checkpoint_dir, step_dir)
-    clean_leftovers(cfg.checkpoint_dir)
-    return step_dir
-
-
-def _checkpoint_meta(ckpt: Path) -> dict | None:
-    """A complete checkpoint's ``checkpoint.json`` (older ones: step and time from the state file), else None."""
-    weights = ("adapter_model.safetensors", "model.safetensors")
-    if not (ckpt / STATE_FILE).is_file() or not any((ckpt / w).is_file() for w in weights):
-        return None
-    if (ckpt / META_FILE).is_file():
-        return json.loads((ckpt / META_FILE).read_text())
-    return {"step": int(ckpt.name.split("_")[1]), "saved_at": (ckpt / STATE_FILE).stat().st_mtime}
-
-
-def resume_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint RESUME continues from: the most recently saved complete ``step_*`` (None if there is none).
-
-    That is ``latest``'s target, or a newer step a kill left before ``latest`` was switched to it.
-    """
-    found = []
-    for p in Path(ckpt_dir).iterdir() if Path(ckpt_dir).is_dir() else []:
-        meta = _checkpoint_meta(p) if STEP_DIR.fullmatch(p.name) and p.is_dir() else None
-        if meta is not None:
-            found.append((float(meta["saved_at"]), int(meta["step"]), p))
-    return max(found)[2] if found else None
-
-
-def _saved_run_parameters(ckpt: Path, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The run parameters a checkpoint was trained with (older checkpoints: from its state and adapter config)."""
-    meta = _checkpoint_meta(ckpt) or {}
-    if "run" in meta:
-        return meta["run"]
-    saved = state.get("config", {})
-    out = {name: saved[field] for field, name in RUN_DEFINING.items() if field in saved}
-    adapter = ckpt / "adapter_config.json"
-    if adapter.is_file():
-        a = json.loads(adapter.read_text())
-        out.update(_adapter_parameters(a.get("r"), a.get("lora_alpha"), a.get("lora_dropout"), a.get("target_modules")))
-    return out
-
-
-def global_batch(params: Mapping[str, Any]) -> int:
-    """Frames per optimizer step of a run's parameters: BATCH_SIZE × GRAD_ACCUM × WORLD_SIZE (1 when absent)."""
-    return int(params["BATCH_SIZE"]) * int(params["GRAD_ACCUM"]) * int(params.get("WORLD_SIZE", 1))
-
-
-def check_resume_parameters(saved: Mapping[str, Any], now: Mapping[str, Any], ckpt: Path) -> None:
-    """Refuse a resume whose run-defining parameters differ from the checkpoint's, with a one-line old-vs-new diff.
-
-    The number of processes may change, and with it BATCH_SIZE / GRAD_ACCUM, as long as the global batch
-    (BATCH_SIZE × GRAD_ACCUM × processes) stays the one the run was trained with; with the same number of
-    processes BATCH_SIZE and GRAD_ACCUM are refused as before."""
-    batch_keys = ("BATCH_SIZE", "GRAD_ACCUM", "WORLD_SIZE")
-    diff = [k for k in now if k in saved and saved[k] != now[k]]
-    if saved.get("WORLD_SIZE", 1) != now.get("WORLD_SIZE", 1) and all(
-            k in saved and k in now for k in batch_keys[:2]):
-        if global_batch(saved) == global_batch(now):
-            diff = [k for k in diff if k not in batch_keys]
-        else:
-            g, n = global_batch(saved), int(now.get("WORLD_SIZE", 1))
-            keep = (f"BATCH_SIZE × GRAD_ACCUM = {g // n} with {n} processes" if g % n == 0 else
-                    f"a number of processes that divides {g}")
-            raise TrainingError(
-                f"RESUME refused: {ckpt} was trained with a global batch of {g} (BATCH_SIZE={saved['BATCH_SIZE']} × "
-                f"GRAD_ACCUM={saved['GRAD_ACCUM']} × {saved.get('WORLD_SIZE', 1)} processes); this run asks for "
-                f"{global_batch(now)} (BATCH_SIZE={now['BATCH_SIZE']} × GRAD_ACCUM={now['GRAD_ACCUM']} × {n} processes)"
-                f" — keep the global batch ({keep}), or RESUME=False (or another RUN_NAME) to start a new run")
-    if diff:
-        old = ", ".join(f"{k}={saved[k]!r}" for k in diff)
-        new = ", ".join(f"{k}={now[k]!r}" for k in diff)
-        raise TrainingError(f"RESUME refused: {ckpt} was trained with {old}; this run asks for {new} — set them back "
-                            f"to continue it, or RESUME=False (or another RUN_NAME) to start a new run")
-
-
-def load_checkpoint_weights(model, ckpt: Path, full_model: bool = False) -> None:
-    """Load a checkpoint's adapter (or, ``full_model``, its full weights) into ``model`` in place."""
-    from safetensors.torch import load_file
-
-    if full_model:
-        state = load_file(str(ckpt / "model.safetensors"))
-        model.load_state_dict(state, strict=False)
-        return
-    from peft import set_peft_model_state_dict  # lazy: peft imports transformers' heavy modules
-
-    adapter = ckpt / "adapter_model.safetensors"
-    if not adapter.exists():
-        raise TrainingError(f"RESUME: {ckpt} has no adapter_model.safetensors; delete it or set RESUME=False")
-    set_peft_model_state_dict(model, load_file(str(adapter)))
 
 
 def _wandb_run(cfg: TrainConfig, extra: Mapping[str, Any] | None = None):
@@ -450,17 +221,7 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     if main:
         clean_leftovers(cfg.checkpoint_dir)
     if cfg.resume:
-        resumed_from = resume_checkpoint(cfg.checkpoint_dir) if main else None
-        if world > 1:  # one process decides, so all continue from the same checkpoint
-            resumed_from = from_main(resumed_from)
-        if resumed_from is None:
-            raise TrainingError(f"RESUME=True but {cfg.checkpoint_dir} holds no complete checkpoint: train once "
-                                f"without RESUME first")
-        state = torch.load(resumed_from / STATE_FILE, map_location="cpu", weights_only=False)
-        check_resume_parameters(_saved_run_parameters(resumed_from, state), run_parameters(model, cfg, world),
-                                resumed_from)
-        if main and (cfg.checkpoint_dir / LATEST).resolve() != resumed_from.resolve():
-            _publish_latest(cfg.checkpoint_dir, resumed_from)  # a kill came between the rename and the switch
+        resumed_from, state = open_resume(cfg, model, world, main, from_main if world > 1 else None)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -479,24 +240,13 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
         load_checkpoint_weights(model, resumed_from, cfg.save_full_model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, frames_seen = int(state["step"]), int(state["frames_seen"])
+        step = int(state["step"])
         first_loss = state.get("first_loss")
-        position = state.get("data_position") or {"world_size": 1, "frames": [frames_seen]}
-        rng_state = (state.get("rank_rng") or [state["rng"]])[rank if position["world_size"] == world else 0]
-        _set_rng_state(rng_state, np_rng)
-        if position["world_size"] == world:
-            frames_seen = int(position["frames"][rank])
-        elif not hasattr(frames, "resume_start"):
-            raise TrainingError(f"RESUME with {world} processes from a {position['world_size']}-process checkpoint "
-                                f"needs a TrainingStream (it re-deals the episodes); resume with "
-                                f"{position['world_size']} processes instead")
-        else:
-            frames_seen = int(frames.resume_start(position["frames"]))
-            np_rng = np.random.default_rng([cfg.seed, rank, step])
+        frames_seen, np_rng, saved_world = resume_position(state, rank, world, frames, np_rng, cfg.seed)
         if main:
             print(f"resumed from {resumed_from} at step {step} ({int(state['frames_seen'])} frames seen)"
-                  + (f"; {position['world_size']} → {world} processes: the episodes are dealt anew, each process "
-                     f"starts at the same point of its epoch" if position["world_size"] != world else ""))
+                  + (f"; {saved_world} → {world} processes: the episodes are dealt anew, each process "
+                     f"starts at the same point of its epoch" if saved_world != world else ""))
             if step >= cfg.max_steps:
                 print(f"already at MAX_STEPS={cfg.max_steps}: nothing to do")
 
@@ -624,7 +374,7 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
                     if bad:
                         raise stop(step, f"{bad}; the step-{step} checkpoint was not written")
                     extra["data_position"] = {"world_size": world, "frames": gather_all(frames_seen)}
-                    extra["rank_rng"] = gather_all(_rng_state(np_rng))
+                    extra["rank_rng"] = gather_all(rng_state(np_rng))
                     saved_frames = sum(extra["data_position"]["frames"])
                 if main:
                     try:
@@ -644,34 +394,3 @@ def train(model, processor, frames: FrameSource, norm_stats: Mapping[str, Any], 
     return TrainResult(steps=step, frames_seen=total_all(frames_seen) if world > 1 else frames_seen,
                        log_path=cfg.log_path, last_checkpoint=last_ckpt, stopped_reason=stopped,
                        seconds=time.time() - t0, history=history, resumed_from=resumed_from)
-
-
-def read_log(path: str | os.PathLike) -> list[dict]:
-    p = Path(path)
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
-
-
-def smoothed(values: list[float], alpha: float = 0.2) -> list[float]:
-    """Exponential moving average (the loss curve's smoothed line and the descent check use it)."""
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * v + (1 - alpha) * acc
-        out.append(acc)
-    return out
-
-
-def loss_descent_check(log: list[dict], within_steps: int = 500) -> dict:
-    """Did the smoothed loss descend over the first ``within_steps`` steps (or the whole run if shorter)?
-
-    Compares the mean raw loss of the first and last tenth of those logged steps; passes when the last tenth is below
-    0.7× the first (the bar this project's issue sets).
-    """
-    rows = [r for r in log if r["step"] <= within_steps] or log
-    losses = [r["loss"] for r in rows]
-    if len(losses) < 2:
-        return {"ok": False, "reason": "fewer than 2 logged points", "n": len(losses)}
-    k = max(1, len(losses) // 10)
-    first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
-    sm = smoothed(losses)
-    return {"ok": last < 0.7 * first, "first_tenth": first, "last_tenth": last, "ratio": last / first,
-            "smoothed_start": sm[0], "smoothed_end": sm[-1], "steps": rows[-1]["step"], "n": len(losses)}
