@@ -254,12 +254,14 @@ def _launched_run(params: dict) -> None:
 def launch(params: Mapping[str, Any], cfg: RunConfig) -> Finetuned:
     """Section 7 with ``NUM_PROCESSES`` > 1: ``cfg.num_processes`` processes each run :func:`run`.
 
-    Through ``accelerate.notebook_launcher`` (fork) while this process has not touched CUDA; on a GPU the notebook
-    has (sections 1 and 4), and fork cannot carry CUDA, so the same run is started as
-    ``accelerate launch … -m vla_bridge train --params outputs/logs/<run>/run_params.json``. Either way the result
+    Through ``accelerate.notebook_launcher`` (fork) while this process has neither touched CUDA nor imported
+    bitsandbytes. On a GPU the notebook has touched CUDA (sections 1 and 4) and fork cannot carry it, and
+    notebook_launcher refuses once bitsandbytes is loaded, so then the same run is started as ``accelerate launch … -m vla_bridge train --params outputs/logs/<run>/run_params.json``. Either way the result
     is read back from what process 0 wrote."""
     params = {**params, "NUM_PROCESSES": cfg.num_processes}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    # notebook_launcher refuses to fork once bitsandbytes is imported (peft imports it when installed, so on a Linux
+    # box any earlier LoRA cell did): then the subprocess launcher too
+    if (torch.cuda.is_available() and torch.cuda.is_initialized()) or "bitsandbytes" in sys.modules:
         path = write_json(cfg.path("logs") / PARAMS_FILE, params)
         run_launcher(launch_command(cfg.num_processes, path))
     else:
