@@ -256,8 +256,9 @@ def launch(params: Mapping[str, Any], cfg: RunConfig) -> Finetuned:
 
     Through ``accelerate.notebook_launcher`` (fork) while this process has neither touched CUDA nor imported
     bitsandbytes. On a GPU the notebook has touched CUDA (sections 1 and 4) and fork cannot carry it, and
-    notebook_launcher refuses once bitsandbytes is loaded, so then the same run is started as ``accelerate launch … -m vla_bridge train --params outputs/logs/<run>/run_params.json``. Either way the result
-    is read back from what process 0 wrote."""
+    notebook_launcher refuses once bitsandbytes is loaded, so then the same run is started as
+    ``accelerate launch … -m vla_bridge train --params outputs/logs/<run>/run_params.json``. Either way the result is
+    read back from what process 0 wrote."""
     params = {**params, "NUM_PROCESSES": cfg.num_processes}
     # notebook_launcher refuses to fork once bitsandbytes is imported (peft imports it when installed, so on a Linux
     # box any earlier LoRA cell did): then the subprocess launcher too
