@@ -100,9 +100,10 @@ def test_octo_policy_act_reports_progress_per_request():
     assert np.allclose(acts[:, :6], 0.5) and np.allclose(acts[:, 6], 0.5)   # de-normalized; gripper passes through
 
 
-def test_missing_model_directory_is_reported_as_such_not_as_the_hub(tmp_path):
+def test_missing_model_directory_is_reported_as_such_not_as_the_hub(tmp_path, monkeypatch):
     """Issue 13: MODEL_ID=/nonexistent on POLICY=octo was reported as "hub unreachable" (and with the hub up it
     failed only inside the worker, after the shards were written)."""
+    monkeypatch.chdir(tmp_path)   # the relative MODEL_IDs below name nothing here (a checkout may hold data/tiny_vla_base)
     down = hardware.Decision("no", "offline")
     missing = str(tmp_path / "nonexistent")
     checks = preflight.run_preflight("octo", "embedded", missing, down, tmp_path)

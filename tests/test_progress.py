@@ -61,4 +61,4 @@ def test_every_bar_goes_through_vla_bridge_progress():
 
 
 def test_run_notebook_sets_line_mode_for_the_kernel():
-    assert 'os.environ.setdefault("VLA_BRIDGE_PROGRESS", "line")' in (ROOT / "vla_bridge" / "runner.py").read_text()
+    assert 'os.environ.setdefault("VLA_BRIDGE_PROGRESS", "line")' in (ROOT / "vla_bridge" / "tools" / "runner.py").read_text()
