@@ -79,7 +79,7 @@ HUB_TIMEOUT_S = 3.0
 OUTPUTS_DIR = "outputs"
 DATA_DIR = "data"
 DEMO_EPISODES = "auto"   # embedded dataset size: auto → what the tiny VLA needs; a total N; or per-split counts (README)
-STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → 1000)
+STREAM_BATCHES = "auto"  # batches streamed in the data section (auto → as many as 10 s allow)
 EXPORT = "auto"          # section 13: merge LoRA into a standalone checkpoint; auto → on for tiny, off for 7B
 NUM_PROCESSES = 1        # section 7's data-parallel training processes; auto → the visible GPUs on OpenVLA
 
@@ -95,8 +95,11 @@ from pathlib import Path
 if not any((Path(p) / "vla_bridge").is_dir() for p in sys.path if p):
     sys.path.insert(0, str(Path.cwd()))
 
-from vla_bridge import hardware, preflight
+from vla_bridge import hardware, preflight, timings
 from vla_bridge.config import DEFAULT_PARAMS, resolve_run_config, write_json
+
+timer = timings.SectionTimer.for_this_kernel()  # seconds per section: outputs/logs/<run>/timings.json, table at the end
+timer.section("0 imports")
 
 PARAMS = {name: globals()[name] for name in DEFAULT_PARAMS}
 
@@ -116,6 +119,7 @@ PARAMS = {name: globals()[name] for name in DEFAULT_PARAMS}
 # `FORCE_PATH=openvla|octo|tiny` in the environment, or the `POLICY` parameter, overrides the table.
 
 # %%
+timer.section("1 hardware")
 hw = hardware.detect_hardware()
 print(f"CUDA available : {hw.cuda_available}")
 print(f"device         : {hw.device_name}" + (f"  (×{hw.gpu_count})" if hw.gpu_count > 1 else ""))
@@ -129,6 +133,7 @@ print()
 
 cfg = resolve_run_config(PARAMS, hw=hw)
 print(cfg.summary())
+timer.save_to(cfg.path("logs") / "timings.json")
 
 # %% [markdown]
 # ## 2. Install verification and pre-flight
@@ -144,6 +149,7 @@ print(cfg.summary())
 # The results are saved as JSON next to the run's logs, so a failed headless run can be diagnosed afterwards.
 
 # %%
+timer.section("2 pre-flight")
 versions = preflight.package_versions()
 for name, version in versions.items():
     print(f"{name:>13}: {version or 'not installed'}")
@@ -176,6 +182,7 @@ preflight.raise_on_failure(checks)
 # rebuilt only when the world's code or the parameters change.
 
 # %%
+timer.section("3 data: build or open the dataset")
 import time
 
 from vla_bridge import plots
@@ -208,6 +215,7 @@ print(f"{DATA_SOURCE}: LeRobot {data_source.codebase_version}, {data_source.info
 # `meta/tasks` from its `task_index`.
 
 # %%
+timer.section("3a stream and schema")
 ds = stream.open_dataset(DATA_SOURCE, seed=cfg.seed)
 print(schema.format_schema(schema.schema(ds)))
 
@@ -234,6 +242,7 @@ print(schema.format_schema(schema.schema(ds)))
 # counts differ by design.
 
 # %%
+timer.section("3b splits")
 split = splits.make_split(ds)  # raises LeakageError if a held-out string is in training
 print(split.describe())
 print(f"\nleakage check passed: none of the {split.details['leakage_checked']} held-out task strings "
@@ -261,6 +270,7 @@ print(f"saved {write_json(cfg.path('logs') / 'split.json', split.as_dict())}")
 # the evaluation split into the normalization.
 
 # %%
+timer.section("3c action statistics")
 action_stats = dstats.compute_action_stats(ds, episodes=split.train, cache_dir=Path(cfg.data_dir) / "action_stats")
 stats_path = dstats.save_dataset_statistics(cfg.path("logs"), {cfg.unnorm_key: dstats.norm_stats_entry(action_stats)})
 print(dstats.format_stats_table(action_stats, ds.meta.features["action"]))
@@ -275,6 +285,7 @@ print(f"\nsaved {stats_path} under unnorm_key {cfg.unnorm_key!r}")
 # command is a step function — closed while carrying.
 
 # %%
+timer.section("3d look at the data")
 from IPython import display as ipd
 
 figures = plots.plot_data_figures(ds, split.train, cfg.path("figures"), n=3, seed=cfg.seed)
@@ -286,24 +297,27 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 # ### 3e. Stream training batches
 #
 # The training loop consumes this stream: the training episodes, shuffled through lerobot's buffer, each frame
-# decoded, converted to uint8 and resized to the model's input size. We pull `STREAM_BATCHES` batches of
-# `BATCH_SIZE` frames through it and count every `(episode_index, frame_index)`: a finite split repeats after each
-# pass (an *epoch*), which is expected and shown per epoch; the same frame twice within one epoch would be a
-# sampling bug and raises. The loader runs with one torch thread: on small machines the per-frame tensor ops
+# decoded, converted to uint8 and resized to the model's input size. We pull batches of `BATCH_SIZE` frames through
+# it for 10 seconds (`stream.STREAM_CHECK_SECONDS`, and at least into the second pass; `STREAM_BATCHES=N` asks for N
+# batches instead) and count every `(episode_index, frame_index)`: a finite split repeats after each pass (an
+# *epoch*), which is expected and shown per epoch; the same frame twice within one epoch would be a sampling bug and
+# raises. The loader runs with one torch thread: on small machines the per-frame tensor ops
 # otherwise wait on FFmpeg's threads (4× to 100× slower in our measurements on 2 cores, worst on a busy machine).
 
 # %%
+timer.section("3e stream check")
 from vla_bridge.progress import tqdm
 
-n_batches = 1000 if STREAM_BATCHES == "auto" else int(STREAM_BATCHES)
+check_s = stream.STREAM_CHECK_SECONDS if STREAM_BATCHES == "auto" else None  # auto: sized by time, not batches
+n_batches = None if check_s else int(STREAM_BATCHES)
 train_stream = stream.TrainingStream(DATA_SOURCE, episodes=split.train, image_size=stream.policy_image_size(cfg.policy),
                                      seed=cfg.seed)
 t0 = time.perf_counter()
-for batch in tqdm(train_stream.batches(cfg.batch_size, n_batches), total=n_batches, desc="training batches",
-                  mininterval=2.0):
+for n_done, batch in enumerate(tqdm(train_stream.batches(cfg.batch_size, n_batches, seconds=check_s),
+                                    total=n_batches, desc="training batches", mininterval=2.0), start=1):
     pass
 seconds = time.perf_counter() - t0
-print(f"{n_batches:,} batches of {cfg.batch_size} ({train_stream.counter.frames:,} frames) in {seconds:.1f} s "
+print(f"{n_done:,} batches of {cfg.batch_size} ({train_stream.counter.frames:,} frames) in {seconds:.1f} s "
       f"= {train_stream.counter.frames / seconds:,.0f} frames/s; image {batch[0]['image'].shape}")
 print(train_stream.summary())
 print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.counter.as_dict())}")
@@ -327,6 +341,7 @@ print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.c
 # de-normalizes with exactly the statistics the training below normalizes with.
 
 # %%
+timer.section("4 load the policy (the tiny base: shipped, or pretrained once)")
 from vla_bridge.policy import load_policy
 
 OCTO = cfg.policy == "octo"  # Octo-Small runs in .venv-octo: see "4-Octo" below
@@ -394,6 +409,7 @@ else:
 # at most half a bin, (q99 − q01) / 255 / 2 per dimension.
 
 # %%
+timer.section("5 action tokenization")
 import numpy as np
 
 from vla_bridge import tokenization as tok
@@ -435,6 +451,7 @@ else:
 # is a much larger share (about 15 %), because its layers are only a few hundred wide.
 
 # %%
+timer.section("6 LoRA")
 from vla_bridge.models.lora import trainable_parameters
 from vla_bridge.models.openvla import attach_lora
 
@@ -469,6 +486,7 @@ else:
 # loaded into this kernel's model: evaluation stays single-process.
 
 # %%
+timer.section("7 fine-tune")
 from vla_bridge import finetune
 from vla_bridge.models.openvla import model_image_size
 from vla_bridge.training import train
@@ -505,6 +523,7 @@ if not OCTO:
 # action, e.g. droll/dpitch on the embedded world) as always right, so it reads higher than the motion it predicts.
 
 # %%
+timer.section("8 training curves")
 from vla_bridge.train_log import loss_descent_check, read_log
 
 log = read_log(result.log_path)
@@ -548,6 +567,7 @@ print(f"latest checkpoint holds: {ckpt_files}")
 # as calling `predict_action` frame by frame, several times faster (`python -m vla_bridge bench-eval`).
 
 # %%
+timer.section("9 evaluation")
 from vla_bridge import evaluation
 
 if OCTO:  # the same evaluation, with the worker serving the fine-tuned and the before-fine-tuning weights
@@ -584,6 +604,7 @@ print(f"\nsaved {eval_report.json_path} and {eval_report.table_path}")
 # table's L1 above.
 
 # %%
+timer.section("10 probes")
 if OCTO:
     probe_result = None
     print("skipped on POLICY=octo: the probes read the VLA's first-action-token distribution (KL), which Octo's "
@@ -603,6 +624,7 @@ else:
 # On Bridge: the demonstration's frames with the predicted (orange) and demonstrated (green) xy motion as arrows.
 
 # %%
+timer.section("10a rollout video")
 if OCTO:
     print("skipped on POLICY=octo: the rollout video drives the torch VLA through its processor; Octo's closed-loop "
           "rollouts are in the evaluation above (per-episode records in eval.json)")
@@ -622,6 +644,7 @@ else:
 # fine-tuning data did not cover; failures spread evenly point at the policy itself.
 
 # %%
+timer.section("10b failure mining")
 failures = evaluation.mine_failures(eval_report, cfg.path("figures"))
 print(failures.text())
 if failures.sheet_path:
@@ -652,6 +675,7 @@ if failures.sheet_path:
 # opt-in (set `ABLATION_RANKS`).
 
 # %%
+timer.section("11 ablations")
 from vla_bridge import ablations, report
 
 ablation_steps = max(20, cfg.max_steps // 4)
@@ -669,7 +693,8 @@ elif cfg.ablation_ranks:
     world_rows = build.load_episode_sidecar(DATA_SOURCE) if hardware.is_embedded(cfg.dataset) else None
     holdout = ablations.object_holdout(cfg, loaded.model_id, loaded.precision, action_stats, DATA_SOURCE, ds, split,
                                        world_rows, ablation_steps, eval_report.data["per_episode"],
-                                       evaluation.EvalConfig(episodes_per_task=4, groups=["finetune_eval"], threads=2))
+                                       evaluation.EvalConfig(episodes_per_task=4, groups=["finetune_eval"], threads=2),
+                                       sweep=rank_runs)  # its control = the sweep's run at LORA_RANK, re-evaluated
     print(report.format_holdout(holdout))
 else:
     rank_runs, holdout = [], {"skipped": "ABLATION_RANKS is empty (the default on OpenVLA-7B: about an A100-hour per run)"}
@@ -685,6 +710,7 @@ else:
 # where none does. A NaN is never reported as a finding; "reads the scene" needs the other-scene CI to exclude 0.
 
 # %%
+timer.section("12 reflection")
 overlap = splits.instruction_overlap(split)
 reflection = report.reflection(eval_report, probe_result, overlap, result, cfg, rank_runs, holdout,
                                train_frames=split.frames(split.train), loss_check=check)
@@ -713,6 +739,7 @@ ipd.display(ipd.Markdown(reflection))
 # tiny path only: on OpenVLA-7B it writes ~15 GB (set `EXPORT=True`, or later `python -m vla_bridge export`).
 
 # %%
+timer.section("13 export")
 from vla_bridge.data.episodes import load_episodes
 from vla_bridge.export import export_policy
 
@@ -741,3 +768,17 @@ else:
 # | verb / noun slices and failure mining (10b) | slice-based evaluation: metrics per behaviour, object, site |
 # | paraphrase / colour / camera / scene probes (10) | operating-domain shift: new phrasing, lighting, sensors, sites |
 # | `unnorm_key` and per-dataset q01/q99 statistics (3c, 4) | per-platform calibration of the action space |
+
+# %% [markdown]
+# ## 15. Where the time went
+#
+# Seconds per section of this run, counted from each cell's execution (not the time between cells). On the CPU
+# path the default run is budgeted at 10 minutes on 2 cores, the embedded world's one-off build included; a second
+# run reuses the dataset and is faster by that much. The same numbers are in `outputs/logs/<run>/timings.json`, so a
+# run can be compared with another section by section.
+
+# %%
+timer.section("15 timings")
+timings_path = timer.save()
+ipd.display(ipd.Markdown(timer.table(budget_s=timings.CPU_BUDGET_S if cfg.policy == "tiny" else None)))
+print(f"saved {timings_path}")

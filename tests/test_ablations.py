@@ -67,3 +67,41 @@ def test_rank_table_reports_only_separated_differences():
     assert "| 8 | 4 | 0.5 |" in table and "| 64 |" not in table
     assert "no difference detectable at n = 8" in table
     assert all(r.scale == 0.5 for r in runs)
+
+
+def test_the_holdout_control_reuses_the_sweeps_identical_run(tmp_path, monkeypatch):
+    """The control (main rank and alpha, the full split, the same steps and seed) is the rank sweep's run at the main
+    rank: its adapter is re-evaluated instead of trained again; without such a run the control is trained."""
+    import types
+
+    calls = []
+
+    def fake_train(name, rank, alpha, cfg, model_id, precision, stats, source, train_eps, ds, split, steps, ec):
+        calls.append(("train", name, len(train_eps)))
+        ckpt = tmp_path / name
+        ckpt.mkdir(exist_ok=True)
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        return ablations.AblationRun(name=name, rank=rank, alpha=float(alpha), steps=steps, trainable=1,
+                                     train_seconds=1.0, final_loss=1.0, groups={}, rows=[],
+                                     train_episodes=len(train_eps), checkpoint=str(ckpt))
+
+    def fake_reevaluate(name, run, *a, **k):
+        calls.append(("reevaluate", name, run.name))
+        return ablations.dataclasses.replace(run, name=name, trained_as=run.name)
+
+    monkeypatch.setattr(ablations, "_train_and_eval", fake_train)
+    monkeypatch.setattr(ablations, "_reevaluate", fake_reevaluate)
+    monkeypatch.setattr(ablations, "write_json", lambda *a, **k: None)
+    sidecar = [{"episode_index": i, "family": "spoon" if i < 2 else "cup"} for i in range(6)] + \
+              [{"episode_index": 10, "family": "spoon"}]
+    split = types.SimpleNamespace(train=list(range(6)), contrast={"finetune_eval": [10]})
+    cfg = types.SimpleNamespace(lora_rank=32, lora_alpha=16, max_steps=300, path=lambda kind: tmp_path)
+    sweep = [fake_train(f"rank{r}", r, ablations.alpha_for_rank(r, 32, 16), cfg, "m", "fp32", {}, "src",
+                        split.train, None, split, 75, None) for r in (8, 32)]
+    calls.clear()
+    out = ablations.object_holdout(cfg, "m", "fp32", {}, "src", None, split, sidecar, 75, [], sweep=sweep)
+    assert calls == [("train", "without-spoon", 4), ("reevaluate", "control-with-spoon", "rank32")]
+    assert out["control_trained_as"] == "rank32" and "re-evaluated" in out["note"]
+    calls.clear()
+    ablations.object_holdout(cfg, "m", "fp32", {}, "src", None, split, sidecar, 50, [], sweep=sweep)  # other steps
+    assert [c[0] for c in calls] == ["train", "train"]

@@ -16,7 +16,9 @@ OpenVLA-7B each run costs roughly an A100-hour per 1k steps, so it is opt-in (``
   on. Here one object family is removed from the fine-tuning data altogether, the model is trained again, and the
   fine-tuning tasks with that family are measured on fresh episodes — next to a **control run with the same step
   budget, rank, α and seed that did see the family** (the only difference is the missing object). The main run is
-  shown for reference only: it trained 4× longer, so its gap to either mixes the step budget in.
+  shown for reference only: it trained 4× longer, so its gap to either mixes the step budget in. The control is
+  exactly the rank sweep's run at the main rank (same data, steps, rank, α, seed and schedule; training is
+  deterministic from SEED), so when the sweep has that run its adapter is re-evaluated instead of trained again.
 
 Differences count only where the 95 % CIs separate (:func:`vla_bridge.evaluation.ci_separated`); otherwise the text
 says "no difference detectable at n = …".
@@ -29,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from .checkpoints import load_checkpoint_weights
 from .config import write_json
 from .data.stream import TrainingStream
 from .evaluation import (CONTRAST_GROUPS, POLICY_FINETUNED, EvalConfig, ci_separated, format_metric, run_evaluation,
@@ -61,6 +64,9 @@ class AblationRun:
     groups: dict[str, dict]        # group → {success_rate, mean_l1_action_error, n_episodes, ...} (fine-tuned)
     rows: list[dict]               # per-task rows (fine-tuned)
     per_episode: list[dict] = dataclasses.field(default_factory=list)  # eval.json's records (fine-tuned)
+    train_episodes: int = 0
+    checkpoint: str | None = None  # the trained adapter (the run's last checkpoint)
+    trained_as: str | None = None  # set when this run's adapter is another run's (the same training, not repeated)
 
     @property
     def scale(self) -> float:
@@ -77,6 +83,15 @@ def _fresh_lora_model(model_id: str, precision: str, rank: int, alpha: int, unno
     return attach_lora(base, rank, alpha, seed), processor
 
 
+def _evaluate(name: str, model, processor, cfg, ds, split, eval_config: EvalConfig) -> dict:
+    config = dataclasses.replace(eval_config, policies=[POLICY_FINETUNED], progress=False,
+                                 out_dir=Path(cfg.path("eval")) / "ablations" / name)
+    report = run_evaluation(model, processor, ds, split, config, cfg=cfg)
+    return {"groups": {g["group"]: g for g in report.data["groups"] if g["policy"] == POLICY_FINETUNED},
+            "per_episode": [r for r in report.data["per_episode"] if r["policy"] == POLICY_FINETUNED],
+            "rows": report.rows(POLICY_FINETUNED)}
+
+
 def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, precision: str, stats_entry, data_source,
                     train_episodes: Sequence[int], ds, split, steps: int, eval_config: EvalConfig) -> AblationRun:
     model, processor = _fresh_lora_model(model_id, precision, rank, alpha, cfg.unnorm_key, stats_entry, cfg.seed)
@@ -87,14 +102,29 @@ def _train_and_eval(name: str, rank: int, alpha: float, cfg, model_id: str, prec
     stream = TrainingStream(data_source, episodes=list(train_episodes), image_size=model_image_size(processor),
                             seed=cfg.seed)
     result = train(model, processor, stream, {cfg.unnorm_key: stats_entry}, tcfg)
-    config = dataclasses.replace(eval_config, policies=[POLICY_FINETUNED], progress=False,
-                                 out_dir=Path(cfg.path("eval")) / "ablations" / name)
-    report = run_evaluation(model, processor, ds, split, config, cfg=cfg)
-    groups = {g["group"]: g for g in report.data["groups"] if g["policy"] == POLICY_FINETUNED}
-    per_episode = [r for r in report.data["per_episode"] if r["policy"] == POLICY_FINETUNED]
-    return AblationRun(name=name, rank=rank, alpha=float(alpha), steps=result.steps, per_episode=per_episode, trainable=trainable, train_seconds=result.seconds,
-                       final_loss=result.history[-1]["loss"] if result.history else float("nan"), groups=groups,
-                       rows=report.rows(POLICY_FINETUNED))
+    return AblationRun(name=name, rank=rank, alpha=float(alpha), steps=result.steps, trainable=trainable,
+                       train_seconds=result.seconds,
+                       final_loss=result.history[-1]["loss"] if result.history else float("nan"),
+                       train_episodes=len(train_episodes), checkpoint=str(result.last_checkpoint),
+                       **_evaluate(name, model, processor, cfg, ds, split, eval_config))
+
+
+def _reevaluate(name: str, run: AblationRun, cfg, model_id: str, precision: str, stats_entry, ds, split,
+                eval_config: EvalConfig) -> AblationRun:
+    """``run``'s trained adapter, evaluated again under ``name`` with ``eval_config`` (no training)."""
+    model, processor = _fresh_lora_model(model_id, precision, run.rank, run.alpha, cfg.unnorm_key, stats_entry,
+                                         cfg.seed)
+    load_checkpoint_weights(model, Path(run.checkpoint))
+    return dataclasses.replace(run, name=name, trained_as=run.name,
+                               **_evaluate(name, model, processor, cfg, ds, split, eval_config))
+
+
+def same_training(run: AblationRun, rank: int, alpha: float, steps: int, train_episodes: int) -> bool:
+    """Whether ``run`` trained exactly what a run of ``rank``, ``alpha`` and ``steps`` on ``train_episodes``
+    episodes would (same seed, schedule and stream by construction of the ablations)."""
+    return (run.rank == int(rank) and run.alpha == float(alpha) and run.steps == int(steps)
+            and run.train_episodes == int(train_episodes) and run.trained_as is None and bool(run.checkpoint)
+            and (Path(run.checkpoint) / "adapter_model.safetensors").is_file())
 
 
 def rank_sweep(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, ranks: Sequence[int],
@@ -156,14 +186,16 @@ def _finite(v) -> bool:
 
 
 def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source, ds, split, sidecar, steps: int,
-                   main_per_episode: Sequence[dict], eval_config: EvalConfig | None = None) -> dict:
+                   main_per_episode: Sequence[dict], eval_config: EvalConfig | None = None,
+                   sweep: Sequence[AblationRun] = ()) -> dict:
     """Retrain without one object family; compare its tasks with a same-budget control run that saw it.
 
     Two runs of ``steps`` steps at the main run's rank and α, same seed and schedule: **without** the family's
     fine-tuning episodes, and the **control** on the full fine-tuning split. Both are evaluated on fresh episodes of
-    the family's fine-tuning tasks; the comparison is without vs control. ``main_per_episode`` (the main
-    evaluation's ``per_episode`` records) gives the main run's numbers on the same tasks, for reference only: a
-    different step budget (``cfg.max_steps``)."""
+    the family's fine-tuning tasks; the comparison is without vs control. When ``sweep`` (the rank sweep's runs)
+    holds the control's exact training (:func:`same_training`), its adapter is re-evaluated rather than trained a
+    second time. ``main_per_episode`` (the main evaluation's ``per_episode`` records) gives the main run's numbers on
+    the same tasks, for reference only: a different step budget (``cfg.max_steps``)."""
     family = pick_holdout_family(split, sidecar)
     if family is None:
         return {"skipped": "no per-episode object labels (the embedded world's sidecar) to hold an object out by"}
@@ -172,8 +204,13 @@ def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source,
     alpha = float(cfg.lora_alpha)
     without = _train_and_eval(f"without-{family}", cfg.lora_rank, alpha, cfg, model_id, precision, stats_entry,
                               data_source, kept, ds, split, steps, eval_config or EvalConfig())
-    control = _train_and_eval(f"control-with-{family}", cfg.lora_rank, alpha, cfg, model_id, precision,
-                              stats_entry, data_source, split.train, ds, split, steps, eval_config or EvalConfig())
+    twin = next((r for r in sweep if same_training(r, cfg.lora_rank, alpha, steps, len(split.train))), None)
+    if twin is not None:
+        control = _reevaluate(f"control-with-{family}", twin, cfg, model_id, precision, stats_entry, ds, split,
+                              eval_config or EvalConfig())
+    else:
+        control = _train_and_eval(f"control-with-{family}", cfg.lora_rank, alpha, cfg, model_id, precision,
+                                  stats_entry, data_source, split.train, ds, split, steps, eval_config or EvalConfig())
     runs = {"object_holdout_run": family_summary(without.per_episode, family),
             "control_run": family_summary(control.per_episode, family),
             "main_run": family_summary(main_per_episode, family)}
@@ -185,7 +222,10 @@ def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source,
         "without_vs_control": compare_runs(runs["object_holdout_run"], runs["control_run"]),
         "note": (f"both ablation runs trained {without.steps} steps at r={without.rank}, alpha={alpha:g}; the control "
                  f"saw the '{family}' episodes, the other did not (its base did see {family}s in pretraining); the "
-                 f"main run ({cfg.max_steps} steps) is a different budget, shown for reference"),
+                 f"main run ({cfg.max_steps} steps) is a different budget, shown for reference"
+                 + (f"; the control is the rank sweep's r={twin.rank} run (the same training), re-evaluated"
+                    if twin is not None else "")),
+        "control_trained_as": control.trained_as,
         "runs": {"without": without.as_dict(), "control": control.as_dict()},
     }
     write_json(Path(cfg.path("eval")) / "ablation_object_holdout.json", out)

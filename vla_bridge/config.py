@@ -48,7 +48,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "OUTPUTS_DIR": "outputs",
     "DATA_DIR": "data",
     "DEMO_EPISODES": "auto",     # embedded dataset size: auto → the tiny VLA's default; a total N, or "split=n,..."
-    "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 1000
+    "STREAM_BATCHES": "auto",    # batches the data section streams to show the loader holds up; auto → 10 s of them
     "EXPORT": "auto",            # merge the adapter into a standalone checkpoint; auto → on for tiny, opt-in for 7B
     "NUM_PROCESSES": 1,          # data-parallel training processes (section 7); auto → the visible GPUs on OpenVLA
 }

@@ -69,13 +69,15 @@ VIDEO_FILE_SIZE_MB = 2
 EPISODES_SIDECAR = "meta/vla_bridge_episodes.jsonl"
 BUILD_SIDECAR = "meta/vla_bridge_build.json"
 
-# Default size: what the tiny VLA needs (pretrained on "pretrain", LoRA-fine-tuned on "finetune") plus evaluation
+# Default size: the "pretrain" split (the pretraining tasks' episodes, for the split table and the leakage check: the
+# tiny base itself is pretrained on freshly generated episodes, see pretrain.py, so 40 show it without spending a
+# third of the build on frames nothing reads), "finetune" (what LoRA fine-tunes on) plus evaluation
 # episodes: 8 per task for every held-out group (the evaluation reports each task with n = 8 and a bootstrap CI; the
 # closed-loop success rate resets the env to each of these episodes' scenes), and "finetune_eval": FRESH episodes
 # (new seeds, never trained on) of FINETUNE_EVAL_TASKS of the fine-tuning tasks, 8 each — the evaluation's contrast
 # rows ("how well does it do on the tasks it was fine-tuned on?").
 DEFAULT_EPISODES: dict[str, int] = {
-    "pretrain": 200,
+    "pretrain": 40,
     "finetune": 100,
     "heldout": 40,          # 5 held-out task strings x 8
     "heldout_family": 32,   # 4 banana tasks x 8

@@ -63,6 +63,7 @@ from .source import StreamError, check_version, require_torchcodec, resolve_sour
 DEFAULT_BUFFER_SIZE = 1000        # lerobot's shuffle buffer (frames); the first frame waits until it is full
 FIRST_FRAME_TIMEOUT_LOCAL_S = 60.0
 FIRST_FRAME_TIMEOUT_HUB_S = 180.0
+STREAM_CHECK_SECONDS = 10.0       # the notebook's stream check (section 3e) by default: ~2 passes over the demo split
 
 # Square image size each policy's processor works at; the training pipeline resizes to it once, up front.
 MODEL_IMAGE_SIZE = {"openvla": 224, "openvla-4bit": 224, "octo": 256, "tiny": 128}
@@ -445,16 +446,25 @@ class TrainingStream:
             epoch += 1
 
     def batches(self, batch_size: int, n_batches: int | None = None,
-                collate_fn: Callable[[list], Any] | None = None) -> Iterator[Any]:
+                collate_fn: Callable[[list], Any] | None = None, seconds: float | None = None) -> Iterator[Any]:
+        """Batches of ``batch_size`` items: ``n_batches`` of them, or with ``seconds`` for as long as that (timed
+        from the first item), ending with the first batch past that time that lies beyond the first epoch, so a
+        time-sized check always crosses one epoch boundary; neither: until the iterator ends."""
         buf: list = []
         made = 0
+        t0 = None
         for item in self.iterate(0):
+            if t0 is None:
+                t0 = time.perf_counter()
             buf.append(item)
             if len(buf) == batch_size:
                 yield collate_fn(buf) if collate_fn is not None else buf
                 buf = []
                 made += 1
                 if n_batches is not None and made >= n_batches:
+                    return
+                if (seconds is not None and time.perf_counter() - t0 >= seconds
+                        and len(self.counter.epochs) > 1):
                     return
 
     def summary(self) -> str:
