@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from . import hardware, preflight
-from .config import resolve_run_config, write_json
+from .config import EMBEDDED_UNNORM_KEY, resolve_run_config, write_json
 from .data.build import ensure_demo_dataset
 from .export import ExportError, export_policy
 from .finetune import cli_train
 from .plots import check_figures
-from .pretrain import PretrainParams, describe_base, ensure_tiny_base
+from .pretrain import SHIPPED_BASE, PretrainParams, describe_base, ensure_tiny_base
 from .tools.bench import bench_eval, bench_loader, format_bench, format_bench_eval
 from .tools.bench_train import bench_train, bench_train_worker, format_bench_train
 from .tools.runner import execute_notebook, load_params_file, parse_kv
@@ -75,7 +75,11 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     params = PretrainParams(steps=args.steps) if args.steps else PretrainParams()
-    path, info = ensure_tiny_base(f"{args.data_dir}/tiny_vla_base", args.unnorm_key, params, force=args.force)
+    if args.ship and (params != PretrainParams() or args.unnorm_key != EMBEDDED_UNNORM_KEY):
+        print(f"--ship rebuilds the default recipe's base (no --steps, --unnorm-key {EMBEDDED_UNNORM_KEY})")
+        return 2
+    out = SHIPPED_BASE if args.ship else f"{args.data_dir}/tiny_vla_base"
+    path, info = ensure_tiny_base(out, args.unnorm_key, params, force=args.force or args.ship)
     print(f"{path}: {describe_base(info)}")
     return 0
 
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="0 → the default PretrainParams")
     p.add_argument("--unnorm-key", default="demo_world")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--ship", action="store_true",
+                   help="rebuild the shipped base in assets/tiny_vla_base (the default recipe; commit the result)")
     p.set_defaults(func=_cmd_pretrain_tiny)
 
     p = sub.add_parser("bench-train", help="tiny-VLA optimizer steps/s, samples/s and peak RSS (1 vs N processes)")

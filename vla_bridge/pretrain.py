@@ -22,6 +22,16 @@ The auxiliary heads are dropped when the base is saved: the base is a plain tiny
 probes see only what they would see with OpenVLA. The cache key covers the model / tokenization / training /
 label code, the world's version and the pretraining parameters, so the base is rebuilt only when one of them
 changes. ``python -m vla_bridge pretrain-tiny``.
+
+**The shipped base.** The default recipe's base ships with the repository in ``assets/tiny_vla_base/`` (21 MB, fp32),
+the way openvla-7b arrives pretrained from the hub, so a fresh clone does not spend ~5 minutes of two CPU cores
+pretraining it. It is used when the parameters and the ``unnorm_key`` are the default recipe's and its marker's two
+version constants match this code: ``world_version`` (:data:`vla_bridge.data.world.WORLD_VERSION`) and
+``base_version`` (:data:`TINY_BASE_VERSION`, bumped whenever the tiny VLA's architecture, tokenizer, image
+processing or this pretraining recipe change behaviour). Otherwise the base is pretrained here as before and the
+reason is printed. ``python -m vla_bridge pretrain-tiny --ship`` rebuilds the shipped copy; a golden test
+(``tests/test_tiny_base.py``) checks that the shipped weights still produce the logits recorded when they were
+shipped, so a behaviour change that forgot to bump a constant fails CI.
 """
 
 from __future__ import annotations
@@ -47,12 +57,16 @@ from .data.stats import norm_stats_entry, stats_from_arrays
 from .data.world import labels as world_labels
 from .data.world.labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES, labelled_frames
 from .images import train_transform
+from .paths import PROJECT_ROOT
 from .models.tiny_vla import build_tiny_vla, configuration_tiny_vla, modeling_tiny_vla, processing_tiny_vla
 from .progress import tqdm
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 from .training import lr_lambda
 
 BASE_MARKER = "vla_bridge_pretrain.json"
+SHIPPED_BASE = PROJECT_ROOT / "assets" / "tiny_vla_base"
+TINY_BASE_VERSION = "1"    # bump when the tiny VLA, its tokenizer / image processing or this recipe change behaviour
+SHIP_COMMAND = "python -m vla_bridge pretrain-tiny --ship"
 
 
 @dataclasses.dataclass
@@ -221,7 +235,13 @@ def pretrain_base(model, processor, frames: dict, norm_entry: dict, params: Pret
 
 def describe_base(info: dict) -> str:
     """One line about a base from its marker: built or reused, budget, loss and action-token accuracy."""
-    how = "reused the cached base" if info.get("reused") else f"pretrained it in {info['seconds']:.0f} s"
+    if info.get("shipped"):
+        how = (f"loaded the shipped base ({SHIPPED_BASE.relative_to(PROJECT_ROOT)}/, pretrained once in "
+               f"{info['seconds']:.0f} s)")
+    elif info.get("reused"):
+        how = "reused the cached base"
+    else:
+        how = f"pretrained it in {info['seconds']:.0f} s" + (f" ({info['not_shipped']})" if info.get("not_shipped") else "")
     p = info["params"]
     kept = f"; {info['kept']}, left untouched" if info.get("kept") else ""
     return (f"tiny base: {how} ({p['vision_steps']} vision + {p['steps']} action steps on {info['frames']} frames "
@@ -230,9 +250,29 @@ def describe_base(info: dict) -> str:
             f"{info['last_action_accuracy']:.2f}{kept})")
 
 
+def shipped_base(params: PretrainParams, unnorm_key: str, root: str | os.PathLike = SHIPPED_BASE
+                 ) -> tuple[Path | None, dict | str]:
+    """``(path, info)`` of the base shipped in ``root`` when it is the one ``params`` and ``unnorm_key`` ask for
+    and its version constants match this code; else ``(None, why not)``."""
+    root = Path(root)
+    info = read_base_info(root)
+    if info is None:
+        return None, f"no shipped base in {root}"
+    if info.get("params") != dataclasses.asdict(params) or info.get("unnorm_key") != unnorm_key:
+        return None, (f"the shipped base is the default recipe's (PretrainParams(), unnorm_key "
+                      f"{info.get('unnorm_key')!r}); this run asks for another")
+    built = (info.get("world_version"), info.get("base_version"))
+    if built != (world.WORLD_VERSION, TINY_BASE_VERSION):
+        return None, (f"the shipped base was built for world {built[0]} / base recipe {built[1]}, this code is world "
+                      f"{world.WORLD_VERSION} / base recipe {TINY_BASE_VERSION}: pretraining one here (rebuild the "
+                      f"shipped copy with `{SHIP_COMMAND}`)")
+    return root, dict(info, reused=True, shipped=True)
+
+
 def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: PretrainParams | None = None,
-                     force: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """Return ``(path, info)`` of the tiny base (see the module docstring); train it when missing or stale."""
+                     force: bool = False, progress: bool = True, use_shipped: bool = True) -> tuple[Path, dict]:
+    """Return ``(path, info)`` of the tiny base (see the module docstring): the one in ``out_dir`` when its key
+    matches, else the shipped one when it fits (``use_shipped``), else train it (``force``: always train)."""
     params = params or PretrainParams()
     if params.episodes <= 0 or params.steps <= 0 or params.vision_steps < 0:
         raise ValueError(f"pretraining needs episodes > 0 and steps > 0 (got {params.episodes}, {params.steps})")
@@ -242,6 +282,12 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
     if info and info.get("key") == key and not force:
         info["reused"] = True
         return out, info
+    not_shipped = None
+    if use_shipped and not force and out.resolve() != Path(SHIPPED_BASE).resolve():
+        path, found = shipped_base(params, unnorm_key)
+        if path is not None:
+            return path, found
+        not_shipped = found
     if out.is_dir() and any(out.iterdir()) and not force:
         # out holds another run's base (other PRETRAIN_STEPS, older code) or one put there by hand: never overwrite
         # it - this run's base lives beside it, under its own key (``pretrain-tiny --force`` rebuilds out itself)
@@ -253,6 +299,8 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
             return keyed, info
         path, info = ensure_tiny_base(keyed, unnorm_key, params, force=True, progress=progress)
         info["kept"] = kept
+        if not_shipped:
+            info["not_shipped"] = not_shipped
         return path, info
 
     t0 = time.time()
@@ -273,7 +321,8 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-        info = {"key": key, "world_version": world.WORLD_VERSION, "params": dataclasses.asdict(params),
+        info = {"key": key, "world_version": world.WORLD_VERSION, "base_version": TINY_BASE_VERSION,
+                "params": dataclasses.asdict(params),
                 "unnorm_key": unnorm_key, "pretrain_episodes": params.episodes, "frames": len(frames["action"]),
                 "seconds": round(time.time() - t0, 1), "data_seconds": round(t_data, 1),
                 "first_loss": action_rows[0]["loss"], "last_loss": action_rows[-1]["loss"],
@@ -286,4 +335,6 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
     finally:
         torch.set_num_threads(prev_threads)
     info["reused"] = False
+    if not_shipped:
+        info["not_shipped"] = not_shipped
     return out, info
