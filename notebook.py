@@ -65,7 +65,7 @@ BATCH_SIZE = "auto"      # auto → 4 (GPU, OpenVLA) / 16 (CPU, tiny)
 GRAD_ACCUM = "auto"      # auto → 2 (GPU) / 1 (CPU)
 LEARNING_RATE = 5e-4
 WARMUP_STEPS = 50
-PRETRAIN_STEPS = "auto"  # tiny path only: action-stage steps of the cached base's pretraining (auto → 600)
+PRETRAIN_STEPS = "auto"  # tiny path only: action-stage steps of the base's pretraining (auto → 600: the shipped base)
 LORA_RANK = 32
 LORA_ALPHA = 16
 LOG_EVERY = 10
@@ -329,8 +329,10 @@ print(f"saved {write_json(cfg.path('logs') / 'stream_check.json', train_stream.c
 # `trust_remote_code`, in bf16 or 4-bit NF4, with FlashAttention-2 when it is installed and SDPA otherwise. The
 # tiny VLA is Prismatic-shaped — a ViT, an MLP projector, a Llama — and offers the same Hugging Face interface
 # (`processor(prompt, image)`, `model(..., labels=)`, `predict_action(..., unnorm_key=)`, `config.norm_stats`), so
-# from the next cell on the code cannot tell them apart. Its "pretrained base" is trained once on the embedded
-# world's *pretraining* tasks and cached under `data/`, the way OpenVLA-7B arrives pretrained on Open X-Embodiment.
+# from the next cell on the code cannot tell them apart. Its "pretrained base" was trained on the embedded world's
+# *pretraining* tasks and ships with the repository (`assets/tiny_vla_base/`, 21 MB), the way OpenVLA-7B arrives
+# pretrained on Open X-Embodiment; a run that asks for another recipe (`PRETRAIN_STEPS`), or code whose world or
+# model version no longer matches it, pretrains one here instead (~5 min on 2 cores) and caches it under `data/`.
 # OpenVLA's vision encoders were themselves pretrained on web images; the tiny ViT has nothing of the kind, so its
 # pretraining borrows ground truth the world gives for free (`vla_bridge/pretrain.py`): first the ViT alone learns
 # per-patch labels (what object / target is under each patch, where the gripper is), then the whole model learns the

@@ -34,7 +34,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "GRAD_ACCUM": "auto",        # auto → 2 on GPU, 1 on CPU
     "LEARNING_RATE": 5e-4,
     "WARMUP_STEPS": 50,
-    "PRETRAIN_STEPS": "auto",    # tiny path only: action-stage steps of the cached base's pretraining (auto → 600)
+    "PRETRAIN_STEPS": "auto",    # tiny path only: action-stage steps of the base's pretraining (auto → 600: shipped)
     "LORA_RANK": 32,
     "LORA_ALPHA": 16,
     "LOG_EVERY": 10,

@@ -241,7 +241,8 @@ def describe_base(info: dict) -> str:
     elif info.get("reused"):
         how = "reused the cached base"
     else:
-        how = f"pretrained it in {info['seconds']:.0f} s" + (f" ({info['not_shipped']})" if info.get("not_shipped") else "")
+        why = f" ({info['not_shipped']})" if info.get("not_shipped") else ""
+        how = f"pretrained it in {info['seconds']:.0f} s{why}"
     p = info["params"]
     kept = f"; {info['kept']}, left untouched" if info.get("kept") else ""
     return (f"tiny base: {how} ({p['vision_steps']} vision + {p['steps']} action steps on {info['frames']} frames "
