@@ -248,6 +248,17 @@ if [[ "$DO_TEST" -eq 1 ]]; then
   step_start "tests: the CI run's figures show content"
   "$VPY" -m vla_bridge check-figures outputs/figures/ci outputs/videos/ci || die "a figure of the CI run is empty (see above)"
   step_done "checked"
+  # Plumbing only: every ratio must be printed; no time and no goal is asserted (the figures at this size mean
+  # nothing). The list is vla_bridge/tools/bench_all.py's EXPECTED_RATIOS (tests/test_bench_ratios.py keeps them equal).
+  step_start "tests: bench-all --size smallest prints every ratio"
+  BLOG="$(mktemp)"
+  "$VPY" -m vla_bridge bench-all --size smallest --out outputs/bench/bench_all.smallest.json >"$BLOG" 2>&1 \
+    || { tail -40 "$BLOG" >&2; die "bench-all --size smallest failed (its last lines are above)"; }
+  for r in bench-loader.overhead bench-loader.pipeline_vs_trainer bench-loader.workers_vs_bare bench-train.processes bench-eval.speedup; do
+    grep -q "^RATIO $r = " "$BLOG" || { tail -40 "$BLOG" >&2; die "bench-all printed no $r ratio (its last lines are above)"; }
+  done
+  grep "^RATIO " "$BLOG"; rm -f "$BLOG"
+  step_done "every ratio printed → outputs/bench/bench_all.smallest.json"
 fi
 if [[ "$DO_RUN" -eq 1 ]]; then
   step_start "run: notebook headless on the embedded default"

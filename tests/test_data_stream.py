@@ -246,6 +246,12 @@ def test_data_figures(small, rows, tmp_path):
 def test_bench_loader_small(small, capsys):
     from vla_bridge.__main__ import main
 
-    assert main(["bench-loader", str(small.root), "--frames", "150", "--workers", "0", "--buffer-size", "32"]) == 0
+    assert main(["bench-loader", str(small.root), "--frames", "150", "--workers", "0", "--buffer-size", "32",
+                 "--trainer-steps", "2", "--trainer-warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "bare stream" in out and "pipeline overhead" in out and "x bare" in out
+    # the trainer row (the tiny VLA at 128 px) and the pipeline timed again at its size for the trainer ratio
+    assert "trainer (tiny VLA + LoRA, in-memory frames)" in out and "resize 128" in out
+    for name in ("overhead", "pipeline_vs_trainer"):
+        assert f"RATIO bench-loader.{name} = " in out
+    assert "workers_vs_bare" not in out  # no workers row, no ratio

@@ -15,7 +15,11 @@ from .finetune import cli_train
 from .plots import check_figures
 from .pretrain import SHIPPED_BASE, PretrainParams, describe_base, ensure_tiny_base
 from .tools.bench import bench_eval, bench_loader, format_bench, format_bench_eval
+from .tools.bench_all import DEFAULT_OUT as BENCH_ALL_OUT
+from .tools.bench_all import SIZES as BENCH_SIZES
+from .tools.bench_all import bench_all, eval_ratios
 from .tools.bench_train import bench_train, bench_train_worker, format_bench_train
+from .tools.ratios import format_ratios
 from .tools.runner import execute_notebook, load_params_file, parse_kv
 
 
@@ -66,7 +70,8 @@ def _cmd_bench_loader(args: argparse.Namespace) -> int:
     res = bench_loader(args.dataset, root=args.root, frames=args.frames, image_size=args.image_size,
                        workers=args.workers, data_dir=args.data_dir, seed=args.seed, buffer_size=args.buffer_size,
                        default_threads=args.default_threads, batch_size=args.batch_size, split=args.split,
-                       warmup=args.warmup)
+                       warmup=args.warmup, trainer_steps=args.trainer_steps, trainer_warmup=args.trainer_warmup,
+                       demo_episodes=args.episodes)
     print(format_bench(res))
     if args.json:
         print(f"saved {write_json(args.json, res)}")
@@ -86,19 +91,26 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     if args.worker_json:  # one of the processes of the multi-process row (started by bench_train itself)
-        bench_train_worker(args.worker_json, args.data_dir, args.steps, args.batch_size, args.rank, args.threads)
+        bench_train_worker(args.worker_json, args.data_dir, args.steps, args.batch_size, args.rank, args.threads,
+                           warmup=args.warmup, image_size=args.image_size, episodes=args.episodes)
         return 0
     print(format_bench_train(bench_train(args.data_dir, args.steps, args.batch_size, args.rank, args.threads,
-                                         processes=args.processes)))
+                                         warmup=args.warmup, image_size=args.image_size, processes=args.processes,
+                                         episodes=args.episodes)))
     return 0
 
 
 def _cmd_bench_eval(args: argparse.Namespace) -> int:
     res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None)
     print(format_bench_eval(res))
+    print(format_ratios(eval_ratios(res)))
     if args.json:
         print(f"saved {write_json(args.json, res)}")
     return 0
+
+
+def _cmd_bench_all(args: argparse.Namespace) -> int:
+    return bench_all(args.size, args.out, data_dir=args.data_dir)[1]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -164,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--default-threads", action="store_true",
                    help="also time the bare stream with torch's default thread count (slow on small machines)")
+    p.add_argument("--trainer-steps", type=int, default=10,
+                   help="tiny-VLA LoRA steps on in-memory frames: what training consumes (0: skip that ratio)")
+    p.add_argument("--trainer-warmup", type=int, default=3, help="untimed first trainer steps")
+    p.add_argument("--episodes", default=None, help="size of the embedded dataset (as demo-data --episodes)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_loader)
 
@@ -184,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (each of N processes gets 1/N)")
     p.add_argument("--processes", type=int, default=1,
                    help="also time N data-parallel processes at the same global batch, side by side with 1")
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps of each row")
+    p.add_argument("--image-size", type=int, default=128, help="the tiny VLA's image size")
+    p.add_argument("--episodes", default=None, help="size of the embedded dataset (as demo-data --episodes)")
     p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_bench_train)
 
@@ -194,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (0: leave torch's default)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_eval)
+
+    p = sub.add_parser("bench-all", help="every benchmark (loader, train, eval) in one run: RATIO lines, one JSON")
+    p.add_argument("--size", choices=tuple(BENCH_SIZES), default="default",
+                   help="smallest: a plumbing check (CI; the figures mean nothing); default: each bench's size")
+    p.add_argument("--out", default=BENCH_ALL_OUT, help="the JSON file")
+    p.add_argument("--data-dir", default="data")
+    p.set_defaults(func=_cmd_bench_all)
 
     p = sub.add_parser("export", help="merge a LoRA checkpoint into its base once, save it standalone, reload, check")
     p.add_argument("adapter", nargs="?", default=None,
