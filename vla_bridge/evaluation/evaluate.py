@@ -18,7 +18,9 @@ per episode, then averages over the task's episodes with a bootstrap 95 % CI (re
     the episode's initial scene from the dataset's sidecar (meta/vla_bridge_episodes.jsonl); the policy then acts
     from the rendered main camera for at most ``max_steps`` (60, the world's episode limit) steps; success = the
     instructed object released inside the instructed target (the world's own check). All episodes run in parallel
-    envs and each step's policy calls are batched across them.
+    envs and each step's policy calls are batched across them. An episode that provably cannot succeed in the steps
+    it has left is stopped there (``rollout.run_closed_loop``'s ``stop_hopeless``: the same success, fewer policy
+    calls; per episode ``closed_loop_steps`` is then the steps run and ``closed_loop_stopped_early`` is true).
   - **Bridge: a documented proxy** (a real success rate needs a WidowX): an episode counts as a success when the
     replay drift is below ``DRIFT_THRESHOLD_CM`` (5 cm) AND the gripper close/open events of the open-loop
     predictions match the demonstration's — same events in the same order, each within ±``GRIPPER_TOLERANCE_STEPS``
@@ -392,7 +394,7 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
             if closed_loop:
                 c = closed[p][e]
                 rec.update(success=c["success"], closed_loop_steps=c["steps"], grasped=c["grasped"],
-                           final_distance_cm=c["final_distance_cm"])
+                           final_distance_cm=c["final_distance_cm"], closed_loop_stopped_early=c["stopped_early"])
             else:
                 rec["success"] = prox
             if e in side:
