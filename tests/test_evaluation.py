@@ -375,6 +375,18 @@ def test_eval_json_schema(e2e):
             assert row[m]["ci"][0] <= row[m]["mean"] + 1e-12 and row[m]["mean"] <= row[m]["ci"][1] + 1e-12
     assert {r["policy"] for r in data["rows"]} == set(policies.DEFAULT_POLICIES)
     assert len(data["rows"]) == 3 * 6 and len(data["per_episode"]) == 3 * 6
+    for r in data["per_episode"]:   # the closed loop's early stop: steps run < max_steps only for a stopped failure
+        assert isinstance(r["closed_loop_stopped_early"], bool)
+        ended = r["success"] or r["closed_loop_stopped_early"]
+        assert r["closed_loop_steps"] <= 60 and (r["closed_loop_steps"] < 60) <= ended
+    steps = data["timing"]["closed_loop_steps_per_policy"]
+    assert set(steps) == set(policies.DEFAULT_POLICIES)
+    for p, st in steps.items():
+        recs = [r for r in data["per_episode"] if r["policy"] == p]
+        assert st["steps_run"] == sum(r["closed_loop_steps"] for r in recs)
+        assert st["stopped_early"] == sum(r["closed_loop_stopped_early"] for r in recs)
+        spared = sum(60 - r["closed_loop_steps"] for r in recs if r["closed_loop_stopped_early"])
+        assert st["steps_if_never_stopped"] == st["steps_run"] + spared
     assert set(data["rows"][0]["l1_per_dim"]) == set(world.ACTION_NAMES)
     assert "| task_name | group | policy | n_episodes | L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper |" in rep.markdown
     assert rep._repr_markdown_() == rep.markdown
