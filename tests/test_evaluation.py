@@ -120,7 +120,8 @@ def test_closed_loop_expert_succeeds_and_random_fails():
     assert all(r["grasped"] and r["steps"] < 60 for r in expert)
     rand = rollout.run_closed_loop(policies.RandomPolicy(seed=0), eps * 2, max_steps=60)
     assert sum(r["success"] for r in rand) <= 1
-    assert all(r["steps"] == 60 for r in rand if not r["success"])
+    assert all(r["steps"] == 60 or r["stopped_early"] for r in rand if not r["success"])
+    assert sum(r["steps"] for r in rand) < 60 * len(rand)      # hopeless episodes stop before max_steps
 
 
 def test_closed_loop_batches_policy_calls_across_envs():
@@ -135,7 +136,8 @@ def test_closed_loop_batches_policy_calls_across_envs():
             return super().act(images, instructions, envs)
 
     eps = _world_episodes()[:4]
-    res = rollout.run_closed_loop(Spy(np.r_[np.zeros(6), 1.0], "still"), eps, max_steps=5, image_size=64)
+    res = rollout.run_closed_loop(Spy(np.r_[np.zeros(6), 1.0], "still"), eps, max_steps=5, image_size=64,
+                                  stop_hopeless=False)     # 5 steps are too few to succeed: no early stop here
     assert calls == [4] * 5 and not any(r["success"] for r in res)
 
 
@@ -154,7 +156,7 @@ def test_closed_loop_feeds_each_episode_its_camera_and_transform_and_records_the
            rollout.ClosedLoopEpisode(t, s, t, camera=world.IMAGE_KEYS[1]),
            rollout.ClosedLoopEpisode(t, s, t, transform=lambda im: 255 - im)]
     up = np.r_[0.0, 0.0, 0.02, np.zeros(3), 1.0]
-    res = rollout.run_closed_loop(Spy(up, "up"), eps, max_steps=3, image_size=64, record=True)
+    res = rollout.run_closed_loop(Spy(up, "up"), eps, max_steps=3, image_size=64, record=True, stop_hopeless=False)
     env = world.TabletopEnv(image_size=64)
     obs0 = env.reset(t, s)
     assert np.array_equal(seen[0][0], obs0[world.IMAGE_KEYS[0]])
@@ -373,6 +375,18 @@ def test_eval_json_schema(e2e):
             assert row[m]["ci"][0] <= row[m]["mean"] + 1e-12 and row[m]["mean"] <= row[m]["ci"][1] + 1e-12
     assert {r["policy"] for r in data["rows"]} == set(policies.DEFAULT_POLICIES)
     assert len(data["rows"]) == 3 * 6 and len(data["per_episode"]) == 3 * 6
+    for r in data["per_episode"]:   # the closed loop's early stop: steps run < max_steps only for a stopped failure
+        assert isinstance(r["closed_loop_stopped_early"], bool)
+        ended = r["success"] or r["closed_loop_stopped_early"]
+        assert r["closed_loop_steps"] <= 60 and (r["closed_loop_steps"] < 60) <= ended
+    steps = data["timing"]["closed_loop_steps_per_policy"]
+    assert set(steps) == set(policies.DEFAULT_POLICIES)
+    for p, st in steps.items():
+        recs = [r for r in data["per_episode"] if r["policy"] == p]
+        assert st["steps_run"] == sum(r["closed_loop_steps"] for r in recs)
+        assert st["stopped_early"] == sum(r["closed_loop_stopped_early"] for r in recs)
+        spared = sum(60 - r["closed_loop_steps"] for r in recs if r["closed_loop_stopped_early"])
+        assert st["steps_if_never_stopped"] == st["steps_run"] + spared
     assert set(data["rows"][0]["l1_per_dim"]) == set(world.ACTION_NAMES)
     assert "| task_name | group | policy | n_episodes | L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper |" in rep.markdown
     assert rep._repr_markdown_() == rep.markdown

@@ -18,7 +18,9 @@ per episode, then averages over the task's episodes with a bootstrap 95 % CI (re
     the episode's initial scene from the dataset's sidecar (meta/vla_bridge_episodes.jsonl); the policy then acts
     from the rendered main camera for at most ``max_steps`` (60, the world's episode limit) steps; success = the
     instructed object released inside the instructed target (the world's own check). All episodes run in parallel
-    envs and each step's policy calls are batched across them.
+    envs and each step's policy calls are batched across them. An episode that provably cannot succeed in the steps
+    it has left is stopped there (``rollout.run_closed_loop``'s ``stop_hopeless``: the same success, fewer policy
+    calls; per episode ``closed_loop_steps`` is then the steps run and ``closed_loop_stopped_early`` is true).
   - **Bridge: a documented proxy** (a real success rate needs a WidowX): an episode counts as a success when the
     replay drift is below ``DRIFT_THRESHOLD_CM`` (5 cm) AND the gripper close/open events of the open-loop
     predictions match the demonstration's — same events in the same order, each within ±``GRIPPER_TOLERANCE_STEPS``
@@ -72,7 +74,8 @@ CLOSED_LOOP_DEFINITION = (
     "closed-loop success on the embedded world: TabletopEnv().reset(instruction, seed, prompt=task) rebuilds the "
     "episode's initial scene from meta/vla_bridge_episodes.jsonl, the policy acts from the rendered main camera "
     "(image_0) for at most {max_steps} steps at 5 Hz, success = the instructed object released inside the instructed "
-    "target (the world's own check, sticky)")
+    "target (the world's own check, sticky); an episode that provably cannot succeed in the steps it has left "
+    "(world.reach.min_steps_to_success) is stopped there, which changes no success")
 PROXY_DEFINITION = (
     "proxy success (no robot to run the policy on): replay drift over the first {horizon} steps < {threshold:g} cm AND "
     "the gripper close/open events of the open-loop predictions (command binarized at {grip:g}) equal the "
@@ -360,6 +363,7 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
     # ---- closed loop (embedded world)
     closed: dict[str, dict[int, dict]] = {}
     closed_loop_s: dict[str, float] = {}
+    closed_loop_frames: dict[str, dict[str, int]] = {}
     t0 = time.perf_counter()
     if closed_loop:
         size = int(np.asarray(data[all_eps[0]].images[0]).shape[0])
@@ -370,6 +374,10 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
             res = run_closed_loop(pol, cl_eps, max_steps, size, progress=progress, desc=f"closed loop: {p}")
             closed[p] = {r["episode_index"]: r for r in res}
             closed_loop_s[p] = time.perf_counter() - t1
+            closed_loop_frames[p] = {"steps_run": int(sum(r["steps"] for r in res)),
+                                     "stopped_early": int(sum(r["stopped_early"] for r in res)),
+                                     "steps_if_never_stopped": int(sum(max_steps if r["stopped_early"] else r["steps"]
+                                                                       for r in res))}
     timing["closed_loop_s"] = time.perf_counter() - t0
 
     # ---- per-episode metrics
@@ -392,7 +400,7 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
             if closed_loop:
                 c = closed[p][e]
                 rec.update(success=c["success"], closed_loop_steps=c["steps"], grasped=c["grasped"],
-                           final_distance_cm=c["final_distance_cm"])
+                           final_distance_cm=c["final_distance_cm"], closed_loop_stopped_early=c["stopped_early"])
             else:
                 rec["success"] = prox
             if e in side:
@@ -440,6 +448,7 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
     timing["total_s"] = time.perf_counter() - t_start
     timing["open_loop_s_per_policy"] = open_loop_s
     timing["closed_loop_s_per_policy"] = closed_loop_s
+    timing["closed_loop_steps_per_policy"] = closed_loop_frames   # policy frames run; the early stop's saving
     timing["generate_calls"] = predictor.calls if predictor is not None else None
     timing["torch_threads"] = threads if threads is not None else torch.get_num_threads()
     payload = {

@@ -76,8 +76,10 @@ def rollout_video(model, processor, ds, split, *, unnorm_key: str, out_dir: str 
         if kind == "closed_loop":
             inst, seed = data.meta["canonical_task"], int(data.meta["seed"])
             size = int(data.images.shape[1])
+            # the whole episode, also past the point where it can no longer succeed: a viewer watches what the
+            # policy does with its max_steps (it is one env: stopping early would save little and cut the film)
             r = run_closed_loop(predictor, [ClosedLoopEpisode(inst, seed, data.instruction)],
-                                max_steps=max_steps, image_size=size, record=True)[0]
+                                max_steps=max_steps, image_size=size, record=True, stop_hopeless=False)[0]
             uv = world_to_image0(r["path"], size)
             frames = []
             for t, img in enumerate(r["frames"]):

@@ -297,21 +297,23 @@ def _thick_line(draw: ImageDraw.ImageDraw, cam: _Cam, a: np.ndarray, b: np.ndarr
 
 
 class TabletopRenderer:
-    """The drawing half of ``TabletopEnv``: ``render()`` -> both camera images.
+    """The drawing half of ``TabletopEnv``: ``render()`` -> both camera images (``render(cameras)``: some of them).
 
     It reads the env's ``image_size``, ``_light``, ``targets``, ``objects``, ``held``, ``pos``, ``rot`` and
-    ``gripper``, and caches the static layer in ``_static`` / ``_static_key`` (rebuilt when a resting object moved).
+    ``gripper``, and caches the static layer in ``_static`` / ``_static_key`` (per camera, drawn when first asked
+    for; dropped when a resting object moved).
     """
 
     def _resting_key(self):
         return tuple((i, round(o.x, 6), round(o.y, 6), round(o.yaw, 6), round(o.z, 6))
                      for i, o in enumerate(self.objects) if i != self.held)
 
-    def _build_static(self) -> dict:
+    def _build_static(self, keys: Sequence[str]) -> dict:
         cams = _cams(self.image_size)
         gain, tint = self._light
         out = {}
-        for key, cam in cams.items():
+        for key in keys:
+            cam = cams[key]
             bg = np.clip(cam.background * (gain * tint.astype(np.float32)), 0, 255).astype(np.uint8)
             img = Image.fromarray(bg)
             draw = ImageDraw.Draw(img)
@@ -332,15 +334,24 @@ class TabletopRenderer:
             out[key] = img
         return out
 
-    def render(self) -> dict:
-        """Both camera images as uint8 HxWx3 arrays (keys = ``IMAGE_KEYS``)."""
+    def render(self, cameras: Sequence[str] | None = None) -> dict:
+        """Camera images as uint8 HxWx3 arrays: every camera (keys = ``IMAGE_KEYS``), or the ``cameras`` named (a
+        camera's image does not depend on which others are drawn: the closed loop draws only the policy's view)."""
+        cams = _cams(self.image_size)
+        keys = list(cams) if cameras is None else list(dict.fromkeys(cameras))
+        unknown = [k for k in keys if k not in cams]
+        if unknown:
+            raise ValueError(f"unknown camera(s) {unknown}; expected some of {list(cams)}")
         key = self._resting_key()
         if self._static is None or key != self._static_key:
-            self._static = self._build_static()
+            self._static = {}
             self._static_key = key
-        cams = _cams(self.image_size)
+        missing = [k for k in keys if k not in self._static]
+        if missing:
+            self._static.update(self._build_static(missing))
         out = {}
-        for k, cam in cams.items():
+        for k in keys:
+            cam = cams[k]
             img = self._static[k].copy()
             self._shadow(img, cam)
             draw = ImageDraw.Draw(img)
@@ -365,11 +376,11 @@ class TabletopRenderer:
         u1, v1 = np.clip(np.ceil(uv.max(0)).astype(int) + 1, 0, n)
         if u1 <= u0 or v1 <= v0:
             return
-        arr = np.array(img)
+        box = (int(u0), int(v0), int(u1), int(v1))
+        patch = np.asarray(img.crop(box))  # only the shadow's box, not the whole image, goes through numpy
         d2 = (cam.tx[v0:v1, u0:u1] - x) ** 2 + (cam.ty[v0:v1, u0:u1] - y) ** 2
         k = 1.0 - amp * np.exp(-d2 / (2 * sigma * sigma))
-        arr[v0:v1, u0:u1] = (arr[v0:v1, u0:u1] * k[..., None]).astype(np.uint8)
-        img.paste(Image.fromarray(arr[v0:v1, u0:u1]), (int(u0), int(v0)))
+        img.paste(Image.fromarray((patch * k[..., None]).astype(np.uint8)), box[:2])
 
     def _draw_robot(self, draw: ImageDraw.ImageDraw, cam: _Cam) -> None:
         x, y, z = self.pos
