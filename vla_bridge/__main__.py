@@ -14,7 +14,7 @@ from .export import ExportError, export_policy
 from .finetune import cli_train
 from .plots import check_figures
 from .pretrain import SHIPPED_BASE, PretrainParams, describe_base, ensure_tiny_base
-from .tools.bench import bench_eval, bench_loader, format_bench, format_bench_eval
+from .tools.bench import EVAL_THREADS, bench_eval, bench_loader, format_bench, format_bench_eval
 from .tools.bench_all import DEFAULT_OUT as BENCH_ALL_OUT
 from .tools.bench_all import SIZES as BENCH_SIZES
 from .tools.bench_all import bench_all, eval_ratios
@@ -101,7 +101,8 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_eval(args: argparse.Namespace) -> int:
-    res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None)
+    res = bench_eval(args.data_dir, frames=args.frames, batch_size=args.batch_size, threads=args.threads or None,
+                     also_threads=args.also_threads, repeats=args.repeats)
     print(format_bench_eval(res))
     print(format_ratios(eval_ratios(res)))
     if args.json:
@@ -210,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--frames", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=EVAL_THREADS,
+                   help="torch threads for both rows of the headline ratio (default: the evaluation's; 0: torch's "
+                        "default)")
+    p.add_argument("--also-threads", type=int, nargs="*", default=[1],
+                   help="also time both rows at these thread counts (none: only --threads)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved timed runs per row, the best kept")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench_eval)
 

@@ -1,16 +1,43 @@
 """Batched action inference, the one predictor of the evaluation and the probes.
 
-:class:`BatchedActionPredictor`: one ``generate()`` per batch — greedy, KV cache, exactly 7 new tokens. OpenVLA's
-forward (and the tiny VLA's) inserts the image patches right after BOS and its generation path passes no
-``position_ids``, so a batch cannot simply be left-padded through ``model.generate`` (it also refuses batches > 1).
-The predictor therefore builds the multimodal sequence itself — ``[pads][BOS][patches][prompt][▁]`` with the pads
-masked out — and calls the language model's ``generate(inputs_embeds=..., attention_mask=...)``, whose Llama
-``prepare_inputs_for_generation`` derives ``position_ids`` from the attention mask, so every real token keeps the
-position it has in the per-frame call. By default frames are bucketed by prompt length (the same instruction gives
-the same length, so evaluation batches need no padding at all) and the tokens are identical to per-frame
-``predict_action`` in fp32 (tests/test_evaluation.py checks it on a mixed batch); ``padding=True`` left-pads mixed
-lengths into one call instead (correct positions; tokens identical up to float rounding of the padded rows'
-matmuls).
+:class:`BatchedActionPredictor` decodes a batch of frames per call — greedy, exactly 7 action tokens — and gives the
+token ids per-frame ``predict_action`` gives.
+
+**Inputs.** OpenVLA's forward (and the tiny VLA's) inserts the image patches right after BOS and its generation path
+passes no ``position_ids``, so a batch cannot be left-padded through ``model.generate`` (which refuses batches > 1
+anyway). The predictor builds the multimodal sequence itself: ``[pads][BOS][patches][prompt][▁]``, pads masked out.
+
+**The decode loop, and why it is exact.** Instead of ``language_model.generate()`` it runs the loop generate()'s
+greedy search runs, through the model's own modules:
+
+* positions come from the attention mask as Llama's ``prepare_inputs_for_generation`` derives them (cumsum - 1,
+  pads at 1), so every real token keeps its per-frame position; the mask grows by one column per step, as in
+  generate();
+* each forward is LlamaModel.forward's body: its ``_update_causal_mask`` (None when nothing is masked, so SDPA takes
+  its ``is_causal`` path as in the per-frame call), then every decoder layer computed as LlamaDecoderLayer.forward
+  does (input norm, the layer's own attention module, residual, post-attention norm, MLP, residual). Attention
+  implementation (SDPA, eager, FlashAttention-2) and linear layers are the model's, so an active PEFT adapter
+  applies and ``with model.disable_adapter():`` gives the base model;
+* the K/V cache is preallocated (:class:`_KVCache`): the values DynamicCache would hold, without its ``torch.cat``
+  of every layer's whole cache at every step;
+* the next token is the argmax of the last position's float32 lm_head logits with EOS at -inf — generate()'s
+  ``MinNewTokensLengthLogitsProcessor`` (min_new_tokens = max_new_tokens = 7, so no row can finish early); the
+  first step's logits, before that mask, are what :meth:`~BatchedActionPredictor.first_token_logits` returns.
+  :func:`check_greedy_config` refuses a generation config under which generate() would process logits further.
+
+Work whose output nothing reads is skipped: lm_head on every prompt position (transformers 4.40 computes all of
+them) and the last layer's MLP on every position but the last (the K/V it feeds are written before the MLP). That
+only drops rows from matrix products; the rows kept are computed by the same operations.
+
+**Batching.** By default frames are grouped by prompt length (one instruction has one length, so evaluation batches
+rarely mix). A call takes up to ``max_batch_size`` frames, possibly of several groups; each group is prefilled in
+chunks of ``chunk_size`` frames (16 on a CPU, where a chunk's activations stay in cache) into its own cache, then
+the 6 one-token steps run over the whole call: norms, MLPs and lm_head once for all rows, each layer's attention
+once per group, so no row is padded. Token ids are identical to per-frame ``predict_action`` in fp32 and, in our
+CPU measurements, so are the first-token logits bit for bit (tests/test_inference.py checks the ids, and the logits
+to 1e-5, on a mixed batch with a LoRA adapter on and off). ``padding=True`` left-pads mixed lengths into one group
+instead: positions are right, but attention over masked pads rounds differently — tokens identical up to float
+rounding (the logits differ by ~3e-6).
 
 ``python -m vla_bridge bench-eval`` times batched vs per-frame inference on the same frames.
 """
@@ -18,12 +45,15 @@ matmuls).
 from __future__ import annotations
 
 import contextlib
-import warnings
+import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache
 
 from ..images import eval_transform, to_uint8_hwc
 from ..models.openvla import (action_inputs, base_model, check_unnorm_key, model_device, model_dtype,
@@ -38,6 +68,13 @@ from ..tokenization import (
 )
 
 DEFAULT_MAX_BATCH = 64
+CPU_CHUNK = 16   # frames per vision + prefill pass on a CPU: 16 x 86 tokens stay in cache (64 at once: ~25 % slower)
+# GenerationConfig fields that would make generate() add a logits processor besides min_new_tokens' EOS mask
+PROCESSOR_FIELDS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                    "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "sequence_bias",
+                    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+                    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+                    "forced_decoder_ids", "guidance_scale")
 
 
 @contextlib.contextmanager
@@ -64,6 +101,71 @@ def _threads(n: int | None):
         torch.set_num_threads(prev)
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Llama's ``prepare_inputs_for_generation``: a token's position is the number of real tokens before it
+    (attention-mask cumsum - 1), pads at 1."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(mask == 0, 1)
+
+
+def check_greedy_config(generation_config: Any) -> None:
+    """The decode loop applies generate()'s one logits processor for our call (min_new_tokens' EOS mask): refuse a
+    generation config under which ``predict_action``'s generate() would apply others (OpenVLA's and the tiny VLA's
+    set none)."""
+    if generation_config is None:
+        return
+    default = GenerationConfig()
+    odd = {f: getattr(generation_config, f) for f in PROCESSOR_FIELDS
+           if getattr(generation_config, f, None) != getattr(default, f)}
+    if odd:
+        raise ValueError(f"the model's generation config sets {odd}: generate() would process the logits, the "
+                         "batched decode loop does not")
+
+
+def _mlp_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The second half of LlamaDecoderLayer.forward: residual + mlp(post_attention_layernorm(hidden))."""
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@dataclass
+class _Group:
+    """Rows of a batch that attend together: their slice of the batch, their cache and 2D attention mask."""
+    rows: slice
+    cache: "_KVCache"
+    mask: torch.Tensor
+
+
+class _KVCache(Cache):
+    """The batch's K/V cache, allocated once for prompt + action tokens: ``(batch, kv heads, max_len, head dim)``
+    per layer on its first write. ``update`` (all the attention modules call) copies the new positions in at
+    ``start`` and returns views of the filled part; transformers 4.40's DynamicCache instead ``torch.cat``'s every
+    layer's whole cache at every step (half of a decode step's time at 64 frames on a CPU). ``rows(part)``: the
+    same buffers' rows ``part`` (a slice), to prefill the batch in chunks. ``start`` is set by the decode loop."""
+
+    def __init__(self, batch: int, max_len: int, keys: list | None = None, values: list | None = None,
+                 part: slice | None = None):
+        self.batch, self.max_len = batch, max_len
+        self.keys = [] if keys is None else keys
+        self.values = [] if values is None else values
+        self.part = slice(0, batch) if part is None else part
+        self.start = 0
+
+    def rows(self, part: slice) -> "_KVCache":
+        return _KVCache(self.batch, self.max_len, self.keys, self.values, part)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            shape = (self.batch, key_states.shape[1], self.max_len, key_states.shape[-1])
+            self.keys.append(key_states.new_empty(shape))
+            self.values.append(value_states.new_empty(shape))
+        end = self.start + key_states.shape[-2]
+        keys, values = self.keys[layer_idx][self.part], self.values[layer_idx][self.part]
+        keys[:, :, self.start:end] = key_states
+        values[:, :, self.start:end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+
 EVAL_PROMPT_TOKENS = 64            # prompt tokens budgeted per frame when sizing the eval batch ("In: What ... Out: ▁")
 EVAL_VRAM_SHARE = 0.7              # share of the free VRAM the eval batch may take (allocator slack, activations)
 
@@ -71,11 +173,12 @@ EVAL_VRAM_SHARE = 0.7              # share of the free VRAM the eval batch may t
 def eval_batch_size(free_bytes: float, *, num_layers: int, hidden_size: int, seq_len: int, dtype_bytes: int = 2,
                     num_heads: int | None = None, num_kv_heads: int | None = None, vocab_size: int = 0,
                     cap: int = DEFAULT_MAX_BATCH, share: float = EVAL_VRAM_SHARE) -> int:
-    """Frames per ``generate()`` call that fit in ``free_bytes``: ``share`` of it over the bytes one frame needs,
+    """Frames per decode call that fit in ``free_bytes``: ``share`` of it over the bytes one frame needs,
     at least 1 and at most ``cap``. One frame of ``seq_len`` tokens needs its KV cache,
     2 (K and V) x layers x KV width x dtype bytes per token (Llama-2-7B: 2 x 32 x 4096 x 2 B = 0.5 MiB), plus the
-    prefill's logits, which transformers 4.40 computes for every position and upcasts to fp32
-    (vocab x (dtype bytes + 4) per token)."""
+    prefill's logits as generate() computed them, for every position and upcast to fp32 (vocab x (dtype bytes + 4)
+    per token). The decode loop computes the last position's only, so with ``vocab_size`` the figure is a
+    conservative one (the slack covers the prefill's activations)."""
     kv_width = hidden_size * num_kv_heads / num_heads if num_heads and num_kv_heads else hidden_size
     per_token = 2 * num_layers * kv_width * dtype_bytes + vocab_size * (dtype_bytes + 4)
     per_frame = max(1.0, seq_len * per_token)
@@ -100,7 +203,8 @@ def auto_eval_batch_size(model: torch.nn.Module, seq_len: int, cap: int = DEFAUL
 
 
 class BatchedActionPredictor:
-    """Actions for a batch of frames in one ``generate()`` call, identical to per-frame ``predict_action``.
+    """Actions for a batch of frames in one decode call (see the module docstring), identical to per-frame
+    ``predict_action``.
 
     ``model``: the VLA (OpenVLA-7B or the tiny VLA), plain or PEFT-wrapped — the adapter is used when active, and
     ``with model.disable_adapter():`` around a call gives the base model. ``processor``: its processor.
@@ -111,13 +215,15 @@ class BatchedActionPredictor:
     the model's input size (as the training pipeline does), center-cropped if asked, then run through the
     processor — the same steps as the training examples minus the randomness.
 
-    ``max_batch_size``: frames per ``generate()`` call. ``padding``: False (default) buckets frames by prompt
-    length (exact parity, one call per distinct length and chunk); True left-pads mixed lengths into one call.
-    ``threads``: torch intra-op threads during the calls (None: unchanged).
+    ``max_batch_size``: frames per decode call. ``padding``: False (default) groups frames by prompt length within
+    a call (exact parity, no pads); True left-pads mixed lengths into one group. ``threads``: torch intra-op threads
+    during the calls (None: unchanged). ``chunk_size``: frames per vision + prefill pass (None: 16 on a CPU, the
+    whole call on a GPU).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, unnorm_key: str, center_crop: bool,
-                 max_batch_size: int | str | None = "auto", padding: bool = False, threads: int | None = None):
+                 max_batch_size: int | str | None = "auto", padding: bool = False, threads: int | None = None,
+                 chunk_size: int | None = None):
         self.model = model
         self.vla = base_model(model)
         self.processor = processor
@@ -140,11 +246,15 @@ class BatchedActionPredictor:
         self.max_batch_size = max(1, int(max_batch_size))
         self.padding = bool(padding)
         self.threads = threads
+        if chunk_size is None:   # a GPU runs the whole batch at once
+            chunk_size = CPU_CHUNK if self.device.type == "cpu" else self.max_batch_size
+        self.chunk_size = max(1, int(chunk_size))
+        check_greedy_config(getattr(self.vla, "generation_config", None))
         self._ids: dict[str, list[int]] = {}
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.eos_id = int(self.tokenizer.eos_token_id)
-        self.calls = 0          # generate() calls made (for the benchmark / tests)
+        self.calls = 0          # batched decode calls made, one per batch (for the benchmark / tests)
 
     # ---- inputs
     def prompt_ids(self, instruction: str) -> list[int]:
@@ -167,56 +277,125 @@ class BatchedActionPredictor:
         return pv.to(self.device, dtype=self.dtype)
 
     # ---- the batched call
-    def _embed(self, rows: list[list[int]], pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[pads][BOS][patches][prompt ids after BOS] embeddings and their attention mask (0 on the pads)."""
+    def _embed(self, rows: list[list[int]], pixel_values: torch.Tensor,
+               width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pads][BOS][patches][prompt ids after BOS] embeddings, left-padded to ``width`` prompt ids, and their
+        attention mask (0 on the pads)."""
         vla = self.vla
         lengths = [len(r) for r in rows]
-        L, B = max(lengths), len(rows)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        B = len(rows)
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         text = vla.get_input_embeddings()(ids.to(self.device))
         patches = vla.projector(vla.vision_backbone(pixel_values)).to(text.dtype)
         n_patch = patches.shape[1]
-        if len(set(lengths)) == 1:  # the common case: no padding
+        if all(n == width for n in lengths):  # the common case: no padding
             embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
             return embeds, mask
         seqs, masks = [], []
         for i, n in enumerate(lengths):
-            k = L - n
+            k = width - n
             seqs.append(torch.cat([text[i, :k], text[i, k:k + 1], patches[i], text[i, k + 1:]], dim=0))
             masks.append(torch.cat([torch.zeros(k, dtype=torch.long), torch.ones(n + n_patch, dtype=torch.long)]))
         return torch.stack(seqs), torch.stack(masks).to(self.device)
 
-    @torch.no_grad()
-    def _generate(self, rows: list[list[int]], pixel_values: torch.Tensor,
-                  want_logits: bool) -> tuple[np.ndarray, torch.Tensor | None]:
-        embeds, mask = self._embed(rows, pixel_values)
-        d = self.action_dim
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # generation-config chatter (temperature set with do_sample=False, ...)
-            out = self.vla.language_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=d, min_new_tokens=d, do_sample=False,
-                num_beams=1, use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                output_logits=want_logits, return_dict_in_generate=True)
-        self.calls += 1
-        tokens = out.sequences[:, -d:].cpu().numpy().astype(np.int64)
-        logits = out.logits[0].float().cpu() if want_logits else None
-        return tokens, logits
+    def _forward(self, hidden: torch.Tensor, groups: Sequence["_Group"]) -> torch.Tensor:
+        """The Llama decoder on ``hidden`` (B, n, H) whose rows split into ``groups`` that attend separately (each
+        its own cache and 2D mask, the mask covering the cached positions and these n): LlamaModel.forward's loop
+        with our cache — its causal mask per group, then each decoder layer computed as LlamaDecoderLayer.forward
+        does, its attention module called once per group, its norms and MLP once for all rows. Stops before the
+        last layer's MLP and returns the LAST position (B, 1, H), for :meth:`_head`: no other position's output
+        is read (their K/V are in the cache already)."""
+        body = self.vla.language_model.get_decoder()
+        n = hidden.shape[1]
+        attn_kw = []
+        for g in groups:
+            start = g.mask.shape[1] - n        # the cache holds the positions before these n
+            g.cache.start = start
+            cache_position = torch.arange(start, start + n, device=hidden.device)
+            causal = body._update_causal_mask(g.mask, hidden[g.rows], cache_position, start)  # None: no pads
+            attn_kw.append(dict(attention_mask=causal, position_ids=_positions(g.mask)[:, -n:],
+                                past_key_value=g.cache, use_cache=True, cache_position=cache_position))
+        for i, layer in enumerate(body.layers):
+            if i:
+                hidden = _mlp_block(body.layers[i - 1], hidden)
+            x = layer.input_layernorm(hidden)
+            attn = [layer.self_attn(hidden_states=x[g.rows], **kw)[0] for g, kw in zip(groups, attn_kw)]
+            hidden = hidden + (attn[0] if len(attn) == 1 else torch.cat(attn))
+        return hidden[:, -1:]
 
-    def _batches(self, instructions: Sequence[str]) -> list[list[int]]:
-        """Index lists, one per generate() call: by prompt length (unless padding), then chunks of max_batch_size."""
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward`'s output (B, 1, H) through the last layer's MLP, the final norm and LlamaForCausalLM's
+        lm_head: the next-token logits (B, V) in float32, as generate() returns them."""
+        lm = self.vla.language_model
+        body = lm.get_decoder()
+        hidden = body.norm(_mlp_block(body.layers[-1], hidden))
+        return lm.get_output_embeddings()(hidden)[:, -1].float()
+
+    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """generate()'s greedy step while fewer than min_new_tokens = 7 are out: EOS at -inf
+        (MinNewTokensLengthLogitsProcessor), then argmax."""
+        eos = torch.arange(logits.shape[-1], device=logits.device) == self.eos_id
+        return torch.argmax(torch.where(eos, -math.inf, logits), dim=-1)
+
+    @torch.no_grad()
+    def _decode(self, groups: list[list[int]], images: Sequence[Any], instructions: Sequence[str],
+                want_logits: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        """The 7 greedy action tokens of one batch (rows: the ``groups``' frame indices in order; each group one
+        prompt length, or left-padded to its longest) and the first token's raw logits. Each group is prefilled
+        in chunks of ``chunk_size`` frames into its own preallocated cache; the 6 one-token steps then run over
+        the whole batch."""
+        d, state, last = self.action_dim, [], []
+        for idx in groups:
+            rows = [self.prompt_ids(instructions[i]) for i in idx]
+            width = max(len(r) for r in rows)
+            cache, masks = None, []
+            for s in range(0, len(idx), self.chunk_size):
+                part = slice(s, min(len(idx), s + self.chunk_size))
+                embeds, mask = self._embed(rows[part], self.pixel_values([images[i] for i in idx[part]]), width)
+                if cache is None:   # room for the prompt and the 6 action tokens fed back
+                    cache = _KVCache(len(idx), embeds.shape[1] + d - 1)
+                chunk = _Group(slice(0, embeds.shape[0]), cache.rows(part), mask)
+                last.append(self._forward(embeds, [chunk]))
+                masks.append(mask)
+            state.append((cache, torch.cat(masks)))
+        logits = self._head(torch.cat(last))     # one lm_head call for the batch
+        tokens = [self._next_token(logits)]
+        embed = self.vla.language_model.get_input_embeddings()
+        for _ in range(d - 1):   # generate()'s cached steps: each mask grows by one, positions follow from it
+            batch, start = [], 0
+            for cache, mask in state:
+                batch.append(_Group(slice(start, start + len(mask)), cache,
+                                    torch.cat([mask, mask.new_ones((len(mask), 1))], dim=1)))
+                start += len(mask)
+            state = [(g.cache, g.mask) for g in batch]
+            tokens.append(self._next_token(self._head(self._forward(embed(tokens[-1][:, None]), batch))))
+        self.calls += 1
+        out = torch.stack(tokens, dim=1).cpu().numpy().astype(np.int64)
+        return out, (logits.cpu() if want_logits else None)
+
+    def _batches(self, instructions: Sequence[str]) -> list[list[list[int]]]:
+        """The decode calls: each a list of groups (frame-index lists) of at most ``max_batch_size`` frames in all.
+        Bucketed (default): a group per prompt length, the buckets packed in order into batches; padding: a batch
+        is one left-padded group."""
+        n, size = len(instructions), self.max_batch_size
         if self.padding:
-            idx = list(range(len(instructions)))
-            return [idx[i:i + self.max_batch_size] for i in range(0, len(idx), self.max_batch_size)]
+            return [[list(range(i, min(n, i + size)))] for i in range(0, n, size)]
         buckets: dict[int, list[int]] = OrderedDict()
         for i, ins in enumerate(instructions):
             buckets.setdefault(len(self.prompt_ids(ins)), []).append(i)
-        out = []
+        batches: list[list[list[int]]] = [[]]
+        room = size
         for idx in buckets.values():
-            out += [idx[i:i + self.max_batch_size] for i in range(0, len(idx), self.max_batch_size)]
-        return out
+            while idx:
+                if room == 0:
+                    batches.append([])
+                    room = size
+                batches[-1].append(idx[:room])
+                idx, room = idx[room:], room - len(idx[:room])
+        return batches
 
     def _run(self, images: Sequence[Any], instructions: Sequence[str], want_logits: bool,
              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -228,9 +407,9 @@ class BatchedActionPredictor:
         if n == 0:
             return tokens, None
         with _threads(self.threads), _eval_mode(self.model):
-            for idx in self._batches(instructions):
-                pv = self.pixel_values([images[i] for i in idx])
-                tok, lg = self._generate([self.prompt_ids(instructions[i]) for i in idx], pv, want_logits)
+            for groups in self._batches(instructions):
+                idx = [i for g in groups for i in g]
+                tok, lg = self._decode(groups, images, instructions, want_logits)
                 tokens[idx] = tok
                 if lg is not None:
                     if logits is None:
@@ -258,7 +437,7 @@ class BatchedActionPredictor:
 
     def predict_with_logits(self, images: Sequence[Any], instructions: Sequence[str],
                             action_only: bool = True) -> tuple[np.ndarray, torch.Tensor]:
-        """(actions (B, 7), first-action-token logits) from the same generate() calls."""
+        """(actions (B, 7), first-action-token logits) from the same decode calls."""
         tokens, logits = self._run(images, instructions, True)
         return self.decode(tokens), self._select_logits(logits, action_only)
 

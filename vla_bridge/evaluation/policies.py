@@ -74,7 +74,7 @@ class VLAPolicy:
             return self.predictor.predict(images, instructions, progress)
 
     def run(self, images: Sequence[Any], instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(actions (N, 7) float64, first-action-token logits (N, 256) float32) from the same ``generate()``
+        """(actions (N, 7) float64, first-action-token logits (N, 256) float32) from the same decode
         calls, the evaluation table's preprocessing: the probes' call."""
         if not len(images):
             return np.zeros((0, self.predictor.action_dim)), np.zeros((0, 256), dtype=np.float32)

@@ -36,6 +36,7 @@ DataLoader row's frames/s ÷ bare ≥ 1× (with workers, more frames/s than the 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,6 +52,7 @@ from ..data.splits import make_split
 from ..data.stats import compute_action_stats, norm_stats_entry
 from ..evaluation import BatchedActionPredictor, per_frame_predict
 from ..models.openvla import load_openvla, register_dataset_statistics
+from ..pretrain import SHIPPED_BASE
 from ..models.tiny_vla import build_tiny_vla
 from .bench_train import trainer_throughput
 from .ratios import Ratio, format_ratios, ratio
@@ -218,89 +220,146 @@ def format_bench(res: dict[str, Any]) -> str:
 
 # ===================================================================================================== bench-eval
 # ``python -m vla_bridge bench-eval``: frames/s of the evaluation's batched action inference
-# (``evaluation.BatchedActionPredictor``: one generate() per batch, greedy, KV cache, 7 new tokens) vs per-frame
-# ``model.predict_action`` on the SAME frames (held-out episodes of the embedded dataset, mixed instructions), and a
-# check that both give identical actions. The model is the cached tiny base under ``<data_dir>/tiny_vla_base`` when
-# it is there, else a default-size tiny VLA with random weights (inference cost does not depend on the weights).
+# (``evaluation.BatchedActionPredictor``: one decode call per batch, greedy, preallocated KV cache, 7 new tokens) vs
+# per-frame ``model.predict_action`` on the SAME frames (held-out episodes of the embedded dataset, mixed
+# instructions), and a check that both give identical actions. The model is the tiny base cached under
+# ``<data_dir>/tiny_vla_base`` or the shipped ``assets/tiny_vla_base``, else a default-size tiny VLA with random
+# weights (inference cost does not depend on the weights).
+#
+# Both rows of a ratio run at the same torch thread count: the headline at the evaluation's (the notebook runs
+# ``EvalConfig(threads=2)``), and the same table at ``also_threads`` (1 by default), since the per-frame path gains
+# little from a second thread. After a warm-up at every thread count, the rows are timed ``repeats`` times
+# interleaved and the best time of each is kept: on a shared machine another process can take a core at any moment,
+# and a 2-thread run pays for it twice (its threads wait on each other), so the load average is printed too.
 
 GOAL_EVAL_SPEEDUP = 5.0
+EVAL_THREADS = 2       # the notebook's evaluation cells: EvalConfig(threads=2)
 
 
-def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, threads: int | None = 1,
-               per_frame_frames: int | None = None, unnorm_key: str = "demo_world", seed: int = 0) -> dict[str, Any]:
+def _bench_frames(ds, split, frames: int) -> tuple[list, list]:
+    """``frames`` frames of held-out episodes, a few from each (every 5th frame), the episodes taken round-robin
+    over the held-out groups (mixed instructions and prompt lengths even for a few frames); only the episodes that
+    contribute a frame are decoded."""
+    groups = [list(g[:8]) for g in split.eval.values()]
+    eps = [e for tier in itertools.zip_longest(*groups) for e in tier if e is not None] or list(split.train[:16])
+    per_ep = max(1, -(-int(frames) // max(1, len(eps))))
+    eps = eps[:-(-int(frames) // per_ep)]
+    data = load_episodes(ds, eps)
+    images, instructions = [], []
+    for e in eps:
+        d = data[e]
+        for k in range(min(per_ep, len(d.images))):
+            images.append(d.images[(k * 5) % len(d.images)])
+            instructions.append(d.instruction)
+    return images[:frames], instructions[:frames]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_eval(data_dir: str = "data", frames: int = 64, batch_size: int = 64, threads: int | None = EVAL_THREADS,
+               per_frame_frames: int | None = None, unnorm_key: str = "demo_world", seed: int = 0,
+               also_threads: Sequence[int] = (1,), repeats: int = 2) -> dict[str, Any]:
     """Time per-frame ``predict_action`` and the batched predictor (bucketed by prompt length, and left-padded) on
-    ``frames`` frames; returns rows of {name, frames, seconds, fps}, the speed-up and whether the actions match."""
+    ``frames`` frames at ``threads`` torch threads (None: torch's current count) and at each of ``also_threads``.
+    Returns the headline rows of {name, frames, seconds, fps}, ``speedup`` (bucketed / per-frame frames/s) and
+    ``speedup_padded`` at ``threads``, ``goal``, whether the actions match (over every run), and ``by_threads``:
+    the same figures per thread count. ``per_frame_frames``: time per-frame on only the first N frames."""
     prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
+    counts = list(dict.fromkeys([int(threads or prev)] + [int(t) for t in also_threads if t]))
     try:
+        torch.set_num_threads(counts[0])
         root = ensure_demo_dataset(data_dir).root
         ds = st.open_dataset(root, probe=False)
         split = make_split(ds)
-        base_dir = Path(data_dir) / "tiny_vla_base"
-        if (base_dir / "config.json").is_file():
-            processor, model = load_openvla(str(base_dir), precision="fp32", verbose=False)
-            model_desc = f"cached tiny base {base_dir}"
+        cached = [d for d in (Path(data_dir) / "tiny_vla_base", SHIPPED_BASE) if (d / "config.json").is_file()]
+        if cached:
+            processor, model = load_openvla(str(cached[0]), precision="fp32", verbose=False)
+            model_desc = f"tiny base {cached[0]}"
         else:
             model, processor = build_tiny_vla(seed=seed)
             model_desc = "default-size tiny VLA, random weights (no cached base; speed does not depend on weights)"
-        register_dataset_statistics(model, unnorm_key,
-                                    norm_stats_entry(compute_action_stats(ds, split.train, source="stream")))
+        stats = compute_action_stats(ds, split.train, source="stream", cache_dir=Path(data_dir) / "action_stats")
+        register_dataset_statistics(model, unnorm_key, norm_stats_entry(stats))
         model.eval()
-        # mixed instructions: a few frames from each held-out episode, round-robin over the groups
-        eps = [e for g in split.eval.values() for e in g[:8]] or list(split.train[:16])
-        per_ep = max(1, -(-int(frames) // max(1, len(eps))))
-        data = load_episodes(ds, eps)
-        images, instructions = [], []
-        for e in eps:
-            d = data[e]
-            for k in range(min(per_ep, len(d.images))):
-                images.append(d.images[(k * 5) % len(d.images)])
-                instructions.append(d.instruction)
-        images, instructions = images[:frames], instructions[:frames]
+        images, instructions = _bench_frames(ds, split, frames)
         n = len(images)
         n_ref = min(n, int(per_frame_frames or n))
 
         batched = BatchedActionPredictor(model, processor, unnorm_key, center_crop=True, max_batch_size=batch_size)
         padded = BatchedActionPredictor(model, processor, unnorm_key, center_crop=True, max_batch_size=batch_size,
                                         padding=True)
-        batched.predict(images[:2], instructions[:2])       # warm-up (first-call allocations)
-        per_frame_predict(model, processor, images[:1], instructions[:1], unnorm_key, True)
-        rows = []
-        t0 = time.perf_counter()
-        ref = per_frame_predict(model, processor, images[:n_ref], instructions[:n_ref], unnorm_key, True)
-        rows.append({"name": "per-frame predict_action", "frames": n_ref, "seconds": time.perf_counter() - t0})
-        batched.calls = 0
-        t0 = time.perf_counter()
-        out_b = batched.predict(images, instructions)
-        rows.append({"name": f"batched, bucketed by prompt length ({batched.calls} generate calls)", "frames": n,
-                     "seconds": time.perf_counter() - t0})
-        padded.calls = 0
-        t0 = time.perf_counter()
-        out_p = padded.predict(images, instructions)
-        rows.append({"name": f"batched, left-padded ({padded.calls} generate calls)", "frames": n,
-                     "seconds": time.perf_counter() - t0})
+        lengths = len({len(batched.prompt_ids(i)) for i in instructions})
+        runs = {"per-frame": lambda: per_frame_predict(model, processor, images[:n_ref], instructions[:n_ref],
+                                                       unnorm_key, True),
+                "bucketed": lambda: batched.predict(images, instructions),
+                "padded": lambda: padded.predict(images, instructions)}
+        by_threads, identical = [], {"bucketed": True, "padded": True}
+        load_before = os.getloadavg()
+        for t in counts:
+            torch.set_num_threads(t)
+            batched.predict(images[:4], instructions[:4])                 # warm-up (first-call allocations)
+            per_frame_predict(model, processor, images[:1], instructions[:1], unnorm_key, True)
+            best: dict[str, float] = {}
+            batched.calls = padded.calls = 0
+            for _ in range(max(1, int(repeats))):
+                out = {}
+                for name, fn in runs.items():
+                    out[name], secs = _timed(fn)
+                    best[name] = min(secs, best.get(name, float("inf")))
+                for name in identical:
+                    identical[name] &= bool(np.array_equal(out[name][:n_ref], out["per-frame"]))
+            reps = max(1, int(repeats))
+            rows = [{"name": "per-frame predict_action", "frames": n_ref, "seconds": best["per-frame"]},
+                    {"name": f"batched, bucketed: {lengths} prompt lengths, {batched.calls // reps} call(s)",
+                     "frames": n, "seconds": best["bucketed"]},
+                    {"name": f"batched, left-padded: {padded.calls // reps} call(s)", "frames": n,
+                     "seconds": best["padded"]}]
+            for r in rows:
+                r["fps"] = r["frames"] / r["seconds"] if r["seconds"] > 0 else float("nan")
+            by_threads.append({"threads": t, "rows": rows, "speedup": rows[1]["fps"] / rows[0]["fps"],
+                               "speedup_padded": rows[2]["fps"] / rows[0]["fps"]})
+        load_after = os.getloadavg()
     finally:
         torch.set_num_threads(prev)
-    for r in rows:
-        r["fps"] = r["frames"] / r["seconds"] if r["seconds"] > 0 else float("nan")
-    return {"model": model_desc, "dataset": str(root), "frames": n, "instructions": len(set(instructions)),
-            "batch_size": batch_size, "threads": threads or prev, "rows": rows,
-            "speedup": rows[1]["fps"] / rows[0]["fps"], "speedup_padded": rows[2]["fps"] / rows[0]["fps"],
-            "identical_bucketed": bool(np.array_equal(out_b[:n_ref], ref)),
-            "identical_padded": bool(np.array_equal(out_p[:n_ref], ref))}
+    head = by_threads[0]
+    per_frame_best = max(b["rows"][0]["fps"] for b in by_threads)
+    return {"model": model_desc, "dataset": str(root), "frames": n, "per_frame_frames": n_ref,
+            "instructions": len(set(instructions)), "prompt_lengths": lengths, "batch_size": batch_size,
+            "chunk_size": batched.chunk_size, "repeats": max(1, int(repeats)), "threads": head["threads"],
+            "rows": head["rows"], "speedup": head["speedup"], "speedup_padded": head["speedup_padded"],
+            "goal": GOAL_EVAL_SPEEDUP, "by_threads": by_threads,
+            "speedup_vs_best_per_frame": head["rows"][1]["fps"] / per_frame_best,
+            "identical_bucketed": identical["bucketed"], "identical_padded": identical["padded"],
+            "load_average": [round(load_before[0], 2), round(load_after[0], 2)], "cpus": os.cpu_count()}
 
 
 def format_bench_eval(res: dict[str, Any]) -> str:
     lines = [f"eval inference benchmark: {res['model']}",
              f"{res['frames']} frames of held-out episodes ({res['instructions']} distinct instructions), batch "
-             f"{res['batch_size']}, {res['threads']} torch thread(s)",
-             f"{'':<56}{'frames':>8}{'seconds':>10}{'frames/s':>10}"]
-    for r in res["rows"]:
-        lines.append(f"{r['name']:<56}{r['frames']:>8}{r['seconds']:>10.2f}{r['fps']:>10.1f}")
-    ok = "meets" if res["speedup"] >= GOAL_EVAL_SPEEDUP else "MISSES"
-    lines.append(f"batched / per-frame: {res['speedup']:.1f}x bucketed, {res['speedup_padded']:.1f}x padded "
-                 f"({ok} the ≥ {GOAL_EVAL_SPEEDUP:g}x goal)")
+             f"{res['batch_size']}, prefill chunks of {res.get('chunk_size', '-')} frames; best of "
+             f"{res.get('repeats', 1)} interleaved run(s) per row after a warm-up; 1-min load average "
+             f"{'/'.join(f'{x:.1f}' for x in res.get('load_average', []))} (before/after) on {res.get('cpus')} CPUs"]
+    blocks = res.get("by_threads") or [{"threads": res["threads"], "rows": res["rows"], "speedup": res["speedup"],
+                                        "speedup_padded": res["speedup_padded"]}]
+    for b in blocks:
+        lines.append(f"{str(b['threads']) + ' torch thread(s), every row':<50}{'frames':>8}{'seconds':>10}"
+                     f"{'frames/s':>10}")
+        for r in b["rows"]:
+            lines.append(f"  {r['name']:<48}{r['frames']:>8}{r['seconds']:>10.2f}{r['fps']:>10.1f}")
+    goal = res.get("goal", GOAL_EVAL_SPEEDUP)
+    ok = "meets" if res["speedup"] >= goal else "MISSES"
+    lines.append(f"batched / per-frame at {res['threads']} torch thread(s): {res['speedup']:.1f}x bucketed, "
+                 f"{res['speedup_padded']:.1f}x padded ({ok} the ≥ {goal:g}x goal)")
+    for b in blocks[1:]:
+        lines.append(f"  at {b['threads']} torch thread(s): {b['speedup']:.1f}x bucketed, "
+                     f"{b['speedup_padded']:.1f}x padded")
+    if len(blocks) > 1:
+        lines.append(f"  batched at {res['threads']} thread(s) vs per-frame at its fastest thread count: "
+                     f"{res['speedup_vs_best_per_frame']:.1f}x")
     lines.append(f"identical actions to per-frame predict_action: bucketed {'yes' if res['identical_bucketed'] else 'NO'}"
                  f", padded {'yes' if res['identical_padded'] else 'NO'}")
     return "\n".join(lines)
