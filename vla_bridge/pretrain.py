@@ -57,8 +57,8 @@ from .data.stats import norm_stats_entry, stats_from_arrays
 from .data.world import labels as world_labels
 from .data.world.labels import N_CLASSES, PRIVILEGED_NAMES, STATE_NAMES, labelled_frames
 from .images import train_transform
-from .paths import PROJECT_ROOT
 from .models.tiny_vla import build_tiny_vla, configuration_tiny_vla, modeling_tiny_vla, processing_tiny_vla
+from .paths import PROJECT_ROOT
 from .progress import tqdm
 from .tokenization import ActionCollator, ActionTokenizer, action_metrics, make_training_example, num_image_patches
 from .training import lr_lambda
@@ -271,9 +271,9 @@ def shipped_base(params: PretrainParams, unnorm_key: str, root: str | os.PathLik
 
 
 def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: PretrainParams | None = None,
-                     force: bool = False, progress: bool = True, use_shipped: bool = True) -> tuple[Path, dict]:
+                     force: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """Return ``(path, info)`` of the tiny base (see the module docstring): the one in ``out_dir`` when its key
-    matches, else the shipped one when it fits (``use_shipped``), else train it (``force``: always train)."""
+    matches, else the shipped one when it fits, else train it (``force``: always train)."""
     params = params or PretrainParams()
     if params.episodes <= 0 or params.steps <= 0 or params.vision_steps < 0:
         raise ValueError(f"pretraining needs episodes > 0 and steps > 0 (got {params.episodes}, {params.steps})")
@@ -284,7 +284,7 @@ def ensure_tiny_base(out_dir: str | os.PathLike, unnorm_key: str, params: Pretra
         info["reused"] = True
         return out, info
     not_shipped = None
-    if use_shipped and not force and out.resolve() != Path(SHIPPED_BASE).resolve():
+    if not force and out.resolve() != SHIPPED_BASE.resolve():
         path, found = shipped_base(params, unnorm_key)
         if path is not None:
             return path, found

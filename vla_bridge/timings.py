@@ -38,9 +38,8 @@ class SectionTimer:
         self.clock = clock
         self.sections: dict[str, dict[str, float]] = {}   # name -> {"seconds", "cells"}, in the order first opened
         self.current: str | None = None
-        self.started = clock()
         self.ipython = ipython
-        self._cell_t0: float | None = self.started       # the cell that creates the timer is running now
+        self._cell_t0: float | None = clock()            # the cell that creates the timer is running now
         self._wall_t0: float | None = None                 # without a kernel: when the current section opened
         if ipython is not None:
             ipython.events.register("pre_run_cell", self._pre_run_cell)
