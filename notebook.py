@@ -190,7 +190,8 @@ from vla_bridge.data import build, counting, schema, source, splits, stream
 from vla_bridge.data import stats as dstats
 
 if hardware.is_embedded(cfg.dataset):
-    demo = build.ensure_demo_dataset(cfg.data_dir, episodes=DEMO_EPISODES, progress=True)
+    demo = build.ensure_demo_dataset(cfg.data_dir, episodes=DEMO_EPISODES, eval_episodes=cfg.eval_episodes,
+                                     progress=True)
     print(demo.describe())
     print("episodes per split:", demo.info["episodes_per_split"])
     DATA_SOURCE = str(demo.root)
@@ -552,9 +553,10 @@ print(f"latest checkpoint holds: {ckpt_files}")
 # - **replay pose drift** — from the episode's first state, integrate 16 predicted xyz deltas and 16 demonstrated ones
 #   and measure how far apart the two end points are (cm): small per-step errors that share a sign add up;
 # - **success** — on the embedded world, *true closed-loop success*: the env rebuilds the episode's initial scene,
-#   the policy acts from its own camera image for at most 60 steps, success = the instructed object released inside
-#   the instructed target. On Bridge there is no simulator, so the row reports the documented proxy (drift under a
-#   threshold and the gripper's close/open events matching the demonstration's) — a proxy, and said so;
+#   the policy acts from its own camera image for at most 40 steps (`rollout.CLOSED_LOOP_STEPS`: 1.4× the expert's
+#   slowest demonstration, 28 steps), success = the instructed object released inside the instructed target. On
+#   Bridge there is no simulator, so the row reports the documented proxy (drift under a threshold and the
+#   gripper's close/open events matching the demonstration's) — a proxy, and said so;
 # - **grasp rate** (embedded world) — the gripper held the instructed object at some step: progress short of success.
 #
 # Below the table, a **per-task verdict against the base**: helped / hurt / mixed / same, where a metric counts only
@@ -565,7 +567,8 @@ print(f"latest checkpoint holds: {ckpt_files}")
 # what a model that learned only the action statistics scores) and the **base model before LoRA** (the same weights
 # with the adapter switched off: what fine-tuning bought). The held-out groups are reported as they come out; the
 # "fine-tuning tasks, fresh episodes" group is the contrast — tasks the adapter trained on, in unseen scenes.
-# Predictions are batched (left-padded prompts, one `generate()` call per batch, greedy, KV cache): the same tokens
+# Predictions are batched (one greedy decode call per batch, frames grouped by prompt length, a preallocated KV
+# cache; on a CPU the LoRA adapter is merged into the weights for the call, as upstream deploys it): the same tokens
 # as calling `predict_action` frame by frame, several times faster (`python -m vla_bridge bench-eval`).
 
 # %%
@@ -614,7 +617,8 @@ if OCTO:
 else:
     probe_result = evaluation.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
                                          out_dir=cfg.path("eval"), center_crop=cfg.image_aug,
-                                         max_episodes=min(cfg.eval_episodes, 6), seed=cfg.seed, verbose=False)
+                                         max_episodes=min(cfg.eval_episodes, 6), seed=cfg.seed, verbose=False,
+                                         threads=2)
     ipd.display(ipd.Markdown(probe_result.table()))
     ipd.display(ipd.Markdown("\n".join(f"- {b}" for b in probe_result.bullets)))
     print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('probe_json')}")
@@ -633,7 +637,7 @@ if OCTO:
 else:
     video = evaluation.rollout_video(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
                                      out_dir=Path(cfg.outputs_dir) / "videos" / cfg.run_name,
-                                     center_crop=cfg.image_aug)
+                                     center_crop=cfg.image_aug, threads=2)
     print(f"{video.kind} on episode {video.episode} ({video.instruction!r}): {video.n_frames} frames, "
           f"success={video.success}; saved {video.path}")
     ipd.display(ipd.Image(filename=str(video.strip_path)))

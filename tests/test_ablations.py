@@ -76,8 +76,11 @@ def test_the_holdout_control_reuses_the_sweeps_identical_run(tmp_path, monkeypat
 
     calls = []
 
+    configs = []
+
     def fake_train(name, rank, alpha, cfg, model_id, precision, stats, source, train_eps, ds, split, steps, ec):
         calls.append(("train", name, len(train_eps)))
+        configs.append(ec)
         ckpt = tmp_path / name
         ckpt.mkdir(exist_ok=True)
         (ckpt / "adapter_model.safetensors").write_bytes(b"x")
@@ -85,22 +88,27 @@ def test_the_holdout_control_reuses_the_sweeps_identical_run(tmp_path, monkeypat
                                      train_seconds=1.0, final_loss=1.0, groups={}, rows=[],
                                      train_episodes=len(train_eps), checkpoint=str(ckpt))
 
-    def fake_reevaluate(name, run, *a, **k):
+    def fake_reevaluate(name, run, cfg, model_id, precision, stats, ds, split, ec):
         calls.append(("reevaluate", name, run.name))
+        configs.append(ec)
         return ablations.dataclasses.replace(run, name=name, trained_as=run.name)
 
     monkeypatch.setattr(ablations, "_train_and_eval", fake_train)
     monkeypatch.setattr(ablations, "_reevaluate", fake_reevaluate)
     monkeypatch.setattr(ablations, "write_json", lambda *a, **k: None)
-    sidecar = [{"episode_index": i, "family": "spoon" if i < 2 else "cup"} for i in range(6)] + \
-              [{"episode_index": 10, "family": "spoon"}]
-    split = types.SimpleNamespace(train=list(range(6)), contrast={"finetune_eval": [10]})
+    task = {"spoon": "put the spoon on the plate", "cup": "put the cup in the pot"}
+    sidecar = [{"episode_index": i, "family": f, "canonical_task": task[f]}
+               for i, f in enumerate(["spoon", "spoon", "cup", "cup", "cup", "cup", "spoon", "cup"])]
+    split = types.SimpleNamespace(train=list(range(6)), contrast={"finetune_eval": [6, 7]})
     cfg = types.SimpleNamespace(lora_rank=32, lora_alpha=16, max_steps=300, path=lambda kind: tmp_path)
     sweep = [fake_train(f"rank{r}", r, ablations.alpha_for_rank(r, 32, 16), cfg, "m", "fp32", {}, "src",
                         split.train, None, split, 75, None) for r in (8, 32)]
     calls.clear()
+    configs.clear()
     out = ablations.object_holdout(cfg, "m", "fp32", {}, "src", None, split, sidecar, 75, [], sweep=sweep)
     assert calls == [("train", "without-spoon", 4), ("reevaluate", "control-with-spoon", "rank32")]
+    # both evaluate only the held-out family's contrast task (the only episodes the comparison reads)
+    assert [c.only_tasks for c in configs] == [["put the spoon on the plate"]] * 2
     assert out["control_trained_as"] == "rank32" and "re-evaluated" in out["note"]
     calls.clear()
     ablations.object_holdout(cfg, "m", "fp32", {}, "src", None, split, sidecar, 50, [], sweep=sweep)  # other steps

@@ -378,14 +378,15 @@ def test_eval_json_schema(e2e):
     for r in data["per_episode"]:   # the closed loop's early stop: steps run < max_steps only for a stopped failure
         assert isinstance(r["closed_loop_stopped_early"], bool)
         ended = r["success"] or r["closed_loop_stopped_early"]
-        assert r["closed_loop_steps"] <= 60 and (r["closed_loop_steps"] < 60) <= ended
+        horizon = rollout.CLOSED_LOOP_STEPS
+        assert r["closed_loop_steps"] <= horizon and (r["closed_loop_steps"] < horizon) <= ended
     steps = data["timing"]["closed_loop_steps_per_policy"]
     assert set(steps) == set(policies.DEFAULT_POLICIES)
     for p, st in steps.items():
         recs = [r for r in data["per_episode"] if r["policy"] == p]
         assert st["steps_run"] == sum(r["closed_loop_steps"] for r in recs)
         assert st["stopped_early"] == sum(r["closed_loop_stopped_early"] for r in recs)
-        spared = sum(60 - r["closed_loop_steps"] for r in recs if r["closed_loop_stopped_early"])
+        spared = sum(rollout.CLOSED_LOOP_STEPS - r["closed_loop_steps"] for r in recs if r["closed_loop_stopped_early"])
         assert st["steps_if_never_stopped"] == st["steps_run"] + spared
     assert set(data["rows"][0]["l1_per_dim"]) == set(world.ACTION_NAMES)
     assert "| task_name | group | policy | n_episodes | L1 all 7 dims | L1 motion (xyz+rot) | L1 gripper |" in rep.markdown

@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from vla_bridge.data import world
 from vla_bridge.evaluation import inference
-from vla_bridge.models.lora import lora_target_modules
+from vla_bridge.models.lora import lora_target_modules, merged_adapter
 from vla_bridge.models.openvla import action_inputs, base_model, lora_config
 from vla_bridge.models.tiny_vla import build_tiny_vla
 
@@ -133,3 +133,26 @@ def test_refuses_a_generation_config_with_other_logits_processors():
     inference.check_greedy_config(GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0))
     with pytest.raises(ValueError, match="repetition_penalty"):
         inference.check_greedy_config(GenerationConfig(repetition_penalty=1.2))
+
+
+def test_merged_adapter_is_the_same_function_and_restores_the_exact_weights(lora_vla, frames):
+    model, processor = lora_vla
+    images, instructions = frames
+    layers = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+    ptrs = [m.get_base_layer().weight.data_ptr() for m in layers]
+    copies = [m.get_base_layer().weight.detach().clone() for m in layers]
+    with merged_adapter(model) as merged:
+        assert merged and all(m.merged for m in layers)
+        assert sum(not torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, copies)) == len(layers)
+    assert not any(m.merged for m in layers)
+    assert [m.get_base_layer().weight.data_ptr() for m in layers] == ptrs   # the original tensors, not unmerge()'s
+    assert all(torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, copies))
+    with model.disable_adapter(), merged_adapter(model) as merged:
+        assert not merged                                                   # the base model is never merged
+    side = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True, merge=False)
+    fused = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True)
+    np.testing.assert_array_equal(fused.predict_token_ids(images, instructions),
+                                  side.predict_token_ids(images, instructions))
+    torch.testing.assert_close(fused.first_token_logits(images, instructions, action_only=False),
+                               side.first_token_logits(images, instructions, action_only=False), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(m.get_base_layer().weight, c) for m, c in zip(layers, copies))

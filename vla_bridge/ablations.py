@@ -202,15 +202,20 @@ def object_holdout(cfg, model_id: str, precision: str, stats_entry, data_source,
     by_index = {int(r["episode_index"]): r for r in sidecar}
     kept = [e for e in split.train if by_index.get(int(e), {}).get("family") != family]
     alpha = float(cfg.lora_alpha)
+    # only the family's contrast tasks are compared (family_summary): evaluate those and nothing else
+    contrast = [int(e) for eps in (getattr(split, "contrast", {}) or {}).values() for e in eps]
+    family_tasks = sorted({by_index[e]["canonical_task"] for e in contrast
+                           if e in by_index and by_index[e]["family"] == family})
+    eval_config = dataclasses.replace(eval_config or EvalConfig(), only_tasks=family_tasks)
     without = _train_and_eval(f"without-{family}", cfg.lora_rank, alpha, cfg, model_id, precision, stats_entry,
-                              data_source, kept, ds, split, steps, eval_config or EvalConfig())
+                              data_source, kept, ds, split, steps, eval_config)
     twin = next((r for r in sweep if same_training(r, cfg.lora_rank, alpha, steps, len(split.train))), None)
     if twin is not None:
         control = _reevaluate(f"control-with-{family}", twin, cfg, model_id, precision, stats_entry, ds, split,
-                              eval_config or EvalConfig())
+                              eval_config)
     else:
         control = _train_and_eval(f"control-with-{family}", cfg.lora_rank, alpha, cfg, model_id, precision,
-                                  stats_entry, data_source, split.train, ds, split, steps, eval_config or EvalConfig())
+                                  stats_entry, data_source, split.train, ds, split, steps, eval_config)
     runs = {"object_holdout_run": family_summary(without.per_episode, family),
             "control_run": family_summary(control.per_episode, family),
             "main_run": family_summary(main_per_episode, family)}

@@ -151,6 +151,7 @@ def run(params: Mapping[str, Any], *, progress: bool = True, **train_overrides: 
     with _main_first(state):                                             # sections 3–4
         if cfg.dataset == hardware.EMBEDDED_DATASET:
             data_source = str(build.ensure_demo_dataset(cfg.data_dir, episodes=params.get("DEMO_EPISODES", "auto"),
+                                                        eval_episodes=cfg.eval_episodes,
                                                         progress=progress and main).root)
         else:
             data_source = cfg.dataset

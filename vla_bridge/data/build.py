@@ -69,27 +69,39 @@ VIDEO_FILE_SIZE_MB = 2
 EPISODES_SIDECAR = "meta/vla_bridge_episodes.jsonl"
 BUILD_SIDECAR = "meta/vla_bridge_build.json"
 
-# Default size: the "pretrain" split (the pretraining tasks' episodes, for the split table and the leakage check: the
-# tiny base itself is pretrained on freshly generated episodes, see pretrain.py, so 40 show it without spending a
-# third of the build on frames nothing reads), "finetune" (what LoRA fine-tunes on) plus evaluation
-# episodes: 8 per task for every held-out group (the evaluation reports each task with n = 8 and a bootstrap CI; the
-# closed-loop success rate resets the env to each of these episodes' scenes), and "finetune_eval": FRESH episodes
-# (new seeds, never trained on) of FINETUNE_EVAL_TASKS of the fine-tuning tasks, 8 each — the evaluation's contrast
-# rows ("how well does it do on the tasks it was fine-tuned on?").
-DEFAULT_EPISODES: dict[str, int] = {
-    "pretrain": 40,
-    "finetune": 100,
-    "heldout": 40,          # 5 held-out task strings x 8
-    "heldout_family": 32,   # 4 banana tasks x 8
-    "unseen_color": 40,     # 5 purple tasks x 8
-    "paraphrase": 16,       # the finetune tasks, re-phrased
-    "finetune_eval": 32,    # FINETUNE_EVAL_TASKS fine-tuning tasks x 8 fresh episodes
-}
+# Default size: the "pretrain" split (the pretraining tasks' episodes, one per task, for the split table and the
+# leakage check: the tiny base itself is pretrained on freshly generated episodes, see pretrain.py, so 40 show it
+# without spending a third of the build on frames nothing reads), "finetune" (what LoRA fine-tunes on) plus the
+# evaluation's episodes: ``eval_episodes`` per task (the run's EVAL_EPISODES; default EVAL_EPISODES_PER_TASK = 4,
+# the CPU evaluation's) for every held-out group — the evaluation reports each task over its first EVAL_EPISODES
+# episodes, so more would be built and never read; the closed-loop success rate resets the env to each of these
+# episodes' scenes — "paraphrase" (the 16 fine-tuning tasks re-phrased, one each) and "finetune_eval": FRESH
+# episodes (new seeds, never trained on) of FINETUNE_EVAL_TASKS of the fine-tuning tasks — the evaluation's
+# contrast rows ("how well does it do on the tasks it was fine-tuned on?").
+FINETUNE_EVAL_TASKS = 4
+EVAL_EPISODES_PER_TASK = 4
+
+
+def default_episodes(eval_episodes: int | None = None) -> dict[str, int]:
+    """The default episodes per split, with ``eval_episodes`` (default ``EVAL_EPISODES_PER_TASK``) per task in the
+    held-out groups and the fine-tuning tasks' fresh episodes."""
+    per = max(1, int(eval_episodes or EVAL_EPISODES_PER_TASK))
+    return {
+        "pretrain": 40,
+        "finetune": 100,
+        "heldout": per * len(world.SPLITS.heldout_tasks),                 # 5 held-out task strings
+        "heldout_family": per * len(world.SPLITS.heldout_family_tasks),   # 4 banana tasks
+        "unseen_color": per * len(world.SPLITS.unseen_color_tasks),       # 5 purple tasks
+        "paraphrase": len(world.SPLITS.finetune),                         # the 16 finetune tasks, re-phrased
+        "finetune_eval": per * FINETUNE_EVAL_TASKS,                       # fresh episodes of fine-tuning tasks
+    }
+
+
+DEFAULT_EPISODES: dict[str, int] = default_episodes()
 # Splits that are not one of the world's task splits but an extra evaluation group: included by default
 # (episodes=None/"auto") and when a mapping names them; a mapping that does not name them, or a total N, leaves them
 # out (so "split=n,..." sizes and totals mean what they meant before the group existed).
 OPTIONAL_SPLITS = ("finetune_eval",)
-FINETUNE_EVAL_TASKS = 4
 
 class BuildError(RuntimeError):
     """The embedded dataset could not be built; the message says why."""
@@ -115,16 +127,19 @@ class DemoBuild:
 # --------------------------------------------------------------------------------------------------- parameters
 
 
-def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None) -> dict[str, int]:
+def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None,
+                           eval_episodes: int | None = None) -> dict[str, int]:
     """Episodes per world split.
 
-    ``None``/``"auto"`` → ``DEFAULT_EPISODES``; a mapping → the defaults updated with it (unknown split → error);
+    ``None``/``"auto"`` → ``default_episodes(eval_episodes)`` (``DEFAULT_EPISODES`` without it); a mapping → those
+    defaults updated with it (unknown split → error);
     an int N (or a digit string) → the defaults scaled to N episodes in total, every split keeping ≥ 1 (largest
     remainders get the rounding); ``"pretrain=40,finetune=20"`` → like a mapping. The ``OPTIONAL_SPLITS``
     ("finetune_eval") are in the defaults, but a mapping that does not name them and a total N leave them out.
     """
+    defaults = default_episodes(eval_episodes)
     if episodes is None or (isinstance(episodes, str) and episodes.strip().lower() in ("", "auto")):
-        return dict(DEFAULT_EPISODES)
+        return defaults
     if isinstance(episodes, str):
         text = episodes.strip()
         if text.isdigit():
@@ -138,7 +153,7 @@ def resolve_episode_counts(episodes: int | str | Mapping[str, int] | None = None
         unknown = set(episodes) - set(DEFAULT_EPISODES)
         if unknown:
             raise ValueError(f"unknown split(s) {sorted(unknown)}; known: {', '.join(DEFAULT_EPISODES)}")
-        out = {k: v for k, v in DEFAULT_EPISODES.items() if k not in OPTIONAL_SPLITS}
+        out = {k: v for k, v in defaults.items() if k not in OPTIONAL_SPLITS}
         out.update({k: int(v) for k, v in episodes.items()})
         if any(v < 0 for v in out.values()) or sum(out.values()) < 1:
             raise ValueError(f"episode counts must be ≥ 0 with at least one episode: {out}")
@@ -452,13 +467,15 @@ def ensure_demo_dataset(
     workers: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
     video_file_size_mb: int = VIDEO_FILE_SIZE_MB,
+    eval_episodes: int | None = None,
 ) -> DemoBuild:
     """Build the embedded dataset under ``<data_dir>/demo_world/<key>/`` unless a complete build with the same key
     is there (then reuse it). ``workers``: processes rendering episodes while the main process writes (default 1
     when the machine has ≥ 2 cores). ``progress``: True for a tqdm bar, or a callable(done, total).
-    ``video_file_size_mb``: size at which lerobot starts a new mp4 per camera (part of the key)."""
+    ``video_file_size_mb``: size at which lerobot starts a new mp4 per camera (part of the key). ``eval_episodes``:
+    the run's EVAL_EPISODES, which sizes the evaluation splits of the default build (see ``default_episodes``)."""
     t0 = time.perf_counter()
-    counts = resolve_episode_counts(episodes)
+    counts = resolve_episode_counts(episodes, eval_episodes)
     params = build_params(counts, seed, image_size, video_file_size_mb)
     key = cache_key(params)
     base = Path(data_dir) / "demo_world"

@@ -60,7 +60,7 @@ from .metrics import (CI_LEVEL, DRIFT_THRESHOLD_CM, GRIPPER_THRESHOLD, GRIPPER_T
                       REPLAY_HORIZON, l1_action_error, proxy_success, replay_drift_cm, split_l1, summarize)
 from .policies import (DEFAULT_POLICIES, POLICY_BASE, POLICY_FINETUNED, POLICY_MEAN, ConstantPolicy, VLAPolicy,
                        _POLICY_ALIASES, resolve_policies)
-from .rollout import ClosedLoopEpisode, run_closed_loop
+from .rollout import CLOSED_LOOP_STEPS, ClosedLoopEpisode, run_closed_loop
 from .table import EvalReport, format_table
 
 SCHEMA_VERSION = 1
@@ -95,14 +95,16 @@ class EvalTask:
 
 def select_eval_tasks(split: Any, sidecar: Sequence[Mapping[str, Any]] | None = None,
                       groups: Sequence[str] | None = None, episodes_per_task: int = 8,
-                      max_tasks_per_group: int | None = None, contrast_tasks: int = 3) -> list[EvalTask]:
+                      max_tasks_per_group: int | None = None, contrast_tasks: int = 3,
+                      only_tasks: Sequence[str] | None = None) -> list[EvalTask]:
     """The evaluated (group, task, episodes): per group, episodes are grouped by task — the canonical task on the
     embedded world (so a group's paraphrases count as their task), the normalized task string elsewhere — and each
     task keeps its first ``episodes_per_task`` episodes; tasks are ranked by episode count (then name) and cut to
     ``max_tasks_per_group``. Groups: ``groups`` (default: every held-out group, paraphrases included, plus the
     contrast group). Contrast: ``split.contrast`` ("finetune_eval": fresh episodes of
     fine-tuning tasks) when the dataset has it, else "train_seen": the ``contrast_tasks`` most frequent training tasks'
-    episodes, which training did see (stated in the group's title)."""
+    episodes, which training did see (stated in the group's title). ``only_tasks``: keep only these task names
+    (before the ``max_tasks_per_group`` cut), e.g. the object holdout's family."""
     by_index = {int(r["episode_index"]): r for r in (sidecar or [])}
     contrast = dict(getattr(split, "contrast", {}) or {})
     available: dict[str, list[int]] = {g: list(e) for g, e in split.eval.items() if e}
@@ -122,7 +124,8 @@ def select_eval_tasks(split: Any, sidecar: Sequence[Mapping[str, Any]] | None = 
             name = row["canonical_task"] if row is not None else normalize_task(split.tasks.get(int(e), ""))
             if not name:
                 continue
-            per_task.setdefault(name, []).append(int(e))
+            if only_tasks is None or name in only_tasks:
+                per_task.setdefault(name, []).append(int(e))
         ranked = sorted(per_task, key=lambda t: (-len(per_task[t]), t))
         limit = max_tasks_per_group
         if g == "train_seen":
@@ -194,14 +197,14 @@ class EvalConfig:
 
     ``unnorm_key``, ``out_dir`` (default ``cfg.path("eval")``), ``run_name``: where and under which statistics.
     Knobs for the time budget: ``episodes_per_task`` (default ``cfg.eval_episodes``, else 8),
-    ``max_tasks_per_group``, ``groups`` (see :func:`select_eval_tasks`), ``contrast_tasks``, ``policies`` (subset
-    of "fine-tuned", "base", "mean-action"), ``closed_loop`` ("auto": on the embedded world; False: skip it and
-    report the proxy), ``max_steps`` (closed loop, default 60), ``max_batch_size`` (frames per generate() call;
-    "auto": sized from free VRAM by ``inference.eval_batch_size``, 64 on a CPU), ``threads`` (torch threads; None:
-    unchanged). ``center_crop`` (default ``cfg.image_aug``), ``seed`` (default ``cfg.seed``), ``n_boot``
-    (bootstrap resamples). ``mean_action``: the mean-action baseline's action (default: from the training split).
-    ``progress`` bars, ``write`` eval.json / table.md, ``keep_frames`` (every decoded image in ``report.episodes``;
-    else only each episode's first frame)."""
+    ``max_tasks_per_group``, ``groups``, ``only_tasks`` (see :func:`select_eval_tasks`), ``contrast_tasks``,
+    ``policies`` (subset of "fine-tuned", "base", "mean-action"), ``closed_loop`` ("auto": on the embedded world;
+    False: skip it and report the proxy), ``max_steps`` (closed loop, default ``rollout.CLOSED_LOOP_STEPS`` = 40),
+    ``max_batch_size`` (frames per decode call; "auto": sized from free VRAM by ``inference.eval_batch_size``, 64 on
+    a CPU), ``threads`` (torch threads; None: unchanged). ``center_crop`` (default ``cfg.image_aug``), ``seed``
+    (default ``cfg.seed``), ``n_boot`` (bootstrap resamples). ``mean_action``: the mean-action baseline's action
+    (default: from the training split). ``progress`` bars, ``write`` eval.json / table.md, ``keep_frames`` (every
+    decoded image in ``report.episodes``; else only each episode's first frame)."""
 
     unnorm_key: str | None = None
     out_dir: str | Path | None = None
@@ -219,6 +222,7 @@ class EvalConfig:
     max_batch_size: int | str | None = "auto"
     threads: int | None = None
     contrast_tasks: int = 3
+    only_tasks: Sequence[str] | None = None
     progress: bool = True
     write: bool = True
     keep_frames: bool = False
@@ -295,12 +299,13 @@ def run_evaluation(model: Any, processor: Any, ds: Any, split: Any, config: Eval
     if closed_loop and not embedded:
         raise ValueError("closed-loop success needs the embedded world (its episodes' scenes); on Bridge the success "
                          "column is the proxy: pass closed_loop=False or 'auto'")
-    max_steps = int(max_steps or world.DEFAULT_MAX_STEPS)
+    max_steps = int(max_steps or CLOSED_LOOP_STEPS)
     if policy_objects is None and POLICY_BASE in policies and not hasattr(model, "disable_adapter"):
         warnings.warn("the model is not PEFT-wrapped: the base-model baseline is skipped", stacklevel=2)
         policies.remove(POLICY_BASE)
 
-    tasks = select_eval_tasks(split, sidecar, groups, episodes_per_task, max_tasks_per_group, contrast_tasks)
+    tasks = select_eval_tasks(split, sidecar, groups, episodes_per_task, max_tasks_per_group, contrast_tasks,
+                              c.only_tasks)
     if not tasks:
         raise ValueError("nothing to evaluate: no evaluation group has episodes")
     all_eps = sorted({e for t in tasks for e in t.episodes})

@@ -39,6 +39,13 @@ to 1e-5, on a mixed batch with a LoRA adapter on and off). ``padding=True`` left
 instead: positions are right, but attention over masked pads rounds differently — tokens identical up to float
 rounding (the logits differ by ~3e-6).
 
+**A LoRA adapter is merged for the call** on a CPU in float32 (``merge=True``, the default;
+``models.lora.merged_adapter``): W + s·BA computed once per call, one matrix product per layer instead of three,
+~15-20 % less time per frame on the tiny VLA. The original weight tensors are put back afterwards (no rounding from
+an unmerge), so ``disable_adapter()`` and training see exactly the weights they had. Merged and side-by-side
+adapters give the same token ids (tests/test_inference.py) and first-token logits equal to float rounding; on a
+GPU, or with bf16 / 4-bit weights, nothing is merged.
+
 ``python -m vla_bridge bench-eval`` times batched vs per-frame inference on the same frames.
 """
 
@@ -56,6 +63,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
 from ..images import eval_transform, to_uint8_hwc
+from ..models.lora import merged_adapter
 from ..models.openvla import (action_inputs, base_model, check_unnorm_key, model_device, model_dtype,
                               model_image_size)
 from ..tokenization import (
@@ -218,12 +226,15 @@ class BatchedActionPredictor:
     ``max_batch_size``: frames per decode call. ``padding``: False (default) groups frames by prompt length within
     a call (exact parity, no pads); True left-pads mixed lengths into one group. ``threads``: torch intra-op threads
     during the calls (None: unchanged). ``chunk_size``: frames per vision + prefill pass (None: 16 on a CPU, the
-    whole call on a GPU).
+    whole call on a GPU). ``merge`` (default True) runs each call with an active LoRA adapter merged into the base
+    weights where that is exact to restore and cheap (float32 on a CPU: ``models.lora.merged_adapter``, ~15-20 %
+    faster per frame for the tiny VLA; the same tokens as the adapter on the side, logits equal to float rounding);
+    False never merges (bit-level parity with per-frame ``predict_action``).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, unnorm_key: str, center_crop: bool,
                  max_batch_size: int | str | None = "auto", padding: bool = False, threads: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, merge: bool = True):
         self.model = model
         self.vla = base_model(model)
         self.processor = processor
@@ -249,6 +260,7 @@ class BatchedActionPredictor:
         if chunk_size is None:   # a GPU runs the whole batch at once
             chunk_size = CPU_CHUNK if self.device.type == "cpu" else self.max_batch_size
         self.chunk_size = max(1, int(chunk_size))
+        self.merge = bool(merge)   # where exact and cheap: models.lora.merged_adapter decides
         check_greedy_config(getattr(self.vla, "generation_config", None))
         self._ids: dict[str, list[int]] = {}
         pad = self.tokenizer.pad_token_id
@@ -406,7 +418,8 @@ class BatchedActionPredictor:
         logits = None
         if n == 0:
             return tokens, None
-        with _threads(self.threads), _eval_mode(self.model):
+        merging = merged_adapter(self.model) if self.merge else contextlib.nullcontext()
+        with _threads(self.threads), _eval_mode(self.model), merging:
             for groups in self._batches(instructions):
                 idx = [i for g in groups for i in g]
                 tok, lg = self._decode(groups, images, instructions, want_logits)

@@ -23,7 +23,7 @@ from ..data.schema import MAIN_CAMERA
 from ..data.stream import torch_threads
 from .perturbations import PROBE_GROUPS
 from .policies import VLAPolicy
-from .rollout import ClosedLoopEpisode, run_closed_loop
+from .rollout import CLOSED_LOOP_STEPS, ClosedLoopEpisode, run_closed_loop
 
 
 @dataclasses.dataclass
@@ -58,8 +58,9 @@ def world_to_image0(xyz: np.ndarray, image_size: int) -> np.ndarray:
 
 def rollout_video(model, processor, ds, split, *, unnorm_key: str, out_dir: str | os.PathLike,
                   center_crop: bool = True, group: str | None = "heldout", episode: int | None = None,
-                  kind: str = "auto", max_steps: int = 60, scale: int = 4, fps: float = 5.0, fmt: str = "mp4",
-                  strip_frames: int = 6, threads: int | None = 1, predictor=None) -> VideoResult:
+                  kind: str = "auto", max_steps: int = CLOSED_LOOP_STEPS, scale: int = 4, fps: float = 5.0,
+                  fmt: str = "mp4",
+                  strip_frames: int = 6, threads: int | None = None, predictor=None) -> VideoResult:
     """Film the policy on one held-out episode (see the module docstring). ``kind``: "auto" (closed loop on the
     embedded world, open loop elsewhere), "closed_loop" or "open_loop". Files: ``<kind>_ep<episode>.mp4|gif`` and
     ``<kind>_ep<episode>_strip.png`` under ``out_dir``."""
