@@ -299,7 +299,7 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 #
 # The training loop consumes this stream: the training episodes, shuffled through lerobot's buffer, each frame
 # decoded, converted to uint8 and resized to the model's input size. We pull batches of `BATCH_SIZE` frames through
-# it for 10 seconds (`stream.STREAM_CHECK_SECONDS`, and at least into the second pass; `STREAM_BATCHES=N` asks for N
+# it for 5 seconds (`stream.STREAM_CHECK_SECONDS`, and at least into the second pass; `STREAM_BATCHES=N` asks for N
 # batches instead) and count every `(episode_index, frame_index)`: a finite split repeats after each pass (an
 # *epoch*), which is expected and shown per epoch; the same frame twice within one epoch would be a sampling bug and
 # raises. The loader runs with one torch thread: on small machines the per-frame tensor ops
@@ -663,7 +663,7 @@ if failures.sheet_path:
 #
 # - **How much rank does the adapter need?** One run per rank in `ABLATION_RANKS` (same data, seed and schedule),
 #   plotted as success, motion L1 and gripper L1 against rank (apart, because the gripper dominates the 7-dimension
-#   L1). Each run gets an eighth of the main run's steps (`MAX_STEPS // 8`, at least 20) to fit the CPU budget: on
+#   L1). Each run gets a tenth of the main run's steps (`MAX_STEPS // 10`, at least 20) to fit the CPU budget: on
 #   the tiny path the measured curves at 75 steps per rank were flat from step ~30 on (loss within 0.07 of its
 #   step-30 value, token accuracy 0.68–0.71 throughout) and ordered the ranks the same way at 30, 40, 60 and 75
 #   steps, so the longer budget bought no other answer; on a real model, give the sweep more (`MAX_STEPS` scales
@@ -676,7 +676,7 @@ if failures.sheet_path:
 # - **Task-level vs object-level holdout.** The held-out tasks above recombine objects and targets the model trained
 #   on. Here one object family is removed from the fine-tuning data altogether and its tasks are re-measured —
 #   against a **control run with the same steps, rank, α and seed that did see the family** (that is exactly the
-#   sweep's run at `LORA_RANK`, so its adapter is re-evaluated rather than trained twice). The main run trained 8×
+#   sweep's run at `LORA_RANK`, so its adapter is re-evaluated rather than trained twice). The main run trained 10×
 #   longer, so a gap to it would measure the step budget; it is printed for reference only.
 #
 # A difference is concluded only where the 95 % CIs separate; otherwise the output says "no difference detectable
@@ -689,7 +689,7 @@ if failures.sheet_path:
 timer.section("11 ablations")
 from vla_bridge import ablations, report
 
-ablation_steps = max(20, cfg.max_steps // 8)
+ablation_steps = max(20, cfg.max_steps // 10)
 ablation_eval = evaluation.EvalConfig(episodes_per_task=4, max_tasks_per_group=2, groups=["heldout", "finetune_eval"],
                                       threads=2)
 if OCTO:

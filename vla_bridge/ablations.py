@@ -16,7 +16,7 @@ OpenVLA-7B each run costs roughly an A100-hour per 1k steps, so it is opt-in (``
   on. Here one object family is removed from the fine-tuning data altogether, the model is trained again, and the
   fine-tuning tasks with that family are measured on fresh episodes — next to a **control run with the same step
   budget, rank, α and seed that did see the family** (the only difference is the missing object). The main run is
-  shown for reference only: it trained longer (8× in the notebook), so its gap to either mixes the step budget in. The control is
+  shown for reference only: it trained longer (10× in the notebook), so its gap to either mixes the step budget in. The control is
   exactly the rank sweep's run at the main rank (same data, steps, rank, α, seed and schedule; training is
   deterministic from SEED), so when the sweep has that run its adapter is re-evaluated instead of trained again.
 
