@@ -618,7 +618,7 @@ else:
     probe_result = evaluation.run_probes(model, processor, ds, split, unnorm_key=cfg.unnorm_key,
                                          out_dir=cfg.path("eval"), center_crop=cfg.image_aug,
                                          max_episodes=min(cfg.eval_episodes, 6), seed=cfg.seed, verbose=False,
-                                         threads=2)
+                                         threads=2, closed_loop_base=eval_report.closed_loop_records())
     ipd.display(ipd.Markdown(probe_result.table()))
     ipd.display(ipd.Markdown("\n".join(f"- {b}" for b in probe_result.bullets)))
     print(f"saved {probe_result.paths.get('probe_md')} and {probe_result.paths.get('probe_json')}")

@@ -151,3 +151,15 @@ def test_cli_demo_data(tmp_path, capsys):
     assert "built:" in first and "pretrain=1" in first
     assert main(args) == 0
     assert "reused" in capsys.readouterr().out
+
+
+def test_the_build_skips_lerobots_image_embedding_only_when_there_is_nothing_to_embed():
+    """With the cameras in MP4s the frame table has no Image column, so embed_images is a no-op and is skipped; a
+    feature set with an Image (or a sequence of them) still goes through lerobot's own embedding."""
+    import datasets
+    from lerobot.datasets.utils import get_hf_features_from_features
+
+    ours = get_hf_features_from_features(build.features(64))
+    assert not build._embeds_files(dict(ours))
+    assert build._embeds_files({"cam": datasets.Image(), "x": datasets.Value("float32")})
+    assert build._embeds_files({"cams": datasets.Sequence(datasets.Image())})

@@ -275,6 +275,17 @@ def test_run_probes_video_and_failures_end_to_end(small_world, tmp_path):
     data = json.loads((tmp_path / "eval" / "probe.json").read_text())
     assert data["bullets"] == res.bullets and len(data["episodes"]) == 4
 
+    # the evaluation's own rollouts stand in for the unperturbed closed loop of the episodes they cover
+    first = {e["episode"]: e for e in data["episodes"] if e["success"] is not None}
+    given = {ep: {"success": True, "steps": 2} for ep in list(first)[:2]}
+    again = probes.run_probes(model, processor, ds, split, unnorm_key=KEY, out_dir=tmp_path / "eval2",
+                              frame_stride=4, closed_loop_episodes=1, max_steps=6, verbose=False,
+                              closed_loop_base=given)
+    assert again.timings["closed_loop_base_reused"] == 2
+    by_ep = {e["episode"]: e for e in json.loads((tmp_path / "eval2" / "probe.json").read_text())["episodes"]}
+    assert all(by_ep[ep]["success"] is True and by_ep[ep]["closed_loop_steps"] == 2 for ep in given)
+    assert again.closed_loop["all"]["base"]["n"] == 3 and again.closed_loop["all"]["base"]["successes"] >= 2
+
     rep = failures.mine_failures(res, tmp_path / "figures")
     assert rep.sheet_path.stat().st_size > 1000 and len(rep.ranked) == 4
     assert {s["noun"] for s in rep.slices["noun"]} <= set(world.ALL_FAMILIES)

@@ -394,6 +394,41 @@ def _image_stats_subsample(stride: int = IMAGE_STATS_STRIDE) -> Iterator[None]:
         cs.auto_downsample_height_width = original
 
 
+def _embeds_files(feature: Any) -> bool:
+    """Whether a datasets feature (nested or not) holds Image/Audio data that ``embed_table_storage`` embeds."""
+    import datasets   # lazy: only the build inspects HF features
+
+    if isinstance(feature, (datasets.Image, datasets.Audio)):
+        return True
+    if isinstance(feature, dict):
+        return any(_embeds_files(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_embeds_files(f) for f in feature)
+    inner = getattr(feature, "feature", None)   # Sequence / List
+    return inner is not None and _embeds_files(inner)
+
+
+@contextlib.contextmanager
+def _no_op_embedding() -> Iterator[None]:
+    """lerobot's save_episode runs ``embed_images`` (a ``datasets.map`` of ``embed_table_storage`` over every row)
+    on each episode before writing its parquet: ~15 % of the build's time here, for nothing — with the cameras in
+    MP4s the frame table holds no Image column, and then that map returns the table unchanged. For the build,
+    ``embed_images`` is skipped exactly when the episode's features hold no Image/Audio feature (otherwise lerobot's
+    own runs). Restored on exit."""
+    import lerobot.datasets.lerobot_dataset as lds   # lazy: patched only while a build runs
+
+    original = lds.embed_images
+
+    def embed_images(dataset):
+        return original(dataset) if _embeds_files(dict(dataset.features)) else dataset
+
+    lds.embed_images = embed_images
+    try:
+        yield
+    finally:
+        lds.embed_images = original
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """lerobot's encoder re-installs FFmpeg's default log callback, which prints encoder chatter (x264 statistics,
@@ -518,7 +553,7 @@ def ensure_demo_dataset(
         bar = tqdm(total=len(plan), desc="building the embedded dataset", unit="episode", mininterval=2.0)
         progress = lambda done, total: bar.update(1)  # noqa: E731
     try:
-        with _quiet(), _image_stats_subsample():
+        with _quiet(), _image_stats_subsample(), _no_op_embedding():
             rows, arrays = _write_dataset(tmp, plan, image_size, workers, video_file_size_mb, progress or None)
         _patch_stats(tmp, arrays)
         _verify(tmp, [r["length"] for r in rows], image_size)

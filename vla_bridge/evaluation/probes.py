@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -156,8 +156,8 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
                max_episodes: int | None = 8, frame_stride: int = 2, hue_shift_deg: float = HUE_SHIFT_DEG,
                closed_loop: bool = True, closed_loop_probes: Sequence[str] = PROBES,
                closed_loop_episodes: int | None = 4, max_steps: int = CLOSED_LOOP_STEPS, seed: int = 0,
-               batch_size: int = 32,
-               reference: bool = True, threads: int | None = None, predictor=None, verbose: bool = True) -> ProbeResult:
+               batch_size: int = 32, reference: bool = True, threads: int | None = None, predictor=None,
+               verbose: bool = True, closed_loop_base: Mapping[int, Mapping[str, Any]] | None = None) -> ProbeResult:
     """Run the probes on the held-out groups of ``split`` and write ``probe.json`` / ``probe.md`` to ``out_dir``.
 
     ``reference``: also feed another episode's frame (``other_scene``: how much the scene's content matters), the
@@ -166,6 +166,10 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
     ``closed_loop`` / ``closed_loop_probes`` / ``closed_loop_episodes`` per group (None: all) / ``max_steps``.
     ``threads``: torch intra-op threads while running (None: unchanged; the notebook passes 2, as for the evaluation:
     on 2 idle cores 2 threads beat 1 even at batches of 12 frames, 16.8 vs 21.5 ms per frame).
+    ``closed_loop_base``: the evaluation's closed-loop records of this policy ({episode_index: {"success", "steps",
+    ...}}, e.g. eval.json's per-episode rows of the fine-tuned policy), reused as the unperturbed closed loop for
+    the episodes they cover instead of running those rollouts again — the same scene, prompt, policy and horizon
+    (``max_steps`` must be the evaluation's), so the same rollout up to the float rounding of another batch.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -249,9 +253,15 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
             chosen = [e for g in groups for e in [x for x in eps if x.group == g][:closed_loop_episodes]
                       if e.meta.get("canonical_task")]
             specs, owners = [], []        # every condition's envs in ONE lockstep run: bigger policy batches
+            reused = {int(k): v for k, v in (closed_loop_base or {}).items()}
             for cond in ("base", *[p for p in closed_loop_probes if p in probes]):
                 for e in chosen:
                     inst, sd = e.meta["canonical_task"], int(e.meta["seed"])
+                    if cond == "base" and e.episode_index in reused:
+                        r = reused[e.episode_index]
+                        cl.setdefault("base", {})[e.episode_index] = {"success": bool(r["success"]),
+                                                                      "steps": int(r["steps"])}
+                        continue
                     if cond == "base":
                         specs.append(ClosedLoopEpisode(inst, sd, e.instruction))
                     elif cond == "paraphrase" and e.episode_index in paraphrases:
@@ -267,6 +277,7 @@ def run_probes(model, processor, ds, split, *, unnorm_key: str, out_dir: str | o
             for (cond, ep), r in zip(owners, run_closed_loop(predictor, specs,
                                                                 max_steps=max_steps, image_size=size)):
                 cl.setdefault(cond, {})[ep] = {"success": r["success"], "steps": r["steps"]}
+            timings["closed_loop_base_reused"] = sum(1 for ep in cl.get("base", {}) if ep in reused)
             timings["closed_loop_s"] = time.perf_counter() - t
 
     # ---- summaries

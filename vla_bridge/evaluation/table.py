@@ -33,6 +33,16 @@ class EvalReport:
         return [r for r in self.data["rows"] if (policy is None or r["policy"] == policy)
                 and (group is None or r["group"] == group)]
 
+    def closed_loop_records(self, policy: str = POLICY_FINETUNED, max_steps: int | None = None) -> dict[int, dict]:
+        """{episode_index: {"success", "steps"}} of ``policy``'s closed-loop rollouts (empty without a closed loop,
+        or when ``max_steps`` is given and is not the evaluation's horizon): what the probes reuse as their
+        unperturbed closed loop."""
+        horizon = (self.data.get("success_definition") or {}).get("max_steps")
+        if horizon is None or (max_steps is not None and int(max_steps) != int(horizon)):
+            return {}
+        return {int(r["episode_index"]): {"success": bool(r["success"]), "steps": int(r["closed_loop_steps"])}
+                for r in self.data["per_episode"] if r["policy"] == policy and "closed_loop_steps" in r}
+
     def group(self, group: str, policy: str) -> dict:
         for g in self.data["groups"]:
             if g["group"] == group and g["policy"] == policy:
