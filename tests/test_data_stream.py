@@ -151,6 +151,40 @@ def test_upstream_streaming_bug_is_still_there(small, rows):
                 pass
 
 
+def test_our_make_frame_yields_what_lerobots_yields(small, rows):
+    """BridgeStreamingDataset.make_frame skips lerobot's per-frame metadata-row reads; on every camera and the
+    second video file it must yield the same keys, values and dtypes as lerobot's own make_frame (which calls our
+    file-relative _query_videos)."""
+    from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
+    from lerobot.datasets.utils import safe_shard
+
+    eps = [rows[0]["episode_index"], rows[-1]["episode_index"]]
+    ds = stream.open_dataset(small.root, episodes=eps, cameras="all", shuffle=False, probe=False)
+    assert len(ds.meta.video_keys) >= 2 and ds.cameras == tuple(ds.meta.video_keys)
+
+    def frames(make_frame):
+        out = []
+        for shard in range(ds.num_shards):
+            it = ds._make_backtrackable_dataset(safe_shard(ds.hf_dataset, shard, ds.num_shards))
+            while True:
+                try:
+                    out.extend(make_frame(ds, it))
+                except (RuntimeError, StopIteration):
+                    break
+        return out
+
+    with stream.torch_threads(1):
+        ours, theirs = frames(type(ds).make_frame), frames(StreamingLeRobotDataset.make_frame)
+    assert len(ours) == len(theirs) == sum(rows[e]["length"] for e in eps)
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for k in a:
+            if hasattr(a[k], "dtype"):
+                assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and (a[k] == b[k]).all(), k
+            else:
+                assert a[k] == b[k], k
+
+
 # ------------------------------------------------------------------------------------------------ schema
 
 

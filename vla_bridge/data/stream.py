@@ -48,11 +48,13 @@ import time
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import lerobot.datasets.streaming_dataset as lerobot_streaming
 import lerobot.datasets.video_utils as video_utils
 import numpy as np
 import torch
 import torch.utils.data as tud
 from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
+from lerobot.datasets.utils import item_to_torch
 
 from .. import preflight
 from ..images import to_uint8_hwc
@@ -154,6 +156,13 @@ class BridgeStreamingDataset(StreamingLeRobotDataset):
             self.selected_episodes = sorted(known)
         self._select(self.selected_episodes if episodes is not None else None)
         self.cameras = resolve_cameras(self.meta.video_keys, cameras)
+        # Per-frame lookups as plain dicts (make_frame): episode → (first dataset index / fps, each camera's file
+        # offset), and task index → task string.
+        self._video_offsets = {int(e): (float(r["dataset_from_index"]) / self.fps,
+                                        {k: float(r[f"videos/{k}/from_timestamp"]) for k in self.meta.video_keys})
+                               for e, r in table.iterrows()}
+        self._task_names = list(self.meta.tasks.index)
+        self._video_paths: dict[tuple[int, str], str] = {}
 
     # -- the episode filter (lerobot 0.4.4 ignores `episodes`)
     def _select(self, episodes: Sequence[int] | None) -> None:
@@ -179,15 +188,42 @@ class BridgeStreamingDataset(StreamingLeRobotDataset):
         t = self._episode_table
         return {int(e): int(t.at[e, "length"]) for e in self.selected_episodes}
 
+    # -- one frame: what lerobot's make_frame yields without delta_timestamps, minus its per-frame reads of the
+    # -- episode's whole metadata row (4 full-row reads of meta.episodes per frame, ~40 % of the stream's time, for
+    # -- episode bounds that only delta_timestamps use)
+    def make_frame(self, dataset_iterator) -> Iterator[dict]:
+        item = item_to_torch(next(dataset_iterator))
+        ep_idx = item["episode_index"]
+        result = item.copy()
+        if self.meta.video_keys:
+            current_ts = item["index"] / self.fps
+            video_frames = self._query_videos({key: [current_ts] for key in self.meta.video_keys}, ep_idx)
+            if self.image_transforms is not None:
+                for cam in self.meta.camera_keys:
+                    video_frames[cam] = self.image_transforms(video_frames[cam])
+            result.update(video_frames)
+        result["task"] = self._task_names[int(item["task_index"])]
+        yield result
+
     # -- file-relative video timestamps (lerobot 0.4.4 uses the dataset-global index / fps)
     # -- and only the cameras asked for (lerobot decodes every video key of every frame)
+    # -- (lerobot's own loop, with each episode's video paths looked up once instead of once per frame)
     def _query_videos(self, query_timestamps: dict[str, list[float]], ep_idx: int) -> dict:
-        row = self._episode_table.loc[int(ep_idx)]
-        ep_start = float(row["dataset_from_index"]) / self.fps
-        wanted = self.cameras
-        fixed = {key: [float(row[f"videos/{key}/from_timestamp"]) + (ts - ep_start) for ts in tss]
-                 for key, tss in query_timestamps.items() if wanted is None or key in wanted}
-        return super()._query_videos(fixed, ep_idx)
+        ep = int(ep_idx)
+        ep_start, offsets = self._video_offsets[ep]
+        item = {}
+        for key, tss in query_timestamps.items():
+            if self.cameras is not None and key not in self.cameras:
+                continue
+            path = self._video_paths.get((ep, key))
+            if path is None:
+                root = self.meta.url_root if self.streaming and not self.streaming_from_local else self.root
+                path = self._video_paths[(ep, key)] = f"{root}/{self.meta.get_video_file_path(ep, key)}"
+            frames = lerobot_streaming.decode_video_frames_torchcodec(
+                path, [offsets[key] + (ts - ep_start) for ts in tss], self.tolerance_s,
+                decoder_cache=self.video_decoder_cache)
+            item[key] = frames.squeeze(0) if len(tss) == 1 else frames
+        return item
 
     # -- DataLoader workers: each worker streams its own episodes
     def __iter__(self):
