@@ -299,7 +299,7 @@ ipd.display(ipd.Image(filename=str(figures["action_stream"])))
 #
 # The training loop consumes this stream: the training episodes, shuffled through lerobot's buffer, each frame
 # decoded, converted to uint8 and resized to the model's input size. We pull batches of `BATCH_SIZE` frames through
-# it for 5 seconds (`stream.STREAM_CHECK_SECONDS`, and at least into the second pass; `STREAM_BATCHES=N` asks for N
+# it for 3 seconds (`stream.STREAM_CHECK_SECONDS`, and at least into the second pass; `STREAM_BATCHES=N` asks for N
 # batches instead) and count every `(episode_index, frame_index)`: a finite split repeats after each pass (an
 # *epoch*), which is expected and shown per epoch; the same frame twice within one epoch would be a sampling bug and
 # raises. The loader runs with one torch thread: on small machines the per-frame tensor ops

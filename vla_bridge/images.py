@@ -52,6 +52,10 @@ def to_uint8_hwc(image: Any, size: int | None = None) -> np.ndarray:
 
 
 def to_pil(image: Any) -> Image.Image:
+    """Any image ``to_uint8_hwc`` reads → an RGB PIL image; an RGB PIL image is returned as it is (the array round
+    trip would rebuild the same pixels; every caller makes new images from it, none edits it in place)."""
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return image
     return Image.fromarray(to_uint8_hwc(image))
 
 
