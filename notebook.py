@@ -134,6 +134,7 @@ print()
 cfg = resolve_run_config(PARAMS, hw=hw)
 print(cfg.summary())
 timer.save_to(cfg.path("logs") / "timings.json")
+print(f"matmul speed   : {timer.calibrate('start'):,.0f} GFLOPS (float32; section 15 measures it again, to compare runs)")
 
 # %% [markdown]
 # ## 2. Install verification and pre-flight
@@ -786,10 +787,13 @@ else:
 # Seconds per section of this run, counted from each cell's execution (not the time between cells). On the CPU
 # path the default run is budgeted at 10 minutes on 2 cores, the embedded world's one-off build included; a second
 # run reuses the dataset and is faster by that much. The same numbers are in `outputs/logs/<run>/timings.json`, so a
-# run can be compared with another section by section.
+# run can be compared with another section by section — at a similar machine speed: the float32 matmul throughput
+# measured in section 1 and here is saved with them, because a shared machine's speed can drift far more than the
+# few percent between back-to-back runs.
 
 # %%
 timer.section("15 timings")
+timer.calibrate("end")
 timings_path = timer.save()
 ipd.display(ipd.Markdown(timer.table(budget_s=timings.CPU_BUDGET_S if cfg.policy == "tiny" else None)))
 print(f"saved {timings_path}")

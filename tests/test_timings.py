@@ -68,3 +68,24 @@ def test_without_a_kernel_sections_are_timed_by_the_wall_clock(tmp_path):
         {"section": "a", "seconds": 3.0, "cells": 1, "share": 0.4286},
         {"section": "b", "seconds": 4.0, "cells": 1, "share": 0.5714}]
     assert json.loads(timer.save().read_text())["counts"] == "wall clock"
+
+
+def test_the_machine_speed_is_measured_saved_and_printed_with_the_timings(tmp_path, monkeypatch):
+    import torch
+
+    from vla_bridge import timings
+
+    gflops = timings.matmul_gflops(n=256, reps=2)
+    assert 0.1 < gflops < 1e6                      # a real measurement: 2 n^3 flops over a positive time
+    speeds = iter([150.04, 120.0])
+    monkeypatch.setattr(timings, "matmul_gflops", lambda: next(speeds))
+    clock = _Clock()
+    timer = SectionTimer(tmp_path / "t.json", clock=clock)
+    assert "machine speed" not in timer.table()    # nothing measured, nothing claimed
+    timer.section("a")
+    assert timer.calibrate("start") == 150.04
+    clock.t += 3.0
+    timer.calibrate("end")
+    saved = json.loads((tmp_path / "t.json").read_text())["machine"]
+    assert saved == {"matmul_gflops": {"start": 150.0, "end": 120.0}, "torch_threads": torch.get_num_threads()}
+    assert "150 GFLOPS at the start, 120 GFLOPS at the end." in timer.table(budget_s=600.0)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .jsonio import to_jsonable
 
 try:  # the notebook's kernel; absent outside Jupyter is fine (the timer then uses the wall clock)
@@ -25,9 +27,24 @@ except ImportError:  # pragma: no cover - IPython is in requirements.txt
     def get_ipython() -> Any:
         return None
 
-__all__ = ["CPU_BUDGET_S", "SectionTimer"]
+__all__ = ["CPU_BUDGET_S", "SectionTimer", "matmul_gflops"]
 
 CPU_BUDGET_S = 600.0   # the default tiny-path run on 2 CPU cores, from a fresh clone (setup excluded)
+
+
+def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """This machine's float32 matrix-multiply throughput right now (GFLOPS, best of ``reps`` n x n products at the
+    current torch thread count): the yardstick that makes two runs' timings comparable. A shared VM's speed can
+    drift by 1.5x over hours (this project's 2-core VM: 135 and 177 GFLOPS on the same day), far more than the
+    few percent between back-to-back runs, and the tiny path's time is mostly matrix products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b   # warm-up
+    best = float("inf")
+    for _ in range(int(reps)):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 class SectionTimer:
@@ -39,6 +56,7 @@ class SectionTimer:
         self.sections: dict[str, dict[str, float]] = {}   # name -> {"seconds", "cells"}, in the order first opened
         self.current: str | None = None
         self.ipython = ipython
+        self.machine: dict[str, Any] = {}                  # calibrate(): the matmul yardstick at points of the run
         self._cell_t0: float | None = clock()            # the cell that creates the timer is running now
         self._wall_t0: float | None = None                 # without a kernel: when the current section opened
         if ipython is not None:
@@ -96,6 +114,15 @@ class SectionTimer:
         else:
             self._close_wall(self.clock())
 
+    def calibrate(self, label: str) -> float:
+        """Record :func:`matmul_gflops` now under ``label`` (the notebook: "start" and "end"); it is saved with the
+        timings and printed under the table."""
+        gflops = matmul_gflops()
+        self.machine.setdefault("matmul_gflops", {})[str(label)] = round(gflops, 1)
+        self.machine["torch_threads"] = torch.get_num_threads()
+        self.save()
+        return gflops
+
     # ---- reading
     @property
     def total(self) -> float:
@@ -107,7 +134,8 @@ class SectionTimer:
                 "total_s": round(total, 2),
                 "sections": [{"section": k, "seconds": round(v["seconds"], 2), "cells": int(v["cells"]),
                               "share": round(v["seconds"] / total, 4) if total > 0 else 0.0}
-                             for k, v in self.sections.items()]}
+                             for k, v in self.sections.items()],
+                "machine": dict(self.machine)}
 
     def save(self) -> Path | None:
         if self.path is None:
@@ -130,4 +158,10 @@ class SectionTimer:
             verdict = "within" if total <= budget_s else "OVER"
             lines.append(f"\n{total:,.0f} s = {total / 60:.1f} min: {verdict} the {budget_s:,.0f} s budget of the "
                          f"default CPU run")
+        speeds = self.machine.get("matmul_gflops")
+        if speeds:
+            measured = ", ".join(f"{v:,.0f} GFLOPS at the {k}" for k, v in speeds.items())
+            lines.append(f"\nmachine speed (float32 matmul, {self.machine.get('torch_threads')} torch threads): "
+                         f"{measured}. Compare runs' times only at similar speeds: the tiny path's time is "
+                         f"mostly matrix products and scales roughly inversely with it.")
         return "\n".join(lines)
