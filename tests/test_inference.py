@@ -129,6 +129,42 @@ def test_batches_pack_prompt_lengths_into_calls(lora_vla, frames):
     assert padded._batches(instructions) == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9]]]
 
 
+def test_prefill_packs_span_prompt_lengths(lora_vla):
+    model, processor = lora_vla
+    pred = inference.BatchedActionPredictor(model, processor, KEY, center_crop=False, chunk_size=4)
+    packs = pred._packs([6, 1, 3])
+    assert [[(g, (p.start, p.stop)) for g, p in pack] for pack in packs] == [
+        [(0, (0, 4))], [(0, (4, 6)), (1, (0, 1)), (2, (0, 1))], [(2, (1, 3))]]
+
+
+def test_one_projection_per_pack_is_the_attention_modules_own_computation(lora_vla, frames):
+    """The SDPA path (q/k/v/o and RoPE once over a pack, the last layer's queries at the last positions only)
+    against the layers' own attention modules called once per prompt length: the same tokens, and first-token
+    logits equal to float rounding, adapter on."""
+    model, processor = lora_vla
+    images, instructions = frames
+    fast = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True, chunk_size=4)
+    assert fast._sdpa, "the tiny VLA's Llama uses transformers' SDPA attention: the fast path should be taken"
+    modules = inference.BatchedActionPredictor(model, processor, KEY, center_crop=True, chunk_size=4)
+    modules._sdpa = False
+    tokens, logits = fast._run(images, instructions, True)
+    ref_tokens, ref_logits = modules._run(images, instructions, True)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_is_transformers_rotary_embedding_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)   # (batch, heads, n, dim)
+    cos, sin = LlamaRotaryEmbedding(16)(k, torch.arange(3, 12).repeat(2, 1))
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])           # (tokens, heads, dim)
+    assert torch.equal(inference._rope(flat(q), cos.reshape(-1, 16), sin.reshape(-1, 16)), flat(ref_q))
+    assert torch.equal(inference._rope(flat(k), cos.reshape(-1, 16), sin.reshape(-1, 16)), flat(ref_k))
+
+
 def test_refuses_a_generation_config_with_other_logits_processors():
     inference.check_greedy_config(GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0))
     with pytest.raises(ValueError, match="repetition_penalty"):

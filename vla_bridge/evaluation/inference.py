@@ -15,9 +15,12 @@ greedy search runs, through the model's own modules:
   generate();
 * each forward is LlamaModel.forward's body: its ``_update_causal_mask`` (None when nothing is masked, so SDPA takes
   its ``is_causal`` path as in the per-frame call), then every decoder layer computed as LlamaDecoderLayer.forward
-  does (input norm, the layer's own attention module, residual, post-attention norm, MLP, residual). Attention
-  implementation (SDPA, eager, FlashAttention-2) and linear layers are the model's, so an active PEFT adapter
-  applies and ``with model.disable_adapter():`` gives the base model;
+  does (input norm, attention, residual, post-attention norm, MLP, residual). Linear layers are the model's, so an
+  active PEFT adapter applies and ``with model.disable_adapter():`` gives the base model. Attention is the layer's
+  own module (any implementation: SDPA, eager, FlashAttention-2), except where every layer is transformers'
+  ``LlamaSdpaAttention`` (the tiny VLA; OpenVLA with SDPA): then :meth:`~BatchedActionPredictor._attend` runs that
+  module's forward step by step with its q/k/v/o projections, so that the projections and RoPE cover a whole
+  prefill pack or decode step at once instead of once per prompt length;
 * the K/V cache is preallocated (:class:`_KVCache`): the values DynamicCache would hold, without its ``torch.cat``
   of every layer's whole cache at every step;
 * the next token is the argmax of the last position's float32 lm_head logits with EOS at -inf — generate()'s
@@ -26,18 +29,23 @@ greedy search runs, through the model's own modules:
   :func:`check_greedy_config` refuses a generation config under which generate() would process logits further.
 
 Work whose output nothing reads is skipped: lm_head on every prompt position (transformers 4.40 computes all of
-them) and the last layer's MLP on every position but the last (the K/V it feeds are written before the MLP). That
-only drops rows from matrix products; the rows kept are computed by the same operations.
+them), the last layer's MLP on every position but the last (the K/V it feeds are written before the MLP) and, on
+the SDPA path, the last layer's queries, attention and o_proj on every position but the last (its keys and values
+still go to the cache).
 
 **Batching.** By default frames are grouped by prompt length (one instruction has one length, so evaluation batches
-rarely mix). A call takes up to ``max_batch_size`` frames, possibly of several groups; each group is prefilled in
-chunks of ``chunk_size`` frames (16 on a CPU, where a chunk's activations stay in cache) into its own cache, then
-the 6 one-token steps run over the whole call: norms, MLPs and lm_head once for all rows, each layer's attention
-once per group, so no row is padded. Token ids are identical to per-frame ``predict_action`` in fp32 and, in our
-CPU measurements, so are the first-token logits bit for bit (tests/test_inference.py checks the ids, and the logits
-to 1e-5, on a mixed batch with a LoRA adapter on and off). ``padding=True`` left-pads mixed lengths into one group
-instead: positions are right, but attention over masked pads rounds differently — tokens identical up to float
-rounding (the logits differ by ~3e-6).
+rarely mix). A call takes up to ``max_batch_size`` frames, possibly of several groups. The vision backbone runs in
+chunks of ``chunk_size`` frames (16 on a CPU, where a chunk's activations stay in cache); the prefill runs in packs
+of ``chunk_size`` frames that may span groups (a pack's norms, MLPs and projections once over all its positions,
+attention per group, each group into its own cache); then the 6 one-token steps run over the whole call the same
+way, so no row is padded.
+
+**Exactness.** Token ids are identical to per-frame ``predict_action`` in fp32 (tests/test_inference.py, on a mixed
+batch with a LoRA adapter on and off, also ``bench-eval`` on every run). The first-token logits agree to float
+rounding, not bit for bit: a CPU matrix product's rounding depends on how many rows it multiplies at once, and
+SDPA's on how many queries it gets, so a 16-frame pack rounds differently from one frame (measured on the test
+model: at most 4e-6 on logits up to ~5, before the packs and with them; the test allows 1e-5). ``padding=True`` left-pads mixed lengths into
+one group instead: positions are right, and attention over masked pads rounds differently again (~3e-6).
 
 **A LoRA adapter is merged for the call** on a CPU in float32 (``merge=True``, the default;
 ``models.lora.merged_adapter``): W + s·BA computed once per call, one matrix product per layer instead of three,
@@ -61,6 +69,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, LlamaSdpaAttention, repeat_kv
 
 from ..images import eval_transform, to_uint8_hwc
 from ..models.lora import merged_adapter
@@ -130,17 +139,45 @@ def check_greedy_config(generation_config: Any) -> None:
                          "batched decode loop does not")
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` for one of q / k, on (tokens, heads, head dim) with cos / sin
+    (tokens, head dim), with the same floating-point operations and fewer passes over memory: x·cos +
+    rotate_half(x)·sin is, per half, x1·cos1 + (-x2)·sin1 = x1·cos1 - x2·sin1 and x2·cos2 + x1·sin2 (negation is
+    exact and a + (-b) is a - b), written into one output instead of building rotate_half(x) with a cat."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    lo, hi = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=lo)
+    lo.sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=hi)
+    hi.add_(x1 * sin[..., half:])
+    return out
+
+
 def _mlp_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The second half of LlamaDecoderLayer.forward: residual + mlp(post_attention_layernorm(hidden))."""
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 @dataclass
-class _Group:
-    """Rows of a batch that attend together: their slice of the batch, their cache and 2D attention mask."""
-    rows: slice
+class _Piece:
+    """Frames of one prompt length that attend together in one forward: their cache rows and 2D attention mask
+    (covering the cached positions and this forward's)."""
     cache: "_KVCache"
     mask: torch.Tensor
+
+
+def _sdpa_layers(body: torch.nn.Module) -> bool:
+    """Whether every decoder layer's attention is transformers' own ``LlamaSdpaAttention`` with the plain rotary
+    embedding, all layers' rotary frequencies equal: then :meth:`BatchedActionPredictor._attend` may compute what
+    that module computes with its projections run once over the whole pack (see there)."""
+    attns = [layer.self_attn for layer in body.layers]
+    if not all(type(a) is LlamaSdpaAttention and type(a.rotary_emb) is LlamaRotaryEmbedding for a in attns):
+        return False
+    first = attns[0].rotary_emb.inv_freq
+    return all(torch.equal(a.rotary_emb.inv_freq, first) for a in attns[1:])
 
 
 class _KVCache(Cache):
@@ -229,7 +266,7 @@ class BatchedActionPredictor:
     whole call on a GPU). ``merge`` (default True) runs each call with an active LoRA adapter merged into the base
     weights where that is exact to restore and cheap (float32 on a CPU: ``models.lora.merged_adapter``, ~15-20 %
     faster per frame for the tiny VLA; the same tokens as the adapter on the side, logits equal to float rounding);
-    False never merges (bit-level parity with per-frame ``predict_action``).
+    False never merges (the adapter's matrices on the side, as in per-frame ``predict_action``).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, unnorm_key: str, center_crop: bool,
@@ -266,6 +303,7 @@ class BatchedActionPredictor:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.eos_id = int(self.tokenizer.eos_token_id)
+        self._sdpa = _sdpa_layers(self.vla.language_model.get_decoder())   # see _attend
         self.calls = 0          # batched decode calls made, one per batch (for the benchmark / tests)
 
     # ---- inputs
@@ -289,18 +327,24 @@ class BatchedActionPredictor:
         return pv.to(self.device, dtype=self.dtype)
 
     # ---- the batched call
-    def _embed(self, rows: list[list[int]], pixel_values: torch.Tensor,
+    def _patches(self, images: Sequence[Any]) -> torch.Tensor:
+        """The projected image patches (N, patches, H) of a call's frames, the vision backbone run in chunks of
+        ``chunk_size`` frames whatever their prompts (the patches do not depend on the prompt)."""
+        vla, step = self.vla, self.chunk_size
+        return torch.cat([vla.projector(vla.vision_backbone(self.pixel_values(images[s:s + step])))
+                          for s in range(0, len(images), step)])
+
+    def _embed(self, rows: list[list[int]], patches: torch.Tensor,
                width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[pads][BOS][patches][prompt ids after BOS] embeddings, left-padded to ``width`` prompt ids, and their
         attention mask (0 on the pads)."""
-        vla = self.vla
         lengths = [len(r) for r in rows]
         B = len(rows)
         ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        text = vla.get_input_embeddings()(ids.to(self.device))
-        patches = vla.projector(vla.vision_backbone(pixel_values)).to(text.dtype)
+        text = self.vla.get_input_embeddings()(ids.to(self.device))
+        patches = patches.to(text.dtype)
         n_patch = patches.shape[1]
         if all(n == width for n in lengths):  # the common case: no padding
             embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
@@ -313,30 +357,95 @@ class BatchedActionPredictor:
             masks.append(torch.cat([torch.zeros(k, dtype=torch.long), torch.ones(n + n_patch, dtype=torch.long)]))
         return torch.stack(seqs), torch.stack(masks).to(self.device)
 
-    def _forward(self, hidden: torch.Tensor, groups: Sequence["_Group"]) -> torch.Tensor:
-        """The Llama decoder on ``hidden`` (B, n, H) whose rows split into ``groups`` that attend separately (each
-        its own cache and 2D mask, the mask covering the cached positions and these n): LlamaModel.forward's loop
-        with our cache — its causal mask per group, then each decoder layer computed as LlamaDecoderLayer.forward
-        does, its attention module called once per group, its norms and MLP once for all rows. Stops before the
-        last layer's MLP and returns the LAST position (B, 1, H), for :meth:`_head`: no other position's output
-        is read (their K/V are in the cache already)."""
+    def _forward(self, hiddens: Sequence[torch.Tensor], pieces: Sequence[_Piece]) -> torch.Tensor:
+        """The Llama decoder on a pack: ``hiddens[j]`` (b_j, n_j, H) are the frames of ``pieces[j]``, which attend
+        separately (each its own cache rows and 2D mask). LlamaModel.forward's loop with our cache: its causal mask
+        per piece, then each decoder layer computed as LlamaDecoderLayer.forward does on the pack's positions
+        flattened to (tokens, H) — norms and MLP once for the pack, attention per piece (:meth:`_attend`). Stops
+        before the last layer's MLP and returns every frame's LAST position (frames, 1, H), in order, for
+        :meth:`_head`: no other position's output is read (their K/V are in the cache already)."""
         body = self.vla.language_model.get_decoder()
-        n = hidden.shape[1]
-        attn_kw = []
-        for g in groups:
-            start = g.mask.shape[1] - n        # the cache holds the positions before these n
-            g.cache.start = start
-            cache_position = torch.arange(start, start + n, device=hidden.device)
-            causal = body._update_causal_mask(g.mask, hidden[g.rows], cache_position, start)  # None: no pads
-            attn_kw.append(dict(attention_mask=causal, position_ids=_positions(g.mask)[:, -n:],
-                                past_key_value=g.cache, use_cache=True, cache_position=cache_position))
+        H = hiddens[0].shape[-1]
+        flat = hiddens[0].reshape(-1, H) if len(hiddens) == 1 else torch.cat([h.reshape(-1, H) for h in hiddens])
+        shapes, attn_kw, last, offset = [], [], [], 0
+        for h, p in zip(hiddens, pieces):
+            b, n = h.shape[:2]
+            start = p.mask.shape[1] - n        # the cache holds the positions before these n
+            p.cache.start = start
+            cache_position = torch.arange(start, start + n, device=h.device)
+            causal = body._update_causal_mask(p.mask, h, cache_position, start)  # None: no pads
+            attn_kw.append(dict(attention_mask=causal, position_ids=_positions(p.mask)[:, -n:],
+                                past_key_value=p.cache, use_cache=True, cache_position=cache_position))
+            shapes.append((b, n))
+            last.append(offset + n - 1 + n * torch.arange(b, device=h.device))
+            offset += b * n
+        rotary = None
+        if self._sdpa:   # the rotary cos/sin of each piece's positions, as every layer's rotary module gives them
+            rope = body.layers[0].self_attn.rotary_emb
+            per_piece = [rope(h, kw["position_ids"]) for h, kw in zip(hiddens, attn_kw)]
+            rotary = tuple(t[0].reshape(-1, t[0].shape[-1]) if len(per_piece) == 1
+                           else torch.cat([c.reshape(-1, c.shape[-1]) for c in t])
+                           for t in zip(*per_piece))    # (tokens, head dim) cos and sin, in the pack's order
+        # each frame's last position; None when every position is one (a decode step: all of them)
+        rows = None if offset == sum(b for b, _ in shapes) else last[0] if len(last) == 1 else torch.cat(last)
+        final = len(body.layers) - 1
         for i, layer in enumerate(body.layers):
             if i:
-                hidden = _mlp_block(body.layers[i - 1], hidden)
-            x = layer.input_layernorm(hidden)
-            attn = [layer.self_attn(hidden_states=x[g.rows], **kw)[0] for g, kw in zip(groups, attn_kw)]
-            hidden = hidden + (attn[0] if len(attn) == 1 else torch.cat(attn))
-        return hidden[:, -1:]
+                flat = _mlp_block(body.layers[i - 1], flat)
+            x = layer.input_layernorm(flat)
+            if i == final and rotary is not None and rows is not None:   # only the last positions' output is read
+                return (flat[rows] + self._attend(layer.self_attn, x, shapes, attn_kw, rotary, rows))[:, None]
+            flat = flat + self._attend(layer.self_attn, x, shapes, attn_kw, rotary)
+        return (flat if rows is None else flat[rows])[:, None]
+
+    def _attend(self, attn: torch.nn.Module, x: torch.Tensor, shapes: Sequence[tuple[int, int]],
+                attn_kw: Sequence[dict], rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's attention output for a pack's normed positions ``x`` (tokens, H), each piece attending to
+        its own cache. Without ``rotary``: the layer's attention module called once per piece (any attention
+        implementation). With it — the pack's (cos, sin) per token, (tokens, head dim), when every layer is
+        ``LlamaSdpaAttention`` — the module's forward, step for step: q/k/v/o projections and RoPE once over the
+        pack's tokens instead of once per piece, the rotary cos/sin once per forward instead of once per layer;
+        cache update, ``repeat_kv`` and ``scaled_dot_product_attention`` per piece with the module's arguments. ``last`` (the last layer of a forward): the rows of each frame's last position — the
+        keys and values of every position still go to the cache, but queries, attention and o_proj are computed
+        for those rows only (frames, H), the last query attending to every key as the causal row does."""
+        H = x.shape[-1]
+        if rotary is None:
+            out, offset = [], 0
+            for (b, n), kw in zip(shapes, attn_kw):
+                out.append(attn(hidden_states=x[offset:offset + b * n].view(b, n, H), **kw)[0].reshape(b * n, -1))
+                offset += b * n
+            return out[0] if len(out) == 1 else torch.cat(out)
+        cos, sin = rotary      # RoPE on the pack's tokens at once: the same products, element by element
+        heads, kv_heads, dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+        k_all = _rope(attn.k_proj(x).view(-1, kv_heads, dim), cos, sin)
+        v_all = attn.v_proj(x).view(-1, kv_heads, dim)
+        if last is None:
+            q_all = _rope(attn.q_proj(x).view(-1, heads, dim), cos, sin)
+        else:
+            q_all = _rope(attn.q_proj(x[last]).view(-1, heads, dim), cos[last], sin[last])
+        out, offset, frames = [], 0, 0
+        for (b, n), kw in zip(shapes, attn_kw):
+            rows = slice(offset, offset + b * n)
+            offset += b * n
+            k = k_all[rows].view(b, n, kv_heads, dim).transpose(1, 2)
+            v = v_all[rows].view(b, n, kv_heads, dim).transpose(1, 2)
+            if last is None:
+                q = q_all[rows].view(b, n, heads, dim).transpose(1, 2)
+            else:
+                q = q_all[frames:frames + b].view(b, 1, heads, dim).transpose(1, 2)
+            frames += b
+            k, v = kw["past_key_value"].update(k, v, attn.layer_idx, {"cache_position": kw["cache_position"]})
+            k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+            mask = kw["attention_mask"]
+            if mask is not None:
+                mask = mask[:, :, :, :k.shape[-2]] if last is None else mask[:, :, -1:, :k.shape[-2]]
+                if q.device.type == "cuda":   # as the module does (torch issue 112577)
+                    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                                                 is_causal=mask is None and q.shape[-2] > 1)
+            out.append(o.transpose(1, 2).reshape(-1, attn.hidden_size))
+        return attn.o_proj(out[0] if len(out) == 1 else torch.cat(out))
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """:meth:`_forward`'s output (B, 1, H) through the last layer's MLP, the final norm and LlamaForCausalLM's
@@ -352,38 +461,57 @@ class BatchedActionPredictor:
         eos = torch.arange(logits.shape[-1], device=logits.device) == self.eos_id
         return torch.argmax(torch.where(eos, -math.inf, logits), dim=-1)
 
+    def _packs(self, sizes: Sequence[int]) -> list[list[tuple[int, slice]]]:
+        """The prefill passes over groups of ``sizes`` frames: each pass (pack) up to ``chunk_size`` frames, taken
+        in order, a pack holding the tail of one group and the head of the next ([(group, its rows)...])."""
+        packs: list[list[tuple[int, slice]]] = [[]]
+        room = self.chunk_size
+        for g, size in enumerate(sizes):
+            s = 0
+            while s < size:
+                if room == 0:
+                    packs.append([])
+                    room = self.chunk_size
+                take = min(room, size - s)
+                packs[-1].append((g, slice(s, s + take)))
+                s, room = s + take, room - take
+        return packs
+
     @torch.no_grad()
     def _decode(self, groups: list[list[int]], images: Sequence[Any], instructions: Sequence[str],
                 want_logits: bool) -> tuple[np.ndarray, torch.Tensor | None]:
         """The 7 greedy action tokens of one batch (rows: the ``groups``' frame indices in order; each group one
-        prompt length, or left-padded to its longest) and the first token's raw logits. Each group is prefilled
-        in chunks of ``chunk_size`` frames into its own preallocated cache; the 6 one-token steps then run over
-        the whole batch."""
-        d, state, last = self.action_dim, [], []
-        for idx in groups:
-            rows = [self.prompt_ids(instructions[i]) for i in idx]
-            width = max(len(r) for r in rows)
-            cache, masks = None, []
-            for s in range(0, len(idx), self.chunk_size):
-                part = slice(s, min(len(idx), s + self.chunk_size))
-                embeds, mask = self._embed(rows[part], self.pixel_values([images[i] for i in idx[part]]), width)
-                if cache is None:   # room for the prompt and the 6 action tokens fed back
-                    cache = _KVCache(len(idx), embeds.shape[1] + d - 1)
-                chunk = _Group(slice(0, embeds.shape[0]), cache.rows(part), mask)
-                last.append(self._forward(embeds, [chunk]))
-                masks.append(mask)
-            state.append((cache, torch.cat(masks)))
+        prompt length, or left-padded to its longest) and the first token's raw logits. The vision backbone runs
+        in chunks of ``chunk_size`` frames; the prefill in packs of ``chunk_size`` frames that may span groups, each
+        group's frames into its own preallocated cache; the 6 one-token steps then run over the whole batch."""
+        d = self.action_dim
+        order = [i for idx in groups for i in idx]
+        patches = self._patches([images[i] for i in order])
+        rows = [[self.prompt_ids(instructions[i]) for i in idx] for idx in groups]
+        widths = [max(len(r) for r in rs) for rs in rows]
+        first = np.cumsum([0] + [len(idx) for idx in groups])     # each group's first row in the batch
+        caches = [_KVCache(len(idx), w + patches.shape[1] + d - 1) for idx, w in zip(groups, widths)]
+        masks: list[list[torch.Tensor]] = [[] for _ in groups]
+        last = []
+        for pack in self._packs([len(idx) for idx in groups]):
+            hiddens, pieces = [], []
+            for g, part in pack:
+                at = slice(first[g] + part.start, first[g] + part.stop)
+                embeds, mask = self._embed(rows[g][part], patches[at], widths[g])
+                hiddens.append(embeds)
+                pieces.append(_Piece(caches[g].rows(part), mask))
+                masks[g].append(mask)
+            last.append(self._forward(hiddens, pieces))
         logits = self._head(torch.cat(last))     # one lm_head call for the batch
         tokens = [self._next_token(logits)]
+        state = [torch.cat(m) for m in masks]
         embed = self.vla.language_model.get_input_embeddings()
         for _ in range(d - 1):   # generate()'s cached steps: each mask grows by one, positions follow from it
-            batch, start = [], 0
-            for cache, mask in state:
-                batch.append(_Group(slice(start, start + len(mask)), cache,
-                                    torch.cat([mask, mask.new_ones((len(mask), 1))], dim=1)))
-                start += len(mask)
-            state = [(g.cache, g.mask) for g in batch]
-            tokens.append(self._next_token(self._head(self._forward(embed(tokens[-1][:, None]), batch))))
+            state = [torch.cat([m, m.new_ones((len(m), 1))], dim=1) for m in state]
+            hidden = embed(tokens[-1][:, None])
+            hiddens = [hidden[first[g]:first[g + 1]] for g in range(len(groups))]
+            pieces = [_Piece(c, m) for c, m in zip(caches, state)]
+            tokens.append(self._next_token(self._head(self._forward(hiddens, pieces))))
         self.calls += 1
         out = torch.stack(tokens, dim=1).cpu().numpy().astype(np.int64)
         return out, (logits.cpu() if want_logits else None)
