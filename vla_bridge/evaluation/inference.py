@@ -163,10 +163,11 @@ def _mlp_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Piece:
-    """Frames of one prompt length that attend together in one forward: their cache rows and 2D attention mask
-    (covering the cached positions and this forward's)."""
+    """Frames of one prompt length that attend together in one forward: their cache rows, 2D attention mask
+    (covering the cached positions and this forward's) and whether it masks anything (left padding)."""
     cache: "_KVCache"
     mask: torch.Tensor
+    padded: bool
 
 
 def _sdpa_layers(body: torch.nn.Module) -> bool:
@@ -367,27 +368,30 @@ class BatchedActionPredictor:
         body = self.vla.language_model.get_decoder()
         H = hiddens[0].shape[-1]
         flat = hiddens[0].reshape(-1, H) if len(hiddens) == 1 else torch.cat([h.reshape(-1, H) for h in hiddens])
-        shapes, attn_kw, last, offset = [], [], [], 0
+        shapes, attn_kw = [], []
         for h, p in zip(hiddens, pieces):
             b, n = h.shape[:2]
             start = p.mask.shape[1] - n        # the cache holds the positions before these n
             p.cache.start = start
             cache_position = torch.arange(start, start + n, device=h.device)
-            causal = body._update_causal_mask(p.mask, h, cache_position, start)  # None: no pads
+            if self._sdpa and not p.padded:    # what _update_causal_mask returns for SDPA, all ones, q = kv or 1
+                causal = None
+            else:
+                causal = body._update_causal_mask(p.mask, h, cache_position, start)  # None: no pads
             attn_kw.append(dict(attention_mask=causal, position_ids=_positions(p.mask)[:, -n:],
                                 past_key_value=p.cache, use_cache=True, cache_position=cache_position))
             shapes.append((b, n))
-            last.append(offset + n - 1 + n * torch.arange(b, device=h.device))
-            offset += b * n
         rotary = None
-        if self._sdpa:   # the rotary cos/sin of each piece's positions, as every layer's rotary module gives them
-            rope = body.layers[0].self_attn.rotary_emb
-            per_piece = [rope(h, kw["position_ids"]) for h, kw in zip(hiddens, attn_kw)]
-            rotary = tuple(t[0].reshape(-1, t[0].shape[-1]) if len(per_piece) == 1
-                           else torch.cat([c.reshape(-1, c.shape[-1]) for c in t])
-                           for t in zip(*per_piece))    # (tokens, head dim) cos and sin, in the pack's order
-        # each frame's last position; None when every position is one (a decode step: all of them)
-        rows = None if offset == sum(b for b, _ in shapes) else last[0] if len(last) == 1 else torch.cat(last)
+        if self._sdpa:   # RoPE's cos/sin for the pack's positions, (tokens, head dim), as every layer's module has them
+            positions = [kw["position_ids"].reshape(1, -1) for kw in attn_kw]
+            cos, sin = body.layers[0].self_attn.rotary_emb(
+                hiddens[0], positions[0] if len(positions) == 1 else torch.cat(positions, dim=1))
+            rotary = cos[0], sin[0]
+        rows = None     # each frame's last position in the pack; None when that is every position (a decode step)
+        if any(n > 1 for _, n in shapes):
+            ends = np.cumsum([b * n for b, n in shapes])
+            rows = torch.cat([torch.arange(e - b * n + n - 1, e, n, device=flat.device)
+                              for (b, n), e in zip(shapes, ends)])
         final = len(body.layers) - 1
         for i, layer in enumerate(body.layers):
             if i:
@@ -489,6 +493,7 @@ class BatchedActionPredictor:
         patches = self._patches([images[i] for i in order])
         rows = [[self.prompt_ids(instructions[i]) for i in idx] for idx in groups]
         widths = [max(len(r) for r in rs) for rs in rows]
+        padded = [any(len(r) < w for r in rs) for rs, w in zip(rows, widths)]
         first = np.cumsum([0] + [len(idx) for idx in groups])     # each group's first row in the batch
         caches = [_KVCache(len(idx), w + patches.shape[1] + d - 1) for idx, w in zip(groups, widths)]
         masks: list[list[torch.Tensor]] = [[] for _ in groups]
@@ -499,7 +504,7 @@ class BatchedActionPredictor:
                 at = slice(first[g] + part.start, first[g] + part.stop)
                 embeds, mask = self._embed(rows[g][part], patches[at], widths[g])
                 hiddens.append(embeds)
-                pieces.append(_Piece(caches[g].rows(part), mask))
+                pieces.append(_Piece(caches[g].rows(part), mask, any(len(r) < widths[g] for r in rows[g][part])))
                 masks[g].append(mask)
             last.append(self._forward(hiddens, pieces))
         logits = self._head(torch.cat(last))     # one lm_head call for the batch
@@ -510,7 +515,7 @@ class BatchedActionPredictor:
             state = [torch.cat([m, m.new_ones((len(m), 1))], dim=1) for m in state]
             hidden = embed(tokens[-1][:, None])
             hiddens = [hidden[first[g]:first[g + 1]] for g in range(len(groups))]
-            pieces = [_Piece(c, m) for c, m in zip(caches, state)]
+            pieces = [_Piece(c, m, pad) for c, m, pad in zip(caches, state, padded)]
             tokens.append(self._next_token(self._head(self._forward(hiddens, pieces))))
         self.calls += 1
         out = torch.stack(tokens, dim=1).cpu().numpy().astype(np.int64)
