@@ -401,6 +401,29 @@ def test_real_remote_code(tmp_path, monkeypatch):
                                       unnorm_key="demo_world", do_sample=False)
     assert action.shape == (7,)
 
+    # the evaluation's batched predictor on OpenVLA's own model: the per-frame predict_action's actions on frames of
+    # three prompt lengths (SDPA attention, so its packed path), in one call and in calls of 2 frames
+    from vla_bridge.evaluation.inference import BatchedActionPredictor, per_frame_predict
+
+    with torch.no_grad():   # larger random weights than the init's 0.02, so that the actions depend on the inputs
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not name.startswith("vision_backbone"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        head = model.language_model.get_output_embeddings().weight   # only the 256 action tokens can win the argmax
+        head[:31744] = 0
+        head[32000:] = 0
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    prompts = ["put the block on the plate", "open the drawer", "move the red spoon to the left of the pot"] * 2
+    ref = per_frame_predict(model, processor, frames, prompts, "demo_world", center_crop=False)
+    assert len({tuple(a) for a in ref}) > 1, "a parity check on one repeated action would show nothing"
+    for batch, chunk in ((64, None), (2, 2)):
+        pred = BatchedActionPredictor(model, processor, "demo_world", center_crop=False, max_batch_size=batch,
+                                      chunk_size=chunk)
+        assert pred._sdpa and len({len(pred.prompt_ids(p)) for p in prompts}) == 3
+        np.testing.assert_array_equal(pred.predict(frames, prompts), ref)
+
     from peft import get_peft_model
 
     from vla_bridge.tokenization import ActionCollator, ActionTokenizer, make_training_example, num_image_patches
