@@ -410,9 +410,10 @@ class BatchedActionPredictor:
         implementation). With it — the pack's (cos, sin) per token, (tokens, head dim), when every layer is
         ``LlamaSdpaAttention`` — the module's forward, step for step: q/k/v/o projections and RoPE once over the
         pack's tokens instead of once per piece, the rotary cos/sin once per forward instead of once per layer;
-        cache update, ``repeat_kv`` and ``scaled_dot_product_attention`` per piece with the module's arguments. ``last`` (the last layer of a forward): the rows of each frame's last position — the
-        keys and values of every position still go to the cache, but queries, attention and o_proj are computed
-        for those rows only (frames, H), the last query attending to every key as the causal row does."""
+        cache update, ``repeat_kv`` and ``scaled_dot_product_attention`` per piece with the module's arguments.
+        ``last`` (the last layer of a forward): the rows of each frame's last position — the keys and values of
+        every position still go to the cache, but queries, attention and o_proj are computed for those rows only
+        (frames, H), the last query attending to every key as the causal row does."""
         H = x.shape[-1]
         if rotary is None:
             out, offset = [], 0
