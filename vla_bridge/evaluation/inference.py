@@ -44,8 +44,9 @@ way, so no row is padded.
 batch with a LoRA adapter on and off, also ``bench-eval`` on every run). The first-token logits agree to float
 rounding, not bit for bit: a CPU matrix product's rounding depends on how many rows it multiplies at once, and
 SDPA's on how many queries it gets, so a 16-frame pack rounds differently from one frame (measured on the test
-model: at most 4e-6 on logits up to ~5, before the packs and with them; the test allows 1e-5). ``padding=True`` left-pads mixed lengths into
-one group instead: positions are right, and attention over masked pads rounds differently again (~3e-6).
+model: at most 4e-6 on logits up to ~5, before the packs and with them; the test allows 1e-5). ``padding=True``
+left-pads mixed lengths into one group instead: positions are right, and attention over masked pads rounds
+differently again (~3e-6).
 
 **A LoRA adapter is merged for the call** on a CPU in float32 (``merge=True``, the default;
 ``models.lora.merged_adapter``): W + s·BA computed once per call, one matrix product per layer instead of three,
