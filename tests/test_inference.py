@@ -129,10 +129,8 @@ def test_batches_pack_prompt_lengths_into_calls(lora_vla, frames):
     assert padded._batches(instructions) == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9]]]
 
 
-def test_prefill_packs_span_prompt_lengths(lora_vla):
-    model, processor = lora_vla
-    pred = inference.BatchedActionPredictor(model, processor, KEY, center_crop=False, chunk_size=4)
-    packs = pred._packs([6, 1, 3])
+def test_prefill_packs_span_prompt_lengths():
+    packs = inference._fill([6, 1, 3], 4)     # groups of 6, 1 and 3 frames in prefill packs of 4
     assert [[(g, (p.start, p.stop)) for g, p in pack] for pack in packs] == [
         [(0, (0, 4))], [(0, (4, 6)), (1, (0, 1)), (2, (0, 1))], [(2, (1, 3))]]
 

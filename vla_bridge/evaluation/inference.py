@@ -162,10 +162,29 @@ def _mlp_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
+def _fill(sizes: Sequence[int], capacity: int) -> list[list[tuple[int, slice]]]:
+    """Groups of ``sizes`` items, taken in order, into bins of at most ``capacity`` items: each bin a list of
+    (group, its slice), a bin holding the tail of one group and the head of the next. The decode calls
+    (``max_batch_size`` frames) and their prefill packs (``chunk_size`` frames) are both cut this way."""
+    bins: list[list[tuple[int, slice]]] = [[]]
+    room = capacity
+    for g, size in enumerate(sizes):
+        s = 0
+        while s < size:
+            if room == 0:
+                bins.append([])
+                room = capacity
+            take = min(room, size - s)
+            bins[-1].append((g, slice(s, s + take)))
+            s, room = s + take, room - take
+    return bins
+
+
 @dataclass
 class _Piece:
     """Frames of one prompt length that attend together in one forward: their cache rows, 2D attention mask
-    (covering the cached positions and this forward's) and whether it masks anything (left padding)."""
+    (covering the cached positions and this forward's) and whether its group is left-padded (then
+    ``_update_causal_mask`` builds the mask; without pads SDPA gets none)."""
     cache: "_KVCache"
     mask: torch.Tensor
     padded: bool
@@ -467,22 +486,6 @@ class BatchedActionPredictor:
         eos = torch.arange(logits.shape[-1], device=logits.device) == self.eos_id
         return torch.argmax(torch.where(eos, -math.inf, logits), dim=-1)
 
-    def _packs(self, sizes: Sequence[int]) -> list[list[tuple[int, slice]]]:
-        """The prefill passes over groups of ``sizes`` frames: each pass (pack) up to ``chunk_size`` frames, taken
-        in order, a pack holding the tail of one group and the head of the next ([(group, its rows)...])."""
-        packs: list[list[tuple[int, slice]]] = [[]]
-        room = self.chunk_size
-        for g, size in enumerate(sizes):
-            s = 0
-            while s < size:
-                if room == 0:
-                    packs.append([])
-                    room = self.chunk_size
-                take = min(room, size - s)
-                packs[-1].append((g, slice(s, s + take)))
-                s, room = s + take, room - take
-        return packs
-
     @torch.no_grad()
     def _decode(self, groups: list[list[int]], images: Sequence[Any], instructions: Sequence[str],
                 want_logits: bool) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -500,13 +503,13 @@ class BatchedActionPredictor:
         caches = [_KVCache(len(idx), w + patches.shape[1] + d - 1) for idx, w in zip(groups, widths)]
         masks: list[list[torch.Tensor]] = [[] for _ in groups]
         last = []
-        for pack in self._packs([len(idx) for idx in groups]):
+        for pack in _fill([len(idx) for idx in groups], self.chunk_size):   # the prefill packs
             hiddens, pieces = [], []
             for g, part in pack:
                 at = slice(first[g] + part.start, first[g] + part.stop)
                 embeds, mask = self._embed(rows[g][part], patches[at], widths[g])
                 hiddens.append(embeds)
-                pieces.append(_Piece(caches[g].rows(part), mask, any(len(r) < widths[g] for r in rows[g][part])))
+                pieces.append(_Piece(caches[g].rows(part), mask, padded[g]))
                 masks[g].append(mask)
             last.append(self._forward(hiddens, pieces))
         logits = self._head(torch.cat(last))     # one lm_head call for the batch
@@ -533,16 +536,8 @@ class BatchedActionPredictor:
         buckets: dict[int, list[int]] = OrderedDict()
         for i, ins in enumerate(instructions):
             buckets.setdefault(len(self.prompt_ids(ins)), []).append(i)
-        batches: list[list[list[int]]] = [[]]
-        room = size
-        for idx in buckets.values():
-            while idx:
-                if room == 0:
-                    batches.append([])
-                    room = size
-                batches[-1].append(idx[:room])
-                idx, room = idx[room:], room - len(idx[:room])
-        return batches
+        groups = list(buckets.values())
+        return [[groups[g][part] for g, part in batch] for batch in _fill([len(idx) for idx in groups], size)]
 
     def _run(self, images: Sequence[Any], instructions: Sequence[str], want_logits: bool,
              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
